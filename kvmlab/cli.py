@@ -1,0 +1,154 @@
+"""The ``kvmlab`` command line: thin argument handling over the library modules."""
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from kvmlab import image, kernels, runner, runs
+from kvmlab.errors import KvmlabError
+
+EXIT_INTERRUPTED = 130
+
+
+def _kernel_fetch(args: argparse.Namespace) -> int:
+    kernel = kernels.fetch(args.spec, debuginfo=args.debuginfo)
+    if args.json:
+        print(json.dumps(kernel.to_json(), indent=2))
+    else:
+        print(f"{kernel.spec}: {kernel.release} ({kernel.package} {kernel.version})")
+        print(f"  vmlinuz  {kernel.vmlinuz}")
+        if kernel.vmlinux:
+            print(f"  vmlinux  {kernel.vmlinux}")
+    return 0
+
+
+def _kernel_list(args: argparse.Namespace) -> int:
+    rows = kernels.cached()
+    if args.json:
+        print(json.dumps([k.to_json() for k in rows], indent=2))
+        return 0
+    if not rows:
+        print("no kernels cached; try: kvmlab kernel fetch debian:bookworm")
+    for kernel in rows:
+        debug = "debuginfo" if kernel.vmlinux else "no debuginfo"
+        print(f"{kernel.release:32} {kernel.version or '':14} {debug:13} {kernel.vmlinuz.parent}")
+    return 0
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    path = image.build(image.recipe(args.recipe), force=args.force)
+    print(path)
+    return 0
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KvmlabError(f"--env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise KvmlabError("kvmlab run: no command given; usage: kvmlab run KERNEL -- CMD ARGS...")
+    kernel = kernels.fetch(args.kernel)
+    options = runner.RunOptions(
+        argv=command, timeout_s=args.timeout, cpus=args.cpus, memory_mb=args.memory,
+        accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
+        append=args.append, recipe=args.recipe,
+    )
+    result = runner.run(kernel, options)
+    if result.message:
+        print(f"kvmlab: {result.message}", file=sys.stderr)
+    boot = f"{result.boot_s:.1f} s to userspace, " if result.boot_s is not None else ""
+    print(
+        f"kvmlab: {result.outcome}, exit {result.exit_code} ({boot}{result.total_s:.1f} s in all); "
+        f"console log {result.run_dir / 'console.log'}",
+        file=sys.stderr,
+    )
+    return result.exit_code
+
+
+def _stop(args: argparse.Namespace) -> int:
+    vms = runs.kept()
+    if args.run:
+        wanted = runs.resolve(args.run)
+        vms = [vm for vm in vms if vm.run_dir == wanted]
+        if not vms:
+            raise KvmlabError(f"run {args.run} has no VM running")
+    for vm in vms:
+        runs.stop(vm)
+        print(f"stopped {vm.run_dir.name} (pid {vm.pid})")
+    if not vms:
+        print("no kept VMs running")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kvmlab", description=__doc__)
+    sub = top.add_subparsers(dest="verb", required=True)
+
+    kernel = sub.add_parser("kernel", help="fetch and list kernels").add_subparsers(
+        dest="kernel_verb", required=True)
+    fetch = kernel.add_parser("fetch", help="fetch a kernel into the cache")
+    fetch.add_argument("spec", help=kernels.SPEC_HELP)
+    fetch.add_argument("--debuginfo", action="store_true", help="also fetch vmlinux/modules with DWARF")
+    fetch.add_argument("--json", action="store_true")
+    fetch.set_defaults(func=_kernel_fetch)
+    listing = kernel.add_parser("list", help="kernels in the cache")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_kernel_list)
+
+    img = sub.add_parser("image", help="guest images").add_subparsers(dest="image_verb", required=True)
+    build = img.add_parser("build", help="build the guest image (cached by recipe hash)")
+    build.add_argument("--recipe", default=image.DEFAULT_RECIPE)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=_image_build)
+
+    run = sub.add_parser("run", help="boot KERNEL and run a command in the guest",
+                         usage="kvmlab run KERNEL [options] -- CMD [ARGS...]")
+    run.add_argument("kernel", help=kernels.SPEC_HELP)
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds before a hang is declared (600)")
+    run.add_argument("--cpus", type=int, default=2, help="guest vCPUs (2)")
+    run.add_argument("--memory", type=int, default=4096, help="guest memory in MiB (4096)")
+    run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None,
+                     help="accelerator (auto: KVM only with nested virtualisation)")
+    run.add_argument("--keep", action="store_true", help="leave the VM running after CMD")
+    run.add_argument("--out", type=Path, help="copy the guest's $KVMLAB_RESULTS here")
+    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--append", default="", help="extra kernel command-line arguments")
+    run.add_argument("--recipe", default=image.DEFAULT_RECIPE, help="guest image recipe")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(func=_run)
+
+    stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")
+    stop.add_argument("run", nargs="?", help="run name or directory")
+    stop.set_defaults(func=_stop)
+    return top
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvmlabError as err:
+        print(f"kvmlab: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kvmlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Debian's packaged kernels, fetched through a private apt configuration.
+
+kvmlab never touches the system's apt sources or lists: each suite gets its own
+sources.list, lists directory and package cache under the kvmlab cache, and apt
+verifies the archive's signatures with Debian's keyring as usual. The mirror is the
+one the system already uses for Debian (or ``$KVMLAB_DEBIAN_MIRROR``).
+"""
+
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmlab import cache
+from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
+
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+APT_SOURCES = [Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d")]
+#: Suites searched, in order, for an exact package name.
+KNOWN_SUITES = ("bookworm", "bullseye", "trixie", "bookworm-backports")
+CLOUD_META = "linux-image-cloud-amd64"
+LISTS_MAX_AGE_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Package:
+    """One binary package version as the signed archive describes it."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    suite: str
+
+    @property
+    def key(self) -> str:
+        """A cache key naming the package and its content."""
+        return f"{self.name}_{self.version}_{self.sha256[:12]}"
+
+
+def mirror() -> str:
+    """The Debian mirror URI: ``$KVMLAB_DEBIAN_MIRROR`` or the system's own Debian source."""
+    if env := os.environ.get("KVMLAB_DEBIAN_MIRROR"):
+        return env.rstrip("/")
+    for uri in _system_uris():
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    raise KvmlabError(
+        "no Debian mirror found in /etc/apt sources; set KVMLAB_DEBIAN_MIRROR to one"
+    )
+
+
+def _system_uris() -> list[str]:
+    """Every URI of the system's apt sources, one-line and deb822 styles alike."""
+    files: list[Path] = []
+    for place in APT_SOURCES:
+        if place.is_dir():
+            files += sorted(p for p in place.iterdir() if p.suffix in (".list", ".sources"))
+        elif place.is_file():
+            files.append(place)
+    uris = []
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if path.suffix == ".sources" and line.lower().startswith("uris:"):
+                uris += line.split(":", 1)[1].split()
+            elif line.startswith("deb "):
+                uris += [w for w in line.split() if "://" in w][:1]
+    return uris
+
+
+class AptRoot:
+    """A private apt configuration serving exactly one suite of the Debian mirror."""
+
+    def __init__(self, suite: str):
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", suite):
+            raise UnknownSpec(f"not a Debian suite name: {suite!r}")
+        self.suite = suite
+        self.dir = cache.area("apt") / suite
+        self._stamp = self.dir / "updated"
+
+    def _options(self) -> list[str]:
+        d = self.dir
+        return [
+            f"-o=Dir::Etc::sourcelist={d / 'sources.list'}",
+            f"-o=Dir::Etc::sourceparts={d / 'parts'}",
+            f"-o=Dir::State::Lists={d / 'lists'}",
+            f"-o=Dir::State::status={d / 'status'}",
+            f"-o=Dir::Cache={d / 'cache'}",
+            "-o=APT::Sandbox::User=root",
+            "-o=APT::Architecture=amd64",
+        ]
+
+    def _prepare(self) -> None:
+        for sub in ("parts", "lists/partial", "cache/archives/partial"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "status").touch()
+        if not KEYRING.exists():
+            raise MissingTool(f"{KEYRING} is missing: install debian-archive-keyring")
+        line = f"deb [signed-by={KEYRING}] {mirror()} {self.suite} main\n"
+        (self.dir / "sources.list").write_text(line)
+
+    def _apt(self, tool: str, *args: str, cwd: Path | None = None) -> str:
+        try:
+            done = subprocess.run(
+                [tool, "-q", *self._options(), *args],
+                cwd=cwd, capture_output=True, text=True, check=False,
+            )
+        except FileNotFoundError:
+            raise MissingTool(f"{tool} not found: kvmlab fetches Debian kernels with apt") from None
+        if done.returncode != 0:
+            errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "W:"))]
+            reason = errors[0] if errors else done.stderr.strip()[-300:]
+            raise KvmlabError(f"{tool} {args[0]} ({self.suite}) failed: {reason}")
+        return done.stdout
+
+    def update(self, force: bool = False) -> None:
+        """Refresh the suite's signed package lists if older than a day (or ``force``)."""
+        with cache.locked(self.dir.with_suffix(".lock")):
+            fresh = self._stamp.exists() and time.time() - self._stamp.stat().st_mtime < LISTS_MAX_AGE_S
+            if fresh and not force:
+                return
+            self._prepare()
+            try:
+                self._apt("apt-get", "update")
+            except KvmlabError as err:
+                if "Release" in str(err) or "does not have" in str(err):
+                    raise UnknownSpec(
+                        f"Debian suite {self.suite!r} is not served by {mirror()}"
+                    ) from None
+                raise
+            self._stamp.touch()
+
+    def show(self, name: str) -> dict[str, str] | None:
+        """The candidate version's control fields for ``name``, or None if the suite lacks it."""
+        self.update()
+        try:
+            text = self._apt("apt-cache", "show", "--no-all-versions", name)
+        except KvmlabError:
+            return None
+        return _control_fields(text)
+
+    def package(self, name: str) -> Package | None:
+        fields = self.show(name)
+        if not fields or "SHA256" not in fields:
+            return None
+        return Package(
+            name=fields["Package"], version=fields["Version"], sha256=fields["SHA256"],
+            size=int(fields.get("Size", 0)), suite=self.suite,
+        )
+
+    def download(self, package: Package, dest: Path) -> Path:
+        """Download ``package`` into ``dest``; apt checks it against the signed lists."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self._apt("apt-get", "download", f"{package.name}={package.version}", cwd=dest)
+        debs = list(dest.glob(f"{package.name}_*.deb"))
+        if len(debs) != 1:
+            raise KvmlabError(f"apt-get download {package.name} left no single .deb in {dest}")
+        return debs[0]
+
+
+def _control_fields(text: str) -> dict[str, str]:
+    """Parse the first stanza of Debian control text into a dict (continuations dropped)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        if line[0] in " \t" or ":" not in line:
+            continue
+        key, value = line.split(":", 1)
+        fields[key] = value.strip()
+    return fields
+
+
+def depends_names(depends: str) -> list[str]:
+    """Package names in a Depends field, first alternative of each, versions dropped."""
+    return [part.split("|")[0].split("(")[0].strip() for part in depends.split(",") if part.strip()]
+
+
+def newest_cloud_kernel(suite: str) -> Package:
+    """The image package that ``linux-image-cloud-amd64`` of ``suite`` points to."""
+    root = AptRoot(suite)
+    meta = root.show(CLOUD_META)
+    if meta is None:
+        raise UnknownSpec(f"Debian suite {suite!r} has no {CLOUD_META}")
+    images = [n for n in depends_names(meta.get("Depends", "")) if n.startswith("linux-image-")]
+    if not images:
+        raise KvmlabError(f"{CLOUD_META} in {suite} depends on no linux-image package")
+    package = root.package(images[0])
+    if package is None:
+        raise KvmlabError(f"{images[0]} (from {CLOUD_META} in {suite}) is not in {suite}")
+    return package
+
+
+def find_package(name: str, suites: tuple[str, ...] = KNOWN_SUITES) -> Package:
+    """The named package from the first suite in ``suites`` that has it."""
+    for suite in suites:
+        package = AptRoot(suite).package(name)
+        if package is not None:
+            return package
+    raise UnknownSpec(f"no Debian package {name!r} in {', '.join(suites)}")
+
+
+def debuginfo_package(image: Package) -> Package:
+    """The -dbg package with the DWARF of ``image``'s vmlinux and modules."""
+    name = image.name.removesuffix("-unsigned") + "-dbg"
+    package = AptRoot(image.suite).package(name)
+    if package is None:
+        raise KvmlabError(f"no debuginfo package {name} in Debian {image.suite}")
+    return package

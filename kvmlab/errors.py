@@ -1,0 +1,36 @@
+"""The errors kvmlab reports to its user, and the exit codes that go with them.
+
+Exit codes (also in the README):
+
+- the guest command's own exit code passes through unchanged when the run is clean;
+- 2: bad usage or setup — unknown kernel spec, missing package, QEMU missing, a
+  kernel without KVM. Nothing was booted or the boot was refused;
+- 124: the guest did not finish within ``--timeout`` (a hang), as timeout(1) does;
+- 125: the guest kernel crashed or complained (panic, Oops, BUG, WARNING, KASAN,
+  UBSAN, RCU stall, hung task) — even when the command itself exited 0;
+- 126: the VM was lost: QEMU died or the guest powered off without reporting a status.
+"""
+
+EXIT_USAGE = 2
+EXIT_HANG = 124
+EXIT_SPLAT = 125
+EXIT_LOST = 126
+
+
+class KvmlabError(Exception):
+    """A failure kvmlab explains in one line; ``exit_code`` says what kind it was."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UnknownSpec(KvmlabError):
+    """A kernel spec that names nothing kvmlab can fetch or find."""
+
+
+class MissingTool(KvmlabError):
+    """A host program kvmlab needs (qemu-system-x86_64, mmdebstrap, bsdtar...) is absent."""

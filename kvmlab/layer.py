@@ -1,0 +1,35 @@
+"""The per-run initramfs layer: the guest init, the job, and kselftest_py.
+
+Small and rebuilt for every run, so editing kselftest_py or the init never
+rebuilds the cached image.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from kvmlab import initramfs
+
+REPO = Path(__file__).resolve().parent.parent
+INIT = REPO / "vm-images" / "init.py"
+GUEST_PACKAGES = ("kselftest_py",)
+
+
+def build(run_dir: Path, argv: list[str], env: dict[str, str], modules: list[str],
+          keep: bool) -> Path:
+    """Write ``run_dir/layer.cpio`` holding /kvmlab/init, /kvmlab/job.json, /opt/kvmlab/."""
+    tree = run_dir / "layer"
+    (tree / "kvmlab").mkdir(parents=True)
+    shutil.copy(INIT, tree / "kvmlab" / "init")
+    (tree / "kvmlab" / "init").chmod(0o755)
+    job = {"argv": argv, "env": env, "modules": modules, "keep": keep}
+    (tree / "kvmlab" / "job.json").write_text(json.dumps(job, indent=2))
+    for package in GUEST_PACKAGES:
+        shutil.copytree(
+            REPO / package, tree / "opt" / "kvmlab" / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    out = run_dir / "layer.cpio"
+    initramfs.from_tree(tree, out)
+    shutil.rmtree(tree)
+    return out

@@ -1,0 +1,81 @@
+"""The second initramfs archive: the kernel's own modules the guest init loads.
+
+Only the modules the image recipe names, with their dependencies as modprobe resolves
+them, go in: a full module tree (~90 MB for a cloud kernel) would add seconds to every
+TCG boot. The archive is cached beside the kernel, keyed by the module list.
+"""
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kvmlab import cache, initramfs
+from kvmlab.errors import KvmlabError
+from kvmlab.kernels import Kernel
+
+MODULE_INDEXES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+
+
+def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
+    """A cpio archive of ``modules`` and their dependencies; None if nothing is loadable.
+
+    ``store`` is where the archive is cached (beside a Debian kernel, or a cache
+    directory for a local tree).
+    """
+    if kernel.modules_root is None:
+        return None
+    key = hashlib.sha256(" ".join(sorted(modules)).encode()).hexdigest()[:12]
+    out = store / f"modules-{key}.cpio"
+    if out.exists():
+        return out
+    source = kernel.modules_root / "lib" / "modules" / kernel.release
+    files = _closure(kernel, modules)
+    with tempfile.TemporaryDirectory(dir=store) as scratch:
+        staged = Path(scratch) / "usr" / "lib" / "modules" / kernel.release
+        staged.mkdir(parents=True)
+        for path in files:
+            target = staged / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        for name in MODULE_INDEXES:
+            if (source / name).exists():
+                shutil.copy2(source / name, staged / name)
+        subprocess.run(["depmod", "-b", scratch, kernel.release], check=True, capture_output=True)
+        cache.publish_file(out, lambda tmp: initramfs.from_tree(Path(scratch), tmp))
+    return out
+
+
+def _closure(kernel: Kernel, modules: list[str]) -> set[Path]:
+    """The .ko files modprobe would insert for ``modules``; built-in ones need none."""
+    assert kernel.modules_root is not None
+    files: set[Path] = set()
+    for name in modules:
+        done = subprocess.run(
+            ["modprobe", "-d", str(kernel.modules_root), "-S", kernel.release,
+             "--show-depends", name],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            if _builtin(kernel, name):
+                continue
+            raise KvmlabError(
+                f"kernel {kernel.release} has no module {name}: {done.stderr.strip()}"
+            )
+        for line in done.stdout.splitlines():
+            words = line.split()
+            if words and words[0] == "insmod":
+                files.add(Path(words[1]))
+    return files
+
+
+def _builtin(kernel: Kernel, name: str) -> bool:
+    assert kernel.modules_root is not None
+    builtin = kernel.modules_root / "lib" / "modules" / kernel.release / "modules.builtin"
+    wanted = name.replace("-", "_")
+    if not builtin.exists():
+        return False
+    return any(
+        Path(line).stem.replace("-", "_") == wanted for line in builtin.read_text().splitlines()
+    )

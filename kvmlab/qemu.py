@@ -1,0 +1,80 @@
+"""The QEMU command line for a lab VM, built from plain settings.
+
+Fixed parts of the contract with the guest init (vm-images/init.py): the serial
+console goes to ``console.log``; four virtio-serial ports, each written by QEMU to a
+file in the run directory; ``-device vmcoreinfo`` and a QMP socket so that drgn can
+attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU instead of
+rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
+"""
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlab.accel import Accel
+from kvmlab.errors import MissingTool
+
+QEMU = "qemu-system-x86_64"
+#: Port name in the guest → file name in the run directory.
+PORT_FILES = {
+    "kvmlab.status": "status.jsonl",
+    "kvmlab.stdout": "stdout",
+    "kvmlab.stderr": "stderr",
+    "kvmlab.results": "results.tar",
+}
+BASE_APPEND = "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/kvmlab/init"
+
+
+@dataclass
+class Machine:
+    vmlinuz: Path
+    initrd: Path
+    run_dir: Path
+    accel: Accel
+    cpus: int = 2
+    memory_mb: int = 4096
+    append: str = ""
+    qemu: str = QEMU
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+
+def binary(name: str = QEMU) -> str:
+    """The QEMU executable's path, or a clear error if it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        raise MissingTool(f"{name} not found: install qemu-system-x86 (make setup does)")
+    return path
+
+
+def command(machine: Machine) -> list[str]:
+    """The full argv that boots ``machine``."""
+    run = machine.run_dir
+    argv = [
+        binary(machine.qemu), "-name", f"kvmlab-{run.name}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-accel", machine.accel.name, "-cpu", machine.accel.cpu,
+        "-smp", str(machine.cpus), "-m", f"{machine.memory_mb}M",
+        "-kernel", str(machine.vmlinuz), "-initrd", str(machine.initrd),
+        "-append", f"{BASE_APPEND} {machine.append}".strip(),
+        "-chardev", f"file,id=console,path={machine.console_log}",
+        "-serial", "chardev:console",
+        "-device", "virtio-serial-pci,id=vser",
+        "-device", "vmcoreinfo",
+        "-qmp", f"unix:{machine.qmp_socket},server=on,wait=off",
+        "-pidfile", str(run / "qemu.pid"),
+    ]
+    for number, (port, filename) in enumerate(PORT_FILES.items()):
+        chardev = f"port{number}"
+        argv += [
+            "-chardev", f"file,id={chardev},path={run / filename}",
+            "-device", f"virtserialport,bus=vser.0,chardev={chardev},name={port}",
+        ]
+    return argv + machine.extra

@@ -1,0 +1,276 @@
+"""Boot a kernel in QEMU, run one command in the guest, and say how it went.
+
+The flow reads top to bottom in ``run``: check the kernel, assemble the initramfs
+(cached image + cached modules + per-run layer), start QEMU, follow the guest's
+streams until the job reports its exit code, the VM dies or the timeout passes, then
+collect results and read the console for kernel splats. QEMU never outlives a failed
+or interrupted run: it is killed in ``finally`` and, unless kept, also dies with us
+through PR_SET_PDEATHSIG.
+"""
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlab import accel as accel_mod
+from kvmlab import console, image, initramfs, layer, modules_archive, qemu, runs
+from kvmlab.errors import EXIT_HANG, EXIT_LOST, EXIT_SPLAT, KvmlabError
+from kvmlab.kernels import Kernel
+
+PR_SET_PDEATHSIG = 1
+POWEROFF_GRACE_S = 15.0
+
+
+@dataclass
+class RunOptions:
+    argv: list[str]
+    timeout_s: float = 600.0
+    cpus: int = 2
+    memory_mb: int = 4096
+    accel: str | None = None
+    keep: bool = False
+    out: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    append: str = ""
+    recipe: str = image.DEFAULT_RECIPE
+    stream: bool = True
+
+
+@dataclass
+class RunResult:
+    """How a run ended. ``exit_code`` is what ``kvmlab run`` exits with."""
+
+    outcome: str  # ok | failed | splat | hang | lost | kept
+    exit_code: int
+    job_code: int | None
+    message: str
+    run_dir: Path
+    boot_s: float | None = None
+    total_s: float = 0.0
+    splats: list[console.Splat] = field(default_factory=list)
+
+
+def require_kvm(kernel: Kernel) -> None:
+    """Refuse, before booting, a kernel that cannot give the guest a /dev/kvm."""
+    if kernel.config is None:
+        return
+    if kernel.config_value("KVM") not in ("y", "m"):
+        raise KvmlabError(f"kernel {kernel.release} ({kernel.spec}) has no KVM support (CONFIG_KVM unset)")
+    if not any(kernel.config_value(v) in ("y", "m") for v in ("KVM_AMD", "KVM_INTEL")):
+        raise KvmlabError(f"kernel {kernel.release} has neither kvm_amd nor kvm_intel")
+
+
+def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) -> qemu.Machine:
+    """Everything up to the QEMU command line: checks, archives, accelerator."""
+    qemu.binary()
+    require_kvm(kernel)
+    recipe = image.recipe(options.recipe)
+    parts = [image.build(recipe, log=log)]
+    store = kernel.modules_root.parent if kernel.modules_root else run_dir
+    modules = modules_archive.archive(kernel, recipe.modules, store)
+    if modules is not None:
+        parts.append(modules)
+    parts.append(layer.build(run_dir, options.argv, options.env, recipe.modules, options.keep))
+    initrd = run_dir / "initrd.cpio"
+    initramfs.concatenate(parts, initrd)
+    chosen = accel_mod.choose(options.accel)
+    print(f"kvmlab: {chosen.describe()}", file=log)
+    return qemu.Machine(
+        vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen,
+        cpus=options.cpus, memory_mb=options.memory_mb, append=options.append,
+    )
+
+
+def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
+    """Boot ``kernel``, run ``options.argv`` in the guest, return how it ended."""
+    run_dir = runs.new()
+    runs.record(run_dir, kernel=kernel.spec, release=kernel.release, argv=options.argv,
+                keep=options.keep, state="preparing")
+    machine = prepare(kernel, options, run_dir, log)
+    argv = qemu.command(machine)
+    (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+    print(f"kvmlab: booting {kernel.release} ({kernel.spec}); run directory {run_dir}", file=log)
+    started = time.monotonic()
+    process = _start_qemu(argv, run_dir, options.keep)
+    runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket), state="running")
+    followers = _follow_streams(run_dir, options.stream)
+    kept = False
+    try:
+        status = _wait(process, run_dir, started, options)
+        kept = options.keep and status.exit_code is not None
+        if status.exit_code is not None and not kept:
+            _wait_for_exit(process, POWEROFF_GRACE_S)
+    finally:
+        if not kept:
+            _kill(process)
+        for follower in followers:
+            follower.finish()
+    result = _judge(status, run_dir, started, kept, machine, options.timeout_s)
+    _collect_results(run_dir, options.out, log)
+    runs.record(run_dir, state=result.outcome, exit_code=result.exit_code,
+                job_code=result.job_code, boot_s=result.boot_s, total_s=result.total_s)
+    return result
+
+
+def _start_qemu(argv: list[str], run_dir: Path, keep: bool) -> subprocess.Popen:
+    def die_with_parent() -> None:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    with open(run_dir / "qemu.log", "wb") as qemu_log:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=None if keep else die_with_parent,
+        )
+
+
+@dataclass
+class _Status:
+    exit_code: int | None = None
+    ready_at: float | None = None
+    timed_out: bool = False
+    init_error: str | None = None
+
+
+def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: RunOptions) -> _Status:
+    """Follow status.jsonl until the job exits, QEMU ends, or the timeout passes."""
+    status = _Status()
+    status_file = run_dir / "status.jsonl"
+    seen = 0
+    deadline = started + options.timeout_s
+    while True:
+        lines = _read_lines(status_file)
+        for line in lines[seen:]:
+            _apply_event(status, line, started)
+        seen = len(lines)
+        if status.exit_code is not None or process.poll() is not None:
+            if process.poll() is not None:
+                for line in _read_lines(status_file)[seen:]:
+                    _apply_event(status, line, started)
+            return status
+        if time.monotonic() > deadline:
+            status.timed_out = True
+            return status
+        time.sleep(0.05)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    return text.splitlines()[: text.count("\n")]
+
+
+def _apply_event(status: _Status, line: str, started: float) -> None:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return
+    if event.get("event") == "ready":
+        status.ready_at = time.monotonic() - started
+    elif event.get("event") == "exit":
+        status.exit_code = int(event["code"])
+
+
+def _wait_for_exit(process: subprocess.Popen, grace_s: float) -> None:
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
+           machine: qemu.Machine, timeout_s: float) -> RunResult:
+    """Turn what was observed into an outcome, an exit code and one line to say."""
+    text = machine.console_log.read_text(errors="replace") if machine.console_log.exists() else ""
+    splats = console.find_splats(text)
+    total = time.monotonic() - started
+    result = RunResult("ok", 0, status.exit_code, "", run_dir, status.ready_at, total, splats)
+    if splats:
+        worst = console.worst(splats)
+        assert worst is not None
+        result.outcome, result.exit_code = "splat", EXIT_SPLAT
+        if status.timed_out:
+            result.outcome, result.exit_code = "hang", EXIT_HANG
+        result.message = f"guest kernel reported a {worst.summary()}\n{worst.excerpt}"
+    elif status.timed_out:
+        result.outcome, result.exit_code = "hang", EXIT_HANG
+        result.message = (
+            f"guest hang: no exit within the {timeout_s:g} s timeout; "
+            f"console tail:\n{console.tail(text)}"
+        )
+    elif status.exit_code is None:
+        result.outcome, result.exit_code = "lost", EXIT_LOST
+        result.message = f"VM lost: QEMU ended without the job's exit status; console tail:\n{console.tail(text)}"
+    elif kept:
+        result.outcome, result.exit_code = "kept", status.exit_code
+        result.message = f"VM kept running; QMP socket {machine.qmp_socket} (kvmlab stop {run_dir.name})"
+    else:
+        result.outcome = "ok" if status.exit_code == 0 else "failed"
+        result.exit_code = status.exit_code
+    return result
+
+
+def _collect_results(run_dir: Path, out: Path | None, log) -> None:
+    """Unpack results.tar into ``out`` (default: the run directory's results/)."""
+    target = out or run_dir / "results"
+    archive = run_dir / "results.tar"
+    target.mkdir(parents=True, exist_ok=True)
+    if not archive.exists() or archive.stat().st_size == 0:
+        return
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError) as err:
+        print(f"kvmlab: results archive incomplete ({err}); kept as {archive}", file=log)
+
+
+class _Follower:
+    """Copy a file QEMU is writing to one of our streams as it grows."""
+
+    def __init__(self, path: Path, sink):
+        self.path, self.sink = path, sink
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        offset = 0
+        while True:
+            finishing = self._done.is_set()
+            if self.path.exists():
+                with open(self.path, "rb") as source:
+                    source.seek(offset)
+                    chunk = source.read()
+                if chunk:
+                    offset += len(chunk)
+                    self.sink.write(chunk)
+                    self.sink.flush()
+            if finishing:
+                return
+            self._done.wait(0.05)
+
+    def finish(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _follow_streams(run_dir: Path, stream: bool) -> list[_Follower]:
+    if not stream:
+        return []
+    return [
+        _Follower(run_dir / "stdout", sys.stdout.buffer),
+        _Follower(run_dir / "stderr", sys.stderr.buffer),
+    ]

@@ -1,0 +1,98 @@
+"""Run directories: one private (0700) directory per ``kvmlab run``.
+
+A run directory keeps the console log, the job's streams, the QMP socket and
+``run.json`` (what ran, QEMU's pid, how it ended). Kept VMs (``--keep``) are found
+again through it by ``kvmlab stop`` and by drgn users who need the QMP socket.
+"""
+
+import json
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmlab import cache
+from kvmlab.errors import KvmlabError
+
+SOCKET_PATH_MAX = 107
+
+
+def new() -> Path:
+    """Create a fresh private run directory under the cache's ``runs`` area."""
+    name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    path = cache.area("runs") / name
+    path.mkdir(mode=0o700)
+    if len(str(path / "qmp.sock")) > SOCKET_PATH_MAX:
+        raise KvmlabError(f"run directory path too long for a UNIX socket: {path}")
+    return path
+
+
+def record(run_dir: Path, **fields) -> None:
+    """Merge ``fields`` into the run's run.json."""
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass(frozen=True)
+class KeptVm:
+    run_dir: Path
+    pid: int
+    qmp: Path
+
+
+def qemu_alive(run_dir: Path, pid: int) -> bool:
+    """True if ``pid`` is still this run's QEMU (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(run_dir).encode() in cmdline
+
+
+def kept() -> list[KeptVm]:
+    """Every run whose VM was kept and is still running."""
+    vms = []
+    for run_dir in sorted(cache.area("runs").iterdir()):
+        info = read(run_dir)
+        pid = info.get("qemu_pid")
+        if info.get("state") == "kept" and pid and qemu_alive(run_dir, pid):
+            vms.append(KeptVm(run_dir, pid, run_dir / "qmp.sock"))
+    return vms
+
+
+def resolve(name: str) -> Path:
+    """A run directory from its name or path."""
+    path = Path(name)
+    if not path.is_dir():
+        path = cache.area("runs") / name
+    if not (path / "run.json").exists():
+        raise KvmlabError(f"no kvmlab run {name!r} (see {cache.area('runs')})")
+    return path
+
+
+def stop(vm: KeptVm, grace_s: float = 5.0) -> None:
+    """End a kept VM: QMP ``quit`` first, SIGKILL if QEMU does not go in ``grace_s``."""
+    try:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        monitor = QEMUMonitorProtocol(str(vm.qmp))
+        monitor.connect()
+        monitor.cmd("quit")
+        monitor.close()
+    except Exception:  # noqa: BLE001 - any QMP trouble falls through to SIGKILL
+        pass
+    deadline = time.monotonic() + grace_s
+    while qemu_alive(vm.run_dir, vm.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if qemu_alive(vm.run_dir, vm.pid):
+        os.kill(vm.pid, signal.SIGKILL)
+    record(vm.run_dir, state="stopped")

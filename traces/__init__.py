@@ -1,0 +1,1 @@
+"""ftrace capture recipes and trace.dat analysis (see the tracing issue)."""
