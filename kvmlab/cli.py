@@ -54,7 +54,7 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         raise KvmlabError("kvmlab run: no command given; usage: kvmlab run KERNEL -- CMD ARGS...")
     kernel = kernels.fetch(args.kernel)
@@ -66,7 +66,9 @@ def _run(args: argparse.Namespace) -> int:
     result = runner.run(kernel, options)
     if result.message:
         print(f"kvmlab: {result.message}", file=sys.stderr)
-    boot = f"{result.boot_s:.1f} s to userspace, " if result.boot_s is not None else ""
+    boot = f"userspace at {result.boot_s:.1f} s, " if result.boot_s is not None else ""
+    if result.ready_s is not None:
+        boot += f"job started at {result.ready_s:.1f} s, "
     print(
         f"kvmlab: {result.outcome}, exit {result.exit_code} ({boot}{result.total_s:.1f} s in all); "
         f"console log {result.run_dir / 'console.log'}",
@@ -124,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--append", default="", help="extra kernel command-line arguments")
     run.add_argument("--recipe", default=image.DEFAULT_RECIPE, help="guest image recipe")
-    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(command=[])
     run.set_defaults(func=_run)
 
     stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")
@@ -139,7 +141,14 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = parser().parse_args(argv)
+    if command:
+        args.command = command
     try:
         return args.func(args)
     except KvmlabError as err:

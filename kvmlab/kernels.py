@@ -98,7 +98,7 @@ def _unpack_image(image: debian.Package, entry: Path) -> None:
                 source.rename(scratch / target)
         shutil.rmtree(boot)
         shutil.rmtree(root / "usr" / "share", ignore_errors=True)
-        _depmod(root, release)
+        depmod(root, release)
         record = {
             "release": release, "package": image.name, "version": image.version,
             "sha256": image.sha256, "suite": image.suite,
@@ -134,10 +134,16 @@ def _extract_deb(deb: Path, dest: Path) -> None:
         raise KvmlabError(f"dpkg-deb -x {deb.name} failed: {err.stderr.decode().strip()}") from None
 
 
-def _depmod(root: Path, release: str) -> None:
-    """Write modules.dep and friends, which Debian's packages leave to their postinst."""
-    if (root / "lib" / "modules" / release).is_dir():
-        subprocess.run(["depmod", "-b", str(root), release], check=True, capture_output=True)
+def depmod(root: Path, release: str) -> None:
+    """Write modules.dep and friends for ``root/lib/modules/<release>``.
+
+    Debian's packages leave this to their postinst, which an unpacked tree never ran.
+    """
+    if not (root / "lib" / "modules" / release).is_dir():
+        return
+    done = subprocess.run(["depmod", "-b", str(root), release], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KvmlabError(f"depmod {release} failed: {done.stderr.strip()}")
 
 
 def load_entry(entry: Path) -> Kernel:

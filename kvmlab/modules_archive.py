@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvmlab import cache, initramfs
 from kvmlab.errors import KvmlabError
-from kvmlab.kernels import Kernel
+from kvmlab.kernels import Kernel, depmod
 
 MODULE_INDEXES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 
@@ -33,7 +33,7 @@ def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
     source = kernel.modules_root / "lib" / "modules" / kernel.release
     files = _closure(kernel, modules)
     with tempfile.TemporaryDirectory(dir=store) as scratch:
-        staged = Path(scratch) / "usr" / "lib" / "modules" / kernel.release
+        staged = Path(scratch) / "lib" / "modules" / kernel.release
         staged.mkdir(parents=True)
         for path in files:
             target = staged / path.relative_to(source)
@@ -42,7 +42,10 @@ def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
         for name in MODULE_INDEXES:
             if (source / name).exists():
                 shutil.copy2(source / name, staged / name)
-        subprocess.run(["depmod", "-b", scratch, kernel.release], check=True, capture_output=True)
+        depmod(Path(scratch), kernel.release)
+        # The image is merged-/usr: /lib is a symlink the archive must not replace.
+        (Path(scratch) / "usr").mkdir()
+        (Path(scratch) / "lib").rename(Path(scratch) / "usr" / "lib")
         cache.publish_file(out, lambda tmp: initramfs.from_tree(Path(scratch), tmp))
     return out
 

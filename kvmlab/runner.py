@@ -53,6 +53,9 @@ class RunResult:
     message: str
     run_dir: Path
     boot_s: float | None = None
+    """QEMU start to the guest init's first console line (kernel boot + initramfs)."""
+    ready_s: float | None = None
+    """QEMU start to the job starting (modules loaded, ports open)."""
     total_s: float = 0.0
     splats: list[console.Splat] = field(default_factory=list)
 
@@ -115,7 +118,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     result = _judge(status, run_dir, started, kept, machine, options.timeout_s)
     _collect_results(run_dir, options.out, log)
     runs.record(run_dir, state=result.outcome, exit_code=result.exit_code,
-                job_code=result.job_code, boot_s=result.boot_s, total_s=result.total_s)
+                job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s, total_s=result.total_s)
     return result
 
 
@@ -130,9 +133,13 @@ def _start_qemu(argv: list[str], run_dir: Path, keep: bool) -> subprocess.Popen:
         )
 
 
+USERSPACE_MARK = b"kvmlab-init: userspace reached"
+
+
 @dataclass
 class _Status:
     exit_code: int | None = None
+    userspace_at: float | None = None
     ready_at: float | None = None
     timed_out: bool = False
     init_error: str | None = None
@@ -142,6 +149,7 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
     """Follow status.jsonl until the job exits, QEMU ends, or the timeout passes."""
     status = _Status()
     status_file = run_dir / "status.jsonl"
+    console_log = run_dir / "console.log"
     seen = 0
     deadline = started + options.timeout_s
     while True:
@@ -149,6 +157,9 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
         for line in lines[seen:]:
             _apply_event(status, line, started)
         seen = len(lines)
+        if status.userspace_at is None and console_log.exists():
+            if USERSPACE_MARK in console_log.read_bytes():
+                status.userspace_at = time.monotonic() - started
         if status.exit_code is not None or process.poll() is not None:
             if process.poll() is not None:
                 for line in _read_lines(status_file)[seen:]:
@@ -197,7 +208,8 @@ def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
     text = machine.console_log.read_text(errors="replace") if machine.console_log.exists() else ""
     splats = console.find_splats(text)
     total = time.monotonic() - started
-    result = RunResult("ok", 0, status.exit_code, "", run_dir, status.ready_at, total, splats)
+    result = RunResult("ok", 0, status.exit_code, "", run_dir, status.userspace_at,
+                       status.ready_at, total, splats)
     if splats:
         worst = console.worst(splats)
         assert worst is not None

@@ -24,8 +24,10 @@ import tarfile
 import time
 
 JOB = "/kvmlab/job.json"
+USERSPACE_MARK = "userspace reached"  # the host times the boot by this console line
 RESULTS = "/results"
 PORTS = ("kvmlab.status", "kvmlab.stdout", "kvmlab.stderr", "kvmlab.results")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIBC = ctypes.CDLL(None, use_errno=True)
 RB_POWER_OFF = 0x4321FEDC
 
@@ -96,7 +98,7 @@ def status(ports: dict[str, int], **record) -> None:
 def run_job(job: dict, ports: dict[str, int]) -> int:
     os.makedirs(RESULTS, exist_ok=True)
     env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": PATH,
         "HOME": "/root",
         "TERM": "dumb",
         "PYTHONPATH": "/opt/kvmlab",
@@ -139,6 +141,8 @@ def stay_up() -> None:
 
 
 def main() -> None:
+    log(USERSPACE_MARK)
+    os.environ["PATH"] = PATH
     mount_all()
     with open(JOB) as handle:
         job = json.load(handle)
