@@ -1,0 +1,1 @@
+"""Guest-side KVM selftests for kvmlab: standard library only, run on the guest's python3."""

@@ -1,0 +1,311 @@
+"""The words a KVM test is written in: the KVM system, a VM, its memslots, a vCPU.
+
+Modelled on the upstream selftests' kvm_util, so a test reads as the experiment::
+
+    with KvmSystem() as kvm, kvm.create_vm() as vm:
+        memory = vm.add_memslot(0, gpa=0, size=0x10000)
+        memory.write(0x1000, program)
+        vcpu = vm.create_vcpu(0)
+        ...
+        vcpu.run()
+
+Every failed ioctl raises :class:`KvmError`, whose message names the ioctl, the errno
+and the arguments, because "Invalid argument" alone says nothing about which of a
+thousand memslot updates was refused. File descriptors are closed by context
+managers; a VM closes the vCPUs and guest memory it created.
+
+Only the standard library is used: this runs on the guest image's python3.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import struct
+from collections import namedtuple
+
+from kselftest_py.ioctls import (
+    IOCTL_NAMES,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_EXIT_IO,
+    KVM_GET_API_VERSION,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_RUN,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_USER_MEMORY_REGION,
+    KvmRegs,
+    KvmSregs,
+    KvmUserspaceMemoryRegion,
+    exit_reason_name,
+)
+
+__all__ = ["GuestMemory", "IoExit", "KvmError", "KvmSystem", "Vcpu", "Vm"]
+
+KVM_DEVICE = "/dev/kvm"
+
+# struct kvm_run offsets (include/uapi/linux/kvm.h): exit_reason follows
+# request_interrupt_window, immediate_exit and 6 bytes of padding; the exit union
+# starts after flags, cr8 and apic_base.
+_RUN_EXIT_REASON = struct.Struct("<I")
+_RUN_EXIT_REASON_OFFSET = 8
+_RUN_EXIT_UNION_OFFSET = 32
+# union member io: u8 direction, u8 size, u16 port, u32 count, u64 data_offset
+_RUN_IO = struct.Struct("<BBHIQ")
+
+
+class KvmError(Exception):
+    """An ioctl on a KVM file descriptor failed.
+
+    ``ioctl`` is the C name of the request, ``arguments`` the readable argument
+    list and ``errno`` the error number, so callers can branch on EINVAL, EEXIST, ...
+    """
+
+    def __init__(self, ioctl: str, arguments: str, err: int):
+        self.ioctl = ioctl
+        self.arguments = arguments
+        self.errno = err
+        name = errno.errorcode.get(err, f"errno {err}")
+        super().__init__(f"{ioctl}({arguments}) failed: {name}")
+
+
+def _ioctl(fd: int, request: int, arg=0, arguments: str = "") -> int:
+    """Issue one ioctl; ``arg`` is an int or a mutable buffer (ctypes struct, bytearray).
+
+    A mutable buffer is passed by address and updated in place, which is how the
+    kernel writes _IOR structs back. fcntl.ioctl releases the GIL around the call.
+    """
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as err:
+        name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+        raise KvmError(name, arguments, err.errno) from err
+
+
+class _FdOwner:
+    """Owns one file descriptor; closing twice is harmless."""
+
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class KvmSystem(_FdOwner):
+    """``/dev/kvm``: the system-wide KVM API (versions, capabilities, VM creation).
+
+    Opening raises the plain OSError of ``os.open`` (FileNotFoundError when the
+    module is not loaded, PermissionError without access) so a test can turn it
+    into a skip.
+    """
+
+    def __init__(self, path: str = KVM_DEVICE):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION; 12 on every kernel since 2.6.22."""
+        return _ioctl(self.fd, KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 if unsupported, else 1 or a capability-specific value."""
+        return _ioctl(self.fd, KVM_CHECK_EXTENSION, cap, f"cap={cap}")
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (struct kvm_run and more)."""
+        return _ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
+
+    def create_vm(self, machine_type: int = 0) -> Vm:
+        """KVM_CREATE_VM. The VM lives on after this ``KvmSystem`` is closed."""
+        fd = _ioctl(self.fd, KVM_CREATE_VM, machine_type, f"type={machine_type}")
+        try:
+            return Vm(fd, self.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+class GuestMemory:
+    """Anonymous host memory to back a memslot, with the host address KVM needs.
+
+    ``mmap.mmap(-1, size)`` gives page-aligned, lazily populated shared memory; the
+    address is read through ctypes and the ctypes view dropped at once, because an
+    exported buffer would stop the mapping from ever being closed.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._map = mmap.mmap(-1, size)
+        view = ctypes.c_char.from_buffer(self._map)
+        self.hva = ctypes.addressof(view)
+        del view
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy ``data`` into the memory at ``offset`` (the guest sees it at gpa + offset)."""
+        self._map[offset : offset + len(data)] = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._map[offset : offset + size]
+
+    def close(self) -> None:
+        self._map.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Vm(_FdOwner):
+    """A VM file descriptor: memslots and vCPUs.
+
+    ``set_memslot``/``delete_memslot`` are the raw KVM_SET_USER_MEMORY_REGION calls
+    the memslot tests time; ``add_memslot`` also allocates the backing memory and
+    keeps it alive for as long as the VM, as upstream's vm_userspace_mem_region_add.
+    """
+
+    def __init__(self, fd: int, vcpu_mmap_size: int):
+        self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
+        self.memory: dict[int, GuestMemory] = {}
+        self.vcpus: list[Vcpu] = []
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION: create, move or resize ``slot``, or delete it (size 0)."""
+        region = KvmUserspaceMemoryRegion(
+            slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva
+        )
+        arguments = f"slot={slot}, gpa={gpa:#x}, size={size:#x}"
+        if flags:
+            arguments += f", flags={flags:#x}"
+        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region, arguments)
+
+    def delete_memslot(self, slot: int) -> None:
+        """Delete ``slot`` (size 0) and free the memory ``add_memslot`` gave it, if any."""
+        self.set_memslot(slot, 0, 0, 0)
+        memory = self.memory.pop(slot, None)
+        if memory is not None:
+            memory.close()
+
+    def add_memslot(self, slot: int, gpa: int, size: int, flags: int = 0) -> GuestMemory:
+        """Allocate ``size`` bytes of anonymous memory and map them at ``gpa`` as ``slot``."""
+        memory = GuestMemory(size)
+        try:
+            self.set_memslot(slot, gpa, size, memory.hva, flags)
+        except BaseException:
+            memory.close()
+            raise
+        previous = self.memory.pop(slot, None)
+        if previous is not None:
+            previous.close()
+        self.memory[slot] = memory
+        return memory
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU; the vCPU is closed with the VM."""
+        fd = _ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id, f"id={vcpu_id}")
+        try:
+            vcpu = Vcpu(fd, vcpu_id, self.vcpu_mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        """Close vCPUs first, then the VM fd, then unmap guest memory."""
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        super().close()
+        for memory in self.memory.values():
+            memory.close()
+        self.memory.clear()
+
+
+IoExit = namedtuple("IoExit", "direction size port count data")
+IoExit.__doc__ = """A KVM_EXIT_IO: ``data`` is the ``size * count`` bytes in kvm_run."""
+
+
+class Vcpu(_FdOwner):
+    """A vCPU file descriptor with its mmapped ``struct kvm_run``.
+
+    :meth:`run` is KVM_RUN through ``fcntl.ioctl``, which releases the GIL for the
+    duration of the call: a vCPU thread can sit in the guest while another Python
+    thread changes memslots, which is what the memslot tests measure.
+    """
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int):
+        self.fd = fd
+        self.id = vcpu_id
+        self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def run(self) -> int:
+        """KVM_RUN until the guest exits to user space; returns ``exit_reason``.
+
+        Retried on EINTR, as upstream's vcpu_run does: a signal that interrupts the
+        ioctl is not an exit of the guest.
+        """
+        while True:
+            try:
+                _ioctl(self.fd, KVM_RUN, 0, f"vcpu={self.id}")
+            except KvmError as err:
+                if err.errno == errno.EINTR:
+                    continue
+                raise
+            return self.exit_reason
+
+    @property
+    def exit_reason(self) -> int:
+        return _RUN_EXIT_REASON.unpack_from(self.kvm_run, _RUN_EXIT_REASON_OFFSET)[0]
+
+    @property
+    def exit_reason_name(self) -> str:
+        return exit_reason_name(self.exit_reason)
+
+    def io(self) -> IoExit:
+        """The ``io`` member of the last exit; only meaningful after KVM_EXIT_IO."""
+        if self.exit_reason != KVM_EXIT_IO:
+            raise ValueError(f"vCPU {self.id} last exit was {self.exit_reason_name}, not an I/O")
+        direction, size, port, count, data_offset = _RUN_IO.unpack_from(
+            self.kvm_run, _RUN_EXIT_UNION_OFFSET
+        )
+        data = self.kvm_run[data_offset : data_offset + size * count]
+        return IoExit(direction, size, port, count, data)
+
+    def get_regs(self) -> KvmRegs:
+        regs = KvmRegs()
+        _ioctl(self.fd, KVM_GET_REGS, regs, f"vcpu={self.id}")
+        return regs
+
+    def set_regs(self, regs: KvmRegs) -> None:
+        _ioctl(self.fd, KVM_SET_REGS, regs, f"vcpu={self.id}, rip={regs.rip:#x}")
+
+    def get_sregs(self) -> KvmSregs:
+        sregs = KvmSregs()
+        _ioctl(self.fd, KVM_GET_SREGS, sregs, f"vcpu={self.id}")
+        return sregs
+
+    def set_sregs(self, sregs: KvmSregs) -> None:
+        _ioctl(self.fd, KVM_SET_SREGS, sregs, f"vcpu={self.id}, cr0={sregs.cr0:#x}")
+
+    def close(self) -> None:
+        if not self.kvm_run.closed:
+            self.kvm_run.close()
+        super().close()
