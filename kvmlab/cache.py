@@ -51,9 +51,12 @@ def building(final: Path) -> Iterator[Path]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def publish_file(final: Path, write) -> Path:
-    """Create ``final`` by calling ``write(tmp_path)`` and renaming; no-op if it exists."""
-    if final.exists():
+def publish_file(final: Path, write, replace: bool = False) -> Path:
+    """Create ``final`` by calling ``write(tmp_path)`` and renaming.
+
+    A no-op if ``final`` exists, unless ``replace``: then it is swapped atomically.
+    """
+    if final.exists() and not replace:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)

@@ -6,6 +6,7 @@ verifies the archive's signatures with Debian's keyring as usual. The mirror is 
 one the system already uses for Debian (or ``$KVMLAB_DEBIAN_MIRROR``).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -62,12 +63,19 @@ def _system_uris() -> list[str]:
             files.append(place)
     uris = []
     for path in files:
-        for line in path.read_text(errors="replace").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if path.suffix == ".sources" and line.lower().startswith("uris:"):
-                uris += line.split(":", 1)[1].split()
-            elif line.startswith("deb "):
-                uris += [w for w in line.split() if "://" in w][:1]
+        uris += source_uris(path.read_text(errors="replace"), deb822=path.suffix == ".sources")
+    return uris
+
+
+def source_uris(text: str, deb822: bool) -> list[str]:
+    """The URIs of apt source text, in the deb822 (.sources) or one-line (.list) style."""
+    uris = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if deb822 and line.lower().startswith("uris:"):
+            uris += line.split(":", 1)[1].split()
+        elif not deb822 and line.startswith("deb "):
+            uris += [w for w in line.split() if "://" in w][:1]
     return uris
 
 
@@ -80,6 +88,7 @@ class AptRoot:
         self.suite = suite
         self.dir = cache.area("apt") / suite
         self._stamp = self.dir / "updated"
+        self._memo = self.dir / "show.json"
 
     def _options(self) -> list[str]:
         d = self.dir
@@ -131,16 +140,24 @@ class AptRoot:
                         f"Debian suite {self.suite!r} is not served by {mirror()}"
                     ) from None
                 raise
+            self._memo.unlink(missing_ok=True)
             self._stamp.touch()
 
     def show(self, name: str) -> dict[str, str] | None:
-        """The candidate version's control fields for ``name``, or None if the suite lacks it."""
+        """The candidate version's control fields for ``name``, or None if the suite lacks it.
+
+        Answers are remembered until the lists are next refreshed: apt-cache takes
+        ~0.5 s a call, which would be most of a warm ``kvmlab run``'s overhead.
+        """
         self.update()
-        try:
-            text = self._apt("apt-cache", "show", "--no-all-versions", name)
-        except KvmlabError:
-            return None
-        return _control_fields(text)
+        memo = json.loads(self._memo.read_text()) if self._memo.exists() else {}
+        if name not in memo:
+            try:
+                memo[name] = _control_fields(self._apt("apt-cache", "show", "--no-all-versions", name))
+            except KvmlabError:
+                return None
+            cache.publish_file(self._memo, lambda tmp: tmp.write_text(json.dumps(memo)), replace=True)
+        return memo[name]
 
     def package(self, name: str) -> Package | None:
         fields = self.show(name)

@@ -35,6 +35,8 @@ class Kernel:
     system_map: Path | None
     modules_root: Path | None
     """A directory holding ``lib/modules/<release>`` (None: no loadable modules)."""
+    store: Path | None = None
+    """A cache directory for what kvmlab derives from this kernel (module archives)."""
     vmlinux: Path | None = None
     debug_modules: Path | None = None
     package: str | None = None
@@ -157,6 +159,7 @@ def load_entry(entry: Path) -> Kernel:
         config=entry / "config",
         system_map=entry / "System.map",
         modules_root=entry / "root",
+        store=entry,
         vmlinux=debug / "vmlinux" if (debug / "vmlinux").exists() else None,
         debug_modules=debug / "modules" if (debug / "modules").is_dir() else None,
         package=record["package"],

@@ -7,6 +7,7 @@ attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU inst
 rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
 """
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ class Machine:
     cpus: int = 2
     memory_mb: int = 4096
     append: str = ""
-    qemu: str = QEMU
+    qemu: str | None = None
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -48,8 +49,9 @@ class Machine:
         return self.run_dir / "console.log"
 
 
-def binary(name: str = QEMU) -> str:
-    """The QEMU executable's path, or a clear error if it is not installed."""
+def binary(name: str | None = None) -> str:
+    """The QEMU executable's path (``$KVMLAB_QEMU`` overrides), or a clear error."""
+    name = name or os.environ.get("KVMLAB_QEMU") or QEMU
     path = shutil.which(name)
     if path is None:
         raise MissingTool(f"{name} not found: install qemu-system-x86 (make setup does)")

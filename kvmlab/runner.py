@@ -76,8 +76,7 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     require_kvm(kernel)
     recipe = image.recipe(options.recipe)
     parts = [image.build(recipe, log=log)]
-    store = kernel.modules_root.parent if kernel.modules_root else run_dir
-    modules = modules_archive.archive(kernel, recipe.modules, store)
+    modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
     parts.append(layer.build(run_dir, options.argv, options.env, recipe.modules, options.keep))

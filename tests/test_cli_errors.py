@@ -1,0 +1,66 @@
+"""Bad input ends in one clear line and exit code 2, never a traceback."""
+
+import shutil
+
+import pytest
+
+from conftest import kvmlab
+from kvmlab import debian, kernels
+from kvmlab.errors import KvmlabError
+
+
+def assert_one_line_error(done, *fragments: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("kvmlab: error:")]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_scheme():
+    done = kvmlab("run", "fedora:40", "--", "true")
+    assert_one_line_error(done, "unknown kernel spec 'fedora:40'", "debian:<suite>")
+
+
+def test_unknown_debian_suite():
+    assert_one_line_error(kvmlab("kernel", "fetch", "debian:buster"), "buster", "not served")
+
+
+def test_unknown_debian_package():
+    done = kvmlab("kernel", "fetch", "debian:linux-image-0.0.0-0-cloud-amd64")
+    assert_one_line_error(done, "no Debian package 'linux-image-0.0.0-0-cloud-amd64'")
+
+
+def test_missing_debuginfo_package():
+    image = debian.Package("linux-image-0.0.0-0-cloud-amd64", "0", "0" * 64, 0, "bookworm")
+    with pytest.raises(KvmlabError, match="no debuginfo package linux-image-0.0.0-0-cloud-amd64-dbg"):
+        debian.debuginfo_package(image)
+
+
+def test_run_without_command():
+    assert_one_line_error(kvmlab("run", "debian:bookworm"), "no command given")
+
+
+def test_qemu_not_installed():
+    done = kvmlab("run", "debian:bookworm", "--", "true", env={"KVMLAB_QEMU": "qemu-system-none"})
+    assert_one_line_error(done, "qemu-system-none not found")
+
+
+def test_unknown_local_tree(tmp_path):
+    assert_one_line_error(kvmlab("run", f"local:{tmp_path}", "--", "true"), "not a built kernel tree")
+
+
+@pytest.mark.vm
+def test_kernel_without_kvm(tmp_path):
+    """A real kernel whose config says KVM is off is refused before boot."""
+    real = kernels.fetch("debian:bookworm")
+    tree = tmp_path / "tree"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    (tree / "include/config").mkdir(parents=True)
+    shutil.copy(real.vmlinuz, tree / "arch/x86/boot/bzImage")
+    (tree / "include/config/kernel.release").write_text(real.release + "\n")
+    config = real.config.read_text().replace("CONFIG_KVM=m", "# CONFIG_KVM is not set")
+    (tree / ".config").write_text(config)
+    done = kvmlab("run", f"local:{tree}", "--", "true")
+    assert_one_line_error(done, "has no KVM support")

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from kvmlab.accel import Accel
+from kvmlab.qemu import PORT_FILES, Machine, command
+
+
+def machine(tmp_path: Path) -> Machine:
+    return Machine(
+        vmlinuz=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.cpio", run_dir=tmp_path,
+        accel=Accel("tcg", "EPYC,+svm", "test"), cpus=3, memory_mb=1234, append="nokaslr",
+    )
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv) if word == option]
+
+
+def test_command_carries_the_guest_contract(tmp_path):
+    argv = command(machine(tmp_path))
+    assert option_values(argv, "-accel") == ["tcg"]
+    assert option_values(argv, "-cpu") == ["EPYC,+svm"]
+    assert option_values(argv, "-smp") == ["3"] and option_values(argv, "-m") == ["1234M"]
+    assert "vmcoreinfo" in option_values(argv, "-device")
+    assert option_values(argv, "-qmp") == [f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off"]
+    assert "-no-reboot" in argv
+    (append,) = option_values(argv, "-append")
+    assert {"panic=-1", "oops=panic", "rdinit=/kvmlab/init", "nokaslr"} <= set(append.split())
+
+
+def test_every_port_is_a_named_virtserialport_writing_a_file(tmp_path):
+    argv = command(machine(tmp_path))
+    devices = " ".join(option_values(argv, "-device"))
+    chardevs = " ".join(option_values(argv, "-chardev"))
+    for port, filename in PORT_FILES.items():
+        assert f"name={port}" in devices
+        assert f"path={tmp_path / filename}" in chardevs

@@ -1,0 +1,118 @@
+"""The lab for real: Debian kernels booted under QEMU, KVM used inside the guest."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import kvmlab, qemu_pids
+from kvmlab import kernels
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
+
+EXPECTED = {
+    "debian:bullseye": ("5.10.", 509),
+    "debian:bookworm": ("6.1.", 32764),
+}
+
+
+@pytest.mark.parametrize("spec", EXPECTED)
+def test_uname_in_guest(spec):
+    done = kvmlab("run", spec, "--timeout", "300", "--", "uname", "-r")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(EXPECTED[spec][0])
+    assert re.search(r"accelerator (tcg|kvm)", done.stderr)
+
+
+@pytest.mark.parametrize("spec", EXPECTED)
+def test_kvm_smoke_in_guest(spec, tmp_path):
+    done = kvmlab("run", spec, "--timeout", "300", "--out", str(tmp_path), "--",
+                  "sh", "-c", 'ls -l /dev/kvm && python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "/dev/kvm" in done.stdout
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["nr_memslots"] == EXPECTED[spec][1]
+    assert report["kernel_release"].startswith(EXPECTED[spec][0])
+    assert {r["result"] for r in report["results"]} == {"pass"}
+    assert len(report["results"]) == 4
+
+
+def test_exit_code_output_and_results_come_back(tmp_path):
+    script = 'echo to-stdout; echo to-stderr >&2; mkdir -p "$KVMLAB_RESULTS/sub"; ' \
+             'echo payload > "$KVMLAB_RESULTS/sub/file.txt"; exit 7'
+    done = kvmlab("run", "debian:bookworm", "--out", str(tmp_path), "--", "sh", "-c", script)
+    assert done.returncode == 7
+    assert "to-stdout" in done.stdout and "to-stdout" not in done.stderr
+    assert "to-stderr" in done.stderr
+    assert (tmp_path / "sub" / "file.txt").read_text() == "payload\n"
+
+
+def test_missing_command_is_127():
+    done = kvmlab("run", "debian:bookworm", "--", "no-such-command-here")
+    assert done.returncode == 127
+    assert "cannot run no-such-command-here" in done.stderr
+
+
+@pytest.mark.parametrize("spec", EXPECTED)
+def test_panic_is_reported_with_excerpt(spec):
+    done = kvmlab("run", spec, "--timeout", "300", "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert done.returncode == 125, done.stderr
+    assert "guest kernel reported a panic" in done.stderr
+    assert "sysrq" in done.stderr
+
+
+def test_hang_is_killed_after_timeout():
+    done = kvmlab("run", "debian:bookworm", "--timeout", "20", "--", "sleep", "1000")
+    assert done.returncode == 124, done.stderr
+    assert "guest hang: no exit within the 20 s timeout" in done.stderr
+    assert "console tail" in done.stderr
+
+
+def test_keep_then_stop():
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    done = kvmlab("run", "debian:bookworm", "--keep", "--", "true")
+    assert done.returncode == 0, done.stderr
+    socket = re.search(r"QMP socket (\S+)", done.stderr).group(1)
+    run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr).group(1)
+    try:
+        monitor = QEMUMonitorProtocol(socket)
+        monitor.connect()
+        assert monitor.cmd("query-status")["return"]["status"] == "running"
+        monitor.close()
+    finally:
+        stopped = kvmlab("stop", run_name)
+    assert stopped.returncode == 0 and f"stopped {run_name}" in stopped.stdout
+    assert not [pid for pid in qemu_pids() if run_name in open(f"/proc/{pid}/cmdline").read()]
+
+
+def test_local_tree_with_modules_in_tree(tmp_path):
+    """A kernel tree laid out as after `make`: bzImage, .config, .ko files in place."""
+    real = kernels.fetch("debian:bookworm")
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    (tree / "include/config").mkdir(parents=True)
+    shutil.copy(real.vmlinuz, tree / "arch/x86/boot/bzImage")
+    shutil.copy(real.config, tree / ".config")
+    (tree / "include/config/kernel.release").write_text(real.release + "\n")
+    modules = real.modules_root / "lib/modules" / real.release
+    shutil.copytree(modules / "kernel", tree, dirs_exist_ok=True)
+    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        shutil.copy(modules / name, tree / name)
+    done = kvmlab("run", f"local:{tree}", "--", "sh", "-c", "uname -r; lsmod")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == real.release
+    assert "kvm_amd" in done.stdout
+
+
+def test_debuginfo_fetch():
+    done = kvmlab("kernel", "fetch", "--debuginfo", "--json", "debian:bullseye")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    sections = subprocess.run(["readelf", "-S", "-W", info["vmlinux"]], capture_output=True, text=True).stdout
+    assert ".debug_info" in sections
+    listing = kvmlab("kernel", "list")
+    line = next(ln for ln in listing.stdout.splitlines() if ln.startswith(info["release"]))
+    assert " debuginfo " in line
