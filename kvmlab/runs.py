@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlab import cache
+from kvmlab import cache, qmp
 from kvmlab.errors import KvmlabError
 
 SOCKET_PATH_MAX = 107
@@ -82,14 +82,9 @@ def resolve(name: str) -> Path:
 def stop(vm: KeptVm, grace_s: float = 5.0) -> None:
     """End a kept VM: QMP ``quit`` first, SIGKILL if QEMU does not go in ``grace_s``."""
     try:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        monitor = QEMUMonitorProtocol(str(vm.qmp))
-        monitor.connect()
-        monitor.cmd("quit")
-        monitor.close()
-    except Exception:  # noqa: BLE001 - any QMP trouble falls through to SIGKILL
-        pass
+        qmp.execute(vm.qmp, "quit")
+    except KvmlabError:
+        pass  # a monitor that does not answer is handled below, by SIGKILL
     deadline = time.monotonic() + grace_s
     while qemu_alive(vm.run_dir, vm.pid) and time.monotonic() < deadline:
         time.sleep(0.05)

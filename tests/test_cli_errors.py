@@ -3,8 +3,8 @@
 import shutil
 
 import pytest
-
 from conftest import kvmlab
+
 from kvmlab import debian, kernels
 from kvmlab.errors import KvmlabError
 

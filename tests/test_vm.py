@@ -4,11 +4,12 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-
 from conftest import kvmlab, qemu_pids
-from kvmlab import kernels
+
+from kvmlab import kernels, qmp
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 
@@ -71,17 +72,13 @@ def test_hang_is_killed_after_timeout():
 
 
 def test_keep_then_stop():
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     done = kvmlab("run", "debian:bookworm", "--keep", "--", "true")
     assert done.returncode == 0, done.stderr
     socket = re.search(r"QMP socket (\S+)", done.stderr).group(1)
     run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr).group(1)
     try:
-        monitor = QEMUMonitorProtocol(socket)
-        monitor.connect()
-        assert monitor.cmd("query-status")["return"]["status"] == "running"
-        monitor.close()
+        assert qmp.execute(Path(socket), "query-status")["status"] == "running"
+        assert Path(socket).parent.stat().st_mode & 0o777 == 0o700
     finally:
         stopped = kvmlab("stop", run_name)
     assert stopped.returncode == 0 and f"stopped {run_name}" in stopped.stdout
@@ -116,3 +113,47 @@ def test_debuginfo_fetch():
     listing = kvmlab("kernel", "list")
     line = next(ln for ln in listing.stdout.splitlines() if ln.startswith(info["release"]))
     assert " debuginfo " in line
+
+
+def _start_sleeping_run() -> tuple[subprocess.Popen, int]:
+    """Start `kvmlab run ... sleep 1000` and return it with its QEMU pid once booting."""
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmlab.cli", "run", "debian:bookworm", "--", "sleep", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = qemu_pids()
+        mine = [pid for pid in new if _parent(pid) == process.pid]
+        if mine:
+            return process, mine[0]
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("kvmlab never started QEMU")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_qemu_dies_with_an_interrupted_kvmlab(how):
+    import signal
+    import time
+
+    process, qemu_pid = _start_sleeping_run()
+    time.sleep(2)
+    process.send_signal(getattr(signal, how))
+    process.communicate(timeout=60)
+    if how == "SIGINT":
+        assert process.returncode == 130
+    deadline = time.monotonic() + 10
+    while qemu_pid in qemu_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pid not in qemu_pids()

@@ -1,0 +1,52 @@
+# kvmlab: `make test` and `make demo` do all the set-up they need, from a fresh clone.
+
+VENV    := .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Host tools the lab drives. debian-archive-keyring verifies the kernels kvmlab fetches.
+SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio zstd kmod \
+                   dpkg apt debian-archive-keyring binutils procps trace-cmd
+
+.PHONY: setup system-packages test unit demo lint bench clean
+
+setup: system-packages $(STAMP)
+
+# Installs what is missing with apt-get when root; otherwise prints the command to run.
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "make setup: installing$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else \
+	  echo "make setup: missing system packages; run: sudo apt-get install$$missing"; exit 1; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Unit tests and VM tests (real kernels under QEMU). The first run fills the cache.
+test: setup
+	$(BIN)/python -m pytest
+
+unit: setup
+	$(BIN)/python -m pytest -m "not vm"
+
+# Boots both default kernels and runs the KVM smoke check in each.
+demo: setup
+	$(BIN)/kvmlab run debian:bullseye -- python3 -m kselftest_py.smoke
+	$(BIN)/kvmlab run debian:bookworm -- python3 -m kselftest_py.smoke
+
+lint: setup
+	$(BIN)/ruff check kvmlab kselftest_py drgn_scripts traces tests bench vm-images
+
+bench: setup
+	$(BIN)/python bench/boot.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
