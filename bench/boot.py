@@ -39,8 +39,8 @@ def kvmlab_true(env: dict[str, str] | None = None) -> float:
     return timed([sys.executable, "-m", "kvmlab.cli", "run", SPEC, "--", "true"], env)
 
 
-def bare_boot(kernel: kernels.Kernel, scratch: Path) -> float:
-    """Bare QEMU, same kernel and CPU model, busybox /init that powers off immediately."""
+def bare_initrd(scratch: Path) -> Path:
+    """A busybox-only initramfs whose /init powers off at once."""
     tree = scratch / "bare"
     (tree / "bin").mkdir(parents=True)
     shutil.copy("/bin/busybox", tree / "bin" / "busybox")
@@ -48,6 +48,11 @@ def bare_boot(kernel: kernels.Kernel, scratch: Path) -> float:
     (tree / "init").chmod(0o755)
     initrd = scratch / "bare.cpio"
     initramfs.from_tree(tree, initrd)
+    return initrd
+
+
+def bare_boot(kernel: kernels.Kernel, initrd: Path) -> float:
+    """Bare QEMU, same kernel and CPU model and size: the floor of any QEMU-based lab."""
     chosen = accel.choose()
     return timed([
         "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot",
@@ -73,8 +78,9 @@ def main() -> int:
     kvmlab_true()  # warm every cache
     boots, warm, bare = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
+        initrd = bare_initrd(Path(scratch))
         for _ in range(args.runs):  # interleaved, so drift hits all three alike
-            bare.append(bare_boot(kernel, Path(scratch)))
+            bare.append(bare_boot(kernel, initrd))
             warm.append(kvmlab_true())
             result = run(kernel, RunOptions(argv=["true"], stream=False), log=open(os.devnull, "w"))
             boots.append(result.boot_s)

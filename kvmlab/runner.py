@@ -65,7 +65,9 @@ def require_kvm(kernel: Kernel) -> None:
     if kernel.config is None:
         return
     if kernel.config_value("KVM") not in ("y", "m"):
-        raise KvmlabError(f"kernel {kernel.release} ({kernel.spec}) has no KVM support (CONFIG_KVM unset)")
+        raise KvmlabError(
+            f"kernel {kernel.release} ({kernel.spec}) has no KVM support (CONFIG_KVM unset)"
+        )
     if not any(kernel.config_value(v) in ("y", "m") for v in ("KVM_AMD", "KVM_INTEL")):
         raise KvmlabError(f"kernel {kernel.release} has neither kvm_amd nor kvm_intel")
 
@@ -114,10 +116,14 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
             _kill(process)
         for follower in followers:
             follower.finish()
+        # QEMU loaded these at start; the image and modules stay cached elsewhere.
+        for archive in (machine.initrd, run_dir / "layer.cpio"):
+            archive.unlink(missing_ok=True)
     result = _judge(status, run_dir, started, kept, machine, options.timeout_s)
     _collect_results(run_dir, options.out, log)
     runs.record(run_dir, state=result.outcome, exit_code=result.exit_code,
-                job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s, total_s=result.total_s)
+                job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
+                total_s=result.total_s)
     return result
 
 
@@ -224,7 +230,9 @@ def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
         )
     elif status.exit_code is None:
         result.outcome, result.exit_code = "lost", EXIT_LOST
-        result.message = f"VM lost: QEMU ended without the job's exit status; console tail:\n{console.tail(text)}"
+        result.message = (
+            f"VM lost: QEMU ended without the job's exit status; console tail:\n{console.tail(text)}"
+        )
     elif kept:
         result.outcome, result.exit_code = "kept", status.exit_code
         result.message = f"VM kept running; QMP socket {machine.qmp_socket} (kvmlab stop {run_dir.name})"
