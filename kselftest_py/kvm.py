@@ -47,7 +47,7 @@ from kselftest_py.ioctls import (
     exit_reason_name,
 )
 
-__all__ = ["GuestMemory", "IoExit", "KvmError", "KvmSystem", "Vcpu", "Vm"]
+__all__ = ["GuestMemory", "IoExit", "KvmError", "KvmSystem", "MmioExit", "Vcpu", "Vm"]
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -76,17 +76,20 @@ class KvmError(Exception):
         super().__init__(f"{ioctl}({arguments}) failed: {name}")
 
 
-def _ioctl(fd: int, request: int, arg=0, arguments: str = "") -> int:
+def _ioctl(fd: int, request: int, arg=0, arguments="") -> int:
     """Issue one ioctl; ``arg`` is an int or a mutable buffer (ctypes struct, bytearray).
 
     A mutable buffer is passed by address and updated in place, which is how the
     kernel writes _IOR structs back. fcntl.ioctl releases the GIL around the call.
+    ``arguments`` describes the call for the error message; it may be a callable so
+    that hot paths (memslot updates the tests time) build no string unless it fails.
     """
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as err:
         name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
-        raise KvmError(name, arguments, err.errno) from err
+        described = arguments() if callable(arguments) else arguments
+        raise KvmError(name, described, err.errno) from err
 
 
 class _FdOwner:
@@ -155,6 +158,11 @@ class GuestMemory:
         self.hva = ctypes.addressof(view)
         del view
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The mapping itself, for tests that poll or patch guest memory in place."""
+        return self._map
+
     def write(self, offset: int, data: bytes) -> None:
         """Copy ``data`` into the memory at ``offset`` (the guest sees it at gpa + offset)."""
         self._map[offset : offset + len(data)] = data
@@ -191,9 +199,10 @@ class Vm(_FdOwner):
         region = KvmUserspaceMemoryRegion(
             slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva
         )
-        arguments = f"slot={slot}, gpa={gpa:#x}, size={size:#x}"
-        if flags:
-            arguments += f", flags={flags:#x}"
+        def arguments() -> str:
+            text = f"slot={slot}, gpa={gpa:#x}, size={size:#x}"
+            return text + (f", flags={flags:#x}" if flags else "")
+
         _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region, arguments)
 
     def delete_memslot(self, slot: int) -> None:
@@ -240,6 +249,10 @@ class Vm(_FdOwner):
 
 
 IoExit = namedtuple("IoExit", "direction size port count data")
+MmioExit = namedtuple("MmioExit", "phys_addr data length is_write")
+MmioExit.__doc__ = """A KVM_EXIT_MMIO: a guest access to a gpa no memslot backs."""
+# union member mmio: u64 phys_addr, u8 data[8], u32 len, u8 is_write
+_RUN_MMIO = struct.Struct("<Q8sIB")
 IoExit.__doc__ = """A KVM_EXIT_IO: ``data`` is the ``size * count`` bytes in kvm_run."""
 
 
@@ -288,6 +301,11 @@ class Vcpu(_FdOwner):
         )
         data = self.kvm_run[data_offset : data_offset + size * count]
         return IoExit(direction, size, port, count, data)
+
+    def mmio(self) -> MmioExit:
+        """The ``mmio`` member of the last exit; only meaningful after KVM_EXIT_MMIO."""
+        phys_addr, data, length, is_write = _RUN_MMIO.unpack_from(self.kvm_run, _RUN_EXIT_UNION_OFFSET)
+        return MmioExit(phys_addr, data[:length], length, bool(is_write))
 
     def get_regs(self) -> KvmRegs:
         regs = KvmRegs()

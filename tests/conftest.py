@@ -24,10 +24,27 @@ def qemu_pids() -> set[int]:
     return {int(pid) for pid in done.stdout.split()}
 
 
+def qemu_pids_of_runs(run_names: set[str]) -> set[int]:
+    """The running QEMU processes that belong to the named kvmlab runs."""
+    pids = set()
+    for pid in qemu_pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmdline for name in run_names):
+            pids.add(pid)
+    return pids
+
+
 @pytest.fixture
 def no_leaked_qemu():
-    """Fail the test if it leaves a QEMU process behind."""
-    before = qemu_pids()
+    """Fail the test if a run it started leaves its QEMU behind (other runs are not ours)."""
+    from kvmlab import cache
+
+    runs = cache.area("runs")
+    before = {p.name for p in runs.iterdir()}
     yield
-    leaked = qemu_pids() - before
+    mine = {p.name for p in runs.iterdir()} - before
+    leaked = qemu_pids_of_runs(mine)
     assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"

@@ -1,0 +1,331 @@
+"""memslot_perf: upstream memslot_perf_test's tests, in Python.
+
+    python3 -m kselftest_py.memslot_perf [-s SLOTS] [-f FIRST] [-e LAST] [-l SECONDS]
+                                         [-r RUNS] [-v] [-d] [--json FILE] [sizes...]
+
+Tests (numbered as upstream): 0 map, 1 unmap, 2 unmap chunked, 3 move active area,
+4 move inactive area, 5 RW. Each run builds a VM with the slot cap's worth of slots
+(timed: the slot setup time), lets the guest loop over its memory while the host
+loop does the test's memslot work for ``-l`` seconds, and reports the time per
+iteration. ``-d`` verifies the values the guest wrote before they are unmapped.
+
+Differences from upstream, on purpose: results are KTAP with kselftest exit codes; a
+slot count the kernel or a test cannot take is a SKIP naming the limit (upstream
+prints it and exits 0); the host↔guest sync timeout is ``--sync-timeout`` instead of
+a hard-coded 2 s alarm that nested TCG trips; memory sizes are options (upstream's
+values by default) and the output says when they were changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+from kselftest_py.ioctls import KVM_CAP_NR_MEMSLOTS
+from kselftest_py.ktap import KtapWriter
+from kselftest_py.kvm import KVM_DEVICE, KvmSystem
+from kselftest_py.memslot_guests import (
+    MEM_GPA, TEST_GPA, VAL_1, VAL_2, GuestParams, map_guest, move_guest, rw_guest, unmap_guest,
+)
+from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
+from kselftest_py.memslot_vm import GuestFailure, TestVm
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Memory sizes in bytes; the defaults are upstream's."""
+
+    mem_size: int = 512 * MIB + PAGE_SIZE
+    map_size: int = 32 * MIB
+    unmap_size: int = 128 * MIB
+    unmap_chunk_pages: int = 2 * MIB // PAGE_SIZE
+    move_size_pages: int = 50
+
+    @property
+    def move_size(self) -> int:
+        return self.move_size_pages * PAGE_SIZE
+
+
+class VerifyFailed(Exception):
+    """-d found a guest-written value that is not what the guest should have written."""
+
+
+@dataclass
+class Test:
+    name: str
+    pages: Callable[[Sizes], int]
+    guest: Callable[[GuestParams], bytes]
+    loop: Callable[[TestVm, Sizes, bool], None]
+    prepare: Callable[[TestVm, Sizes], None] | None = None
+    whole_area: bool = False  # upstream ranks slot setup time only for these
+
+
+# -- the host loops ---------------------------------------------------------------
+def _check(vm: TestVm, gpa: int, expected: int, verify: bool) -> None:
+    """Upstream's test_memslot_map_unmap_check: compare, then clear for the next round."""
+    if not verify:
+        return
+    value = vm.read_qword(gpa)
+    if value != expected:
+        raise VerifyFailed(
+            f"guest written value should read back correctly before unmap: "
+            f"{value:#x} vs {expected:#x} at gpa {gpa:#x}"
+        )
+    vm.write_qword(gpa, 0)
+
+
+def map_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+    half_pages = sizes.map_size // PAGE_SIZE // 2
+    second_half = TEST_GPA + half_pages * PAGE_SIZE
+    vm.unmap(second_half, half_pages)
+    vm.host_sync()
+    _check(vm, TEST_GPA, VAL_1, verify)
+    _check(vm, second_half - PAGE_SIZE, VAL_1, verify)
+    vm.unmap(TEST_GPA, half_pages)
+    vm.host_sync()
+    _check(vm, second_half, VAL_2, verify)
+    _check(vm, TEST_GPA + sizes.map_size - PAGE_SIZE, VAL_2, verify)
+
+
+def _unmap_loop(vm: TestVm, sizes: Sizes, verify: bool, chunk: int) -> None:
+    half_pages = sizes.unmap_size // PAGE_SIZE // 2
+    for half, expected in ((0, VAL_1), (1, VAL_2)):
+        start = TEST_GPA + half * half_pages * PAGE_SIZE
+        vm.host_sync()
+        _check(vm, start, expected, verify)
+        for page in range(0, half_pages, chunk):
+            vm.unmap(start + page * PAGE_SIZE, min(chunk, half_pages - page))
+
+
+def unmap_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+    _unmap_loop(vm, sizes, verify, 1)
+
+
+def unmap_chunked_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+    _unmap_loop(vm, sizes, verify, sizes.unmap_chunk_pages)
+
+
+def _last_slot(vm: TestVm) -> int:
+    return vm.layout.nslots - 1
+
+
+def move_active_prepare(vm: TestVm, sizes: Sizes) -> None:
+    """Half the move area in the last slot (which moves away), half in the one before."""
+    source = vm.layout.slot_gpa(_last_slot(vm))
+    if vm.layout.pages_left_in_slot(source) < sizes.move_size_pages // 2:
+        raise TooManySlots(vm.layout.nslots, 0)
+    vm.set_move_area(source - sizes.move_size // 2)
+    vm.mmio_window = (source, source + sizes.move_size // 2 - 1)
+
+
+def move_inactive_prepare(vm: TestVm, sizes: Sizes) -> None:
+    """The move area entirely below the slot that moves."""
+    vm.set_move_area(vm.layout.slot_gpa(_last_slot(vm)) - sizes.move_size)
+
+
+def move_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+    last = _last_slot(vm)
+    vm.move_slot(last, MEM_GPA + sizes.mem_size)
+    vm.move_slot(last, vm.layout.slot_gpa(last))
+
+
+def rw_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+    end = TEST_GPA + sizes.mem_size - PAGE_SIZE
+    for gpa in range(TEST_GPA + PAGE_SIZE // 2, end, PAGE_SIZE):
+        vm.write_qword(gpa, VAL_2)
+    vm.host_sync()
+    for gpa in range(TEST_GPA, end, PAGE_SIZE):
+        value = vm.read_qword(gpa)
+        if value != VAL_1:
+            raise VerifyFailed(f"guest written values should read back correctly: {value:#x} at gpa {gpa:#x}")
+        vm.write_qword(gpa, 0)
+    vm.host_sync()
+
+
+TESTS = [
+    Test("map", lambda s: s.map_size // PAGE_SIZE + 1, map_guest, map_loop),
+    Test("unmap", lambda s: s.unmap_size // PAGE_SIZE + 1, unmap_guest, unmap_loop),
+    Test("unmap chunked", lambda s: s.unmap_size // PAGE_SIZE + 1, unmap_guest, unmap_chunked_loop),
+    Test("move active area", lambda s: s.mem_size // PAGE_SIZE, move_guest, move_loop,
+         move_active_prepare, whole_area=True),
+    Test("move inactive area", lambda s: s.mem_size // PAGE_SIZE, move_guest, move_loop,
+         move_inactive_prepare, whole_area=True),
+    Test("RW", lambda s: s.mem_size // PAGE_SIZE, rw_guest, rw_loop, whole_area=True),
+]
+
+
+# -- one run of one test ------------------------------------------------------------
+@dataclass
+class RunResult:
+    test: str
+    run: int
+    slots: int
+    slot_setup_ns: int
+    iterations: int
+    guest_runtime_ns: int
+
+    @property
+    def iteration_ns(self) -> int | None:
+        return self.guest_runtime_ns // self.iterations if self.iterations else None
+
+
+def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespace, run: int) -> RunResult:
+    """Upstream's test_execute: build the VM, launch, loop for the time given, verify."""
+    sizes: Sizes = options.sizes
+    params = GuestParams(
+        map_size=sizes.map_size, unmap_size=sizes.unmap_size, test_size=sizes.mem_size - PAGE_SIZE,
+        move_size=sizes.move_size, val_1=VAL_1 ^ 0xFF if options.inject_wrong_value else VAL_1,
+    )
+    vm = TestVm(kvm, test.guest(params), test.pages(sizes), nslots - 1, options.sync_timeout)
+    try:
+        if test.prepare:
+            test.prepare(vm, sizes)
+        vm.launch()
+        iterations = 0
+        started = time.monotonic_ns()
+        vm.let_guest_run()
+        limit_ns = options.seconds * 1_000_000_000
+        while True:
+            runtime = time.monotonic_ns() - started
+            if runtime >= limit_ns:
+                break
+            test.loop(vm, sizes, options.verify)
+            vm.check()
+            iterations += 1
+        vm.stop()
+        return RunResult(test.name, run, nslots, vm.slot_setup_ns, iterations, runtime)
+    finally:
+        vm.close()
+
+
+# -- the command line ---------------------------------------------------------------
+def _seconds(ns: int) -> str:
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m kselftest_py.memslot_perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-s", dest="slots", type=int, default=-1, help="memslot count cap (-1: none)")
+    parser.add_argument("-f", dest="first", type=int, default=0, help="first test to run")
+    parser.add_argument("-e", dest="last", type=int, default=len(TESTS) - 1, help="last test to run")
+    parser.add_argument("-l", dest="seconds", type=float, default=5, help="test length in seconds")
+    parser.add_argument("-r", dest="runs", type=int, default=1, help="runs per test")
+    parser.add_argument("-v", dest="verbose", action="store_true", help="verbose")
+    parser.add_argument("-d", dest="verify", action="store_true", help="verify guest-written values")
+    parser.add_argument("--json", help="write every run as JSON to this file")
+    parser.add_argument("--sync-timeout", type=float, default=60.0,
+                        help="seconds to wait for the guest at a sync (upstream: 2)")
+    parser.add_argument("--mem-size-mib", type=float, help="test memory for move and RW (512)")
+    parser.add_argument("--map-size-mib", type=float, help="map test area (32)")
+    parser.add_argument("--unmap-size-mib", type=float, help="unmap test area (128)")
+    parser.add_argument("--inject-wrong-value", action="store_true",
+                        help="make the guest write a wrong value (proves that -d catches it)")
+    parser.add_argument("--device", default=KVM_DEVICE, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.slots <= 1 and options.slots != -1:
+        parser.error("-s: slot count cap has to be above 1, or -1 for no cap")
+    if not 0 <= options.first <= options.last < len(TESTS):
+        parser.error(f"-f/-e: need 0 <= first <= last < {len(TESTS)}")
+    if options.runs <= 0 or options.seconds < 0:
+        parser.error("-r has to be positive and -l non-negative")
+    sizes = Sizes()
+    for option, field in (("mem_size_mib", "mem_size"), ("map_size_mib", "map_size"),
+                          ("unmap_size_mib", "unmap_size")):
+        value = getattr(options, option)
+        if value is not None:
+            extra = PAGE_SIZE if field == "mem_size" else 0
+            sizes = replace(sizes, **{field: int(value * MIB) // PAGE_SIZE * PAGE_SIZE + extra})
+    options.sizes = sizes
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    tests = TESTS[options.first:options.last + 1]
+    ktap = KtapWriter()
+    ktap.header()
+    ktap.plan(len(tests))
+    record = {"kernel_release": os.uname().release, "slot_cap": options.slots, "seconds": options.seconds,
+              "runs_per_test": options.runs, "verify": options.verify, "sizes": asdict(options.sizes),
+              "default_sizes": options.sizes == Sizes(), "runs": [], "tests": []}
+    if options.sizes != Sizes():
+        ktap.diag(f"memory sizes changed from upstream's: {asdict(options.sizes)}")
+    try:
+        kvm = KvmSystem(options.device)
+    except OSError as err:
+        for test in tests:
+            ktap.skip(test.name, f"{options.device} unavailable: {err.strerror}")
+        return _finish(ktap, record, options)
+    with kvm:
+        limit = kvm.check_extension(KVM_CAP_NR_MEMSLOTS)
+        record["nr_memslots"] = limit
+        ktap.diag(f"KVM_CAP_NR_MEMSLOTS: {limit}")
+        if options.slots > limit:
+            for test in tests:
+                ktap.skip(test.name, f"slot cap {options.slots} is above this kernel's limit of {limit} memslots")
+            return _finish(ktap, record, options)
+        nslots = limit if options.slots == -1 else options.slots
+        best_setup: RunResult | None = None
+        for test in tests:
+            best_setup = _run_test(kvm, test, nslots, options, ktap, record, best_setup)
+        if best_setup is not None:
+            ktap.diag(f"Best slot setup time for the whole test area was {_seconds(best_setup.slot_setup_ns)}")
+    return _finish(ktap, record, options)
+
+
+def _run_test(kvm, test: Test, nslots: int, options, ktap: KtapWriter, record: dict,
+              best_setup: RunResult | None) -> RunResult | None:
+    ktap.diag(f"Testing {test.name} performance with {options.runs} runs, {options.seconds:g} seconds each")
+    best: RunResult | None = None
+    for run in range(options.runs):
+        try:
+            result = run_once(kvm, test, nslots, options, run)
+        except TooManySlots as err:
+            reason = str(err) if err.maximum else "Memslot count may be too high for this test"
+            ktap.skip(test.name, reason)
+            record["tests"].append({"test": test.name, "result": "skip", "reason": reason})
+            return best_setup
+        except (GuestFailure, VerifyFailed) as err:
+            ktap.diag(f"{test.name} run {run}: {err}")
+            ktap.not_ok(test.name)
+            record["tests"].append({"test": test.name, "result": "fail", "reason": str(err)})
+            return best_setup
+        ktap.diag(f"Test took {_seconds(result.slot_setup_ns)} for slot setup + "
+                  f"{_seconds(result.guest_runtime_ns)} all iterations")
+        if result.iterations == 0:
+            ktap.diag("No full loops done - too short test time or system too loaded?")
+        else:
+            ktap.diag(f"Done {result.iterations} iterations, avg {_seconds(result.iteration_ns)} each")
+        record["runs"].append({**asdict(result), "iteration_ns": result.iteration_ns,
+                               "kernel_release": record["kernel_release"], **asdict(options.sizes)})
+        if result.iterations and (best is None or result.iteration_ns < best.iteration_ns):
+            best = result
+        if test.whole_area and (best_setup is None or result.slot_setup_ns < best_setup.slot_setup_ns):
+            best_setup = result
+    if best is not None:
+        ktap.diag(f"Best runtime result was {_seconds(best.iteration_ns)} per iteration "
+                  f"(with {best.iterations} iterations)")
+    ktap.ok(test.name)
+    record["tests"].append({"test": test.name, "result": "pass", "slots": nslots})
+    return best_setup
+
+
+def _finish(ktap: KtapWriter, record: dict, options) -> int:
+    code = ktap.finish()
+    record["exit_code"] = code
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(record, handle, indent=2)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

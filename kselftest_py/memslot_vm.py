@@ -1,0 +1,168 @@
+"""The VM a memslot test runs: system slot, test area over many slots, a vCPU thread.
+
+The host side of upstream's vm_data/prepare_vm/launch_vm: ``TestVm`` creates the
+slots (and times it: that is the "slot setup time"), runs the vCPU in its own thread
+(KVM_RUN releases the GIL, so the main thread changes memslots meanwhile), answers
+ucalls, and gives the host loops the words they need: read or write a guest qword,
+unmap a range of guest pages, move a slot, sync with the guest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import threading
+import time
+
+from kselftest_py.ioctls import KVM_EXIT_IO, KVM_EXIT_MMIO
+from kselftest_py.kvm import GuestMemory, KvmSystem
+from kselftest_py.memslot_guests import EXIT_FLAG, MEM_GPA, MOVE_AREA_PTR, START_FLAG, SYNC_FLAG
+from kselftest_py.memslot_layout import PAGE_SIZE, SlotLayout
+from kselftest_py.x86_guest import UCALL_ABORT, UCALL_DONE, UCALL_SYNC, install_system, read_ucall, start_vcpu
+
+QWORD = struct.Struct("<Q")
+
+
+class GuestFailure(Exception):
+    """The guest or the vCPU did something the test does not allow."""
+
+
+class TestVm:
+    """A VM with ``nslots`` test slots over ``npages`` pages at MEM_GPA."""
+
+    def __init__(self, kvm: KvmSystem, code: bytes, npages: int, nslots: int, sync_timeout_s: float):
+        self.layout = SlotLayout(MEM_GPA, npages, nslots)  # raises TooManySlots first
+        self.sync_timeout_s = sync_timeout_s
+        self.vm = kvm.create_vm()
+        install_system(self.vm, code)
+        self.vcpu = start_vcpu(self.vm)
+        self.slots: list[GuestMemory] = []
+        self.slot_setup_ns = self._add_slots()
+        self.sync = self.slots[0].buffer
+        self.mmio_window: tuple[int, int] | None = None
+        self.failure: Exception | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
+
+    def _add_slots(self) -> int:
+        """Add every test slot, returning the time it took in ns (upstream's slot setup)."""
+        started = time.monotonic_ns()
+        for index in range(self.layout.nslots):
+            size = self.layout.slot_pages(index) * PAGE_SIZE
+            gpa = self.layout.slot_gpa(index)
+            self.slots.append(self.vm.add_memslot(self.layout.slot_id(index), gpa, size))
+        elapsed = time.monotonic_ns() - started
+        self.layout.set_hvas([memory.hva for memory in self.slots])
+        return elapsed
+
+    # -- the vCPU thread ---------------------------------------------------------
+    def launch(self) -> None:
+        """Start the vCPU and wait for the guest's first sync (it is then spinning)."""
+        self._thread.start()
+        if not self._ready.wait(self.sync_timeout_s) or self.failure:
+            raise self.failure or GuestFailure(f"guest did not start within {self.sync_timeout_s} s")
+
+    def _vcpu_loop(self) -> None:
+        try:
+            while self._handle(self.vcpu.run()):
+                pass
+        except Exception as err:  # reported to the main thread, which raises it
+            self.failure = err
+        finally:
+            self._ready.set()
+
+    def _handle(self, reason: int) -> bool:
+        """React to one exit; False once the guest is done."""
+        if reason == KVM_EXIT_IO:
+            ucall = read_ucall(self.vcpu)
+            if ucall is None:
+                raise GuestFailure(f"unexpected port I/O {self.vcpu.io()}")
+            command, argument = ucall
+            if command == UCALL_SYNC:
+                self._ready.set()
+                return True
+            if command == UCALL_DONE:
+                return False
+            if command == UCALL_ABORT:
+                raise GuestFailure(f"guest found a wrong value: {argument:#x}")
+            raise GuestFailure(f"unknown ucall {command}")
+        if reason == KVM_EXIT_MMIO:
+            self._check_mmio()
+            return True
+        raise GuestFailure(f"unexpected exit {self.vcpu.exit_reason_name}")
+
+    def _check_mmio(self) -> None:
+        access = self.vcpu.mmio()
+        window = self.mmio_window
+        if window is None or not access.is_write or access.length != 8:
+            raise GuestFailure(f"unexpected MMIO {access}")
+        if not window[0] <= access.phys_addr <= window[1]:
+            raise GuestFailure(f"MMIO at {access.phys_addr:#x} outside {window[0]:#x}-{window[1]:#x}")
+
+    def check(self) -> None:
+        """Raise in the main thread what went wrong in the vCPU thread."""
+        if self.failure is not None:
+            raise self.failure
+
+    # -- host side of the handshake ---------------------------------------------
+    def let_guest_run(self) -> None:
+        self.sync[START_FLAG] = 1
+
+    def host_sync(self) -> None:
+        """Raise the sync flag and spin until the guest takes it (upstream's host_perform_sync,
+        with a deadline that is an option instead of a hard-coded 2 s alarm)."""
+        sync = self.sync
+        sync[SYNC_FLAG] = 1
+        deadline = time.monotonic() + self.sync_timeout_s
+        while sync[SYNC_FLAG]:
+            if self.failure is not None:
+                raise self.failure
+            if time.monotonic() > deadline:
+                raise GuestFailure(f"guest did not sync within {self.sync_timeout_s} s")
+
+    def stop(self) -> None:
+        """Tell the guest to exit and wait for its vCPU thread."""
+        self.sync[EXIT_FLAG] = 1
+        if self._thread.is_alive():
+            self._thread.join(self.sync_timeout_s)
+            if self._thread.is_alive():
+                raise GuestFailure(f"guest did not exit within {self.sync_timeout_s} s")
+        self.check()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.sync[EXIT_FLAG] = 1
+            self._thread.join(self.sync_timeout_s)
+        self.vm.close()
+
+    # -- guest memory, by guest physical address ----------------------------------
+    def _where(self, gpa: int) -> tuple[mmap.mmap, int]:
+        index, offset = self.layout.locate(gpa)
+        return self.slots[index].buffer, offset
+
+    def read_qword(self, gpa: int) -> int:
+        buffer, offset = self._where(gpa)
+        return QWORD.unpack_from(buffer, offset)[0]
+
+    def write_qword(self, gpa: int, value: int) -> None:
+        buffer, offset = self._where(gpa)
+        QWORD.pack_into(buffer, offset, value)
+
+    def set_move_area(self, gpa: int) -> None:
+        QWORD.pack_into(self.sync, MOVE_AREA_PTR, gpa)
+
+    def unmap(self, gpa: int, npages: int) -> None:
+        """madvise(MADV_DONTNEED) ``npages`` guest pages from ``gpa``, slot by slot."""
+        done = 0
+        while done < npages:
+            left = self.layout.pages_left_in_slot(gpa)
+            count = min(left, npages - done)
+            buffer, offset = self._where(gpa)
+            buffer.madvise(mmap.MADV_DONTNEED, offset, count * PAGE_SIZE)
+            done += count
+            gpa += count * PAGE_SIZE
+
+    def move_slot(self, index: int, gpa: int) -> None:
+        """Move test slot ``index`` to ``gpa`` (KVM_SET_USER_MEMORY_REGION, same memory)."""
+        memory = self.slots[index]
+        self.vm.set_memslot(self.layout.slot_id(index), gpa, memory.size, memory.hva)
