@@ -261,17 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kvm = KvmSystem(options.device)
     except OSError as err:
-        for test in tests:
-            ktap.skip(test.name, f"{options.device} unavailable: {err.strerror}")
-        return _finish(ktap, record, options)
+        return _skip_all(tests, f"{options.device} unavailable: {err.strerror}", ktap, record, options)
     with kvm:
         limit = kvm.check_extension(KVM_CAP_NR_MEMSLOTS)
         record["nr_memslots"] = limit
         ktap.diag(f"KVM_CAP_NR_MEMSLOTS: {limit}")
         if options.slots > limit:
-            for test in tests:
-                ktap.skip(test.name, f"slot cap {options.slots} is above this kernel's limit of {limit} memslots")
-            return _finish(ktap, record, options)
+            reason = f"slot cap {options.slots} is above this kernel's limit of {limit} memslots"
+            return _skip_all(tests, reason, ktap, record, options)
         nslots = limit if options.slots == -1 else options.slots
         best_setup: RunResult | None = None
         for test in tests:
@@ -316,6 +313,13 @@ def _run_test(kvm, test: Test, nslots: int, options, ktap: KtapWriter, record: d
     ktap.ok(test.name)
     record["tests"].append({"test": test.name, "result": "pass", "slots": nslots})
     return best_setup
+
+
+def _skip_all(tests: list[Test], reason: str, ktap: KtapWriter, record: dict, options) -> int:
+    for test in tests:
+        ktap.skip(test.name, reason)
+        record["tests"].append({"test": test.name, "result": "skip", "reason": reason})
+    return _finish(ktap, record, options)
 
 
 def _finish(ktap: KtapWriter, record: dict, options) -> int:
