@@ -53,6 +53,13 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _existing(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        if not path.exists():
+            raise KvmlabError(f"--add: {path} does not exist")
+    return paths
+
+
 def _run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
@@ -61,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     options = runner.RunOptions(
         argv=command, timeout_s=args.timeout, cpus=args.cpus, memory_mb=args.memory,
         accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
-        append=args.append, recipe=args.recipe,
+        append=args.append, recipe=args.recipe, added=_existing(args.add),
     )
     result = runner.run(kernel, options)
     if result.message:
@@ -126,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--append", default="", help="extra kernel command-line arguments")
     run.add_argument("--recipe", default=image.DEFAULT_RECIPE, help="guest image recipe")
+    run.add_argument("--add", type=Path, action="append", default=[], metavar="PATH",
+                     help="copy a host file or directory into the guest's /opt/kvmlab/add/")
     run.set_defaults(command=[])
     run.set_defaults(func=_run)
 

@@ -15,9 +15,16 @@ INIT = REPO / "vm-images" / "init.py"
 GUEST_PACKAGES = ("kselftest_py",)
 
 
+ADDED = "/opt/kvmlab/add"
+
+
 def build(run_dir: Path, argv: list[str], env: dict[str, str], modules: list[str],
-          keep: bool) -> Path:
-    """Write ``run_dir/layer.cpio`` holding /kvmlab/init, /kvmlab/job.json, /opt/kvmlab/."""
+          keep: bool, added: list[Path] = ()) -> Path:
+    """Write ``run_dir/layer.cpio`` holding /kvmlab/init, /kvmlab/job.json, /opt/kvmlab/.
+
+    ``added`` files or directories land in /opt/kvmlab/add/ under their own names
+    (e.g. a test binary built on the host).
+    """
     tree = run_dir / "layer"
     (tree / "kvmlab").mkdir(parents=True)
     shutil.copy(INIT, tree / "kvmlab" / "init")
@@ -29,6 +36,13 @@ def build(run_dir: Path, argv: list[str], env: dict[str, str], modules: list[str
             REPO / package, tree / "opt" / "kvmlab" / package,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
+    for path in added:
+        target = tree / ADDED.lstrip("/") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copy2(path, target)
     out = run_dir / "layer.cpio"
     initramfs.from_tree(tree, out)
     shutil.rmtree(tree)

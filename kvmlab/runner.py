@@ -41,6 +41,7 @@ class RunOptions:
     append: str = ""
     recipe: str = image.DEFAULT_RECIPE
     stream: bool = True
+    added: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -81,7 +82,8 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
-    parts.append(layer.build(run_dir, options.argv, options.env, recipe.modules, options.keep))
+    parts.append(layer.build(run_dir, options.argv, options.env, recipe.modules, options.keep,
+                             options.added))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
     chosen = accel_mod.choose(options.accel)

@@ -61,3 +61,16 @@ def test_wrong_guest_value_fails_verification(tmp_path):
     assert "not ok 1 unmap" in checked.stdout
     assert "0x1122334455667777 vs 0x1122334455667788" in checked.stdout
     assert report["tests"][0]["result"] == "fail"
+
+
+@pytest.mark.parametrize("spec", ["debian:bullseye", "debian:bookworm"])
+def test_modification_stress(spec, tmp_path):
+    done = kvmlab("run", spec, "--timeout", "600", "--out", str(tmp_path), "--",
+                  "python3", "-m", "kselftest_py.memslot_stress", "-v", "2", "-b", "16", "-s", "40",
+                  "-i", "100", "--json", "/results/stress.json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "stress.json").read_text())
+    assert report["modifications"] == 100
+    assert report["slots"] == 40 and report["vcpus"] == 2
+    assert all(passes > 0 for passes in report["passes"])
+    assert report["pages_checked"] == 2 * 16 * 256

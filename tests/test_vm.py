@@ -157,3 +157,14 @@ def test_qemu_dies_with_an_interrupted_kvmlab(how):
     while qemu_pid in qemu_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pid not in qemu_pids()
+
+
+def test_added_files_reach_the_guest(tmp_path):
+    payload = tmp_path / "payload.sh"
+    payload.write_text("#!/bin/sh\necho added-file-ran\n")
+    payload.chmod(0o755)
+    done = kvmlab("run", "debian:bookworm", "--add", str(payload), "--", "/opt/kvmlab/add/payload.sh")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "added-file-ran"
+    missing = kvmlab("run", "debian:bookworm", "--add", str(tmp_path / "absent"), "--", "true")
+    assert missing.returncode == 2 and "absent does not exist" in missing.stderr
