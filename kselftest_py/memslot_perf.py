@@ -23,17 +23,26 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 from kselftest_py.ioctls import KVM_CAP_NR_MEMSLOTS
 from kselftest_py.ktap import KtapWriter
 from kselftest_py.kvm import KVM_DEVICE, KvmSystem
 from kselftest_py.memslot_guests import (
-    MEM_GPA, TEST_GPA, VAL_1, VAL_2, GuestParams, map_guest, move_guest, rw_guest, unmap_guest,
+    MEM_GPA,
+    TEST_GPA,
+    VAL_1,
+    VAL_2,
+    GuestParams,
+    map_guest,
+    move_guest,
+    rw_guest,
+    unmap_guest,
 )
 from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
 from kselftest_py.memslot_vm import GuestFailure, TestVm
+from kselftest_py.watchdog import Watchdog
 
 MIB = 1 << 20
 
@@ -284,7 +293,9 @@ def _run_test(kvm, test: Test, nslots: int, options, ktap: KtapWriter, record: d
     best: RunResult | None = None
     for run in range(options.runs):
         try:
-            result = run_once(kvm, test, nslots, options, run)
+            limit = options.seconds + 4 * options.sync_timeout
+            with Watchdog(limit, f"{test.name} run {run}"):
+                result = run_once(kvm, test, nslots, options, run)
         except TooManySlots as err:
             reason = str(err) if err.maximum else "Memslot count may be too high for this test"
             ktap.skip(test.name, reason)

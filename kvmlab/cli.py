@@ -149,6 +149,9 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C must always reach us, even when started with SIGINT ignored (a background
+    # job of a non-interactive shell): it is what kills QEMU and cleans up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:] if argv is None else argv
     command: list[str] = []

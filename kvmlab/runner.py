@@ -109,7 +109,11 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     followers = _follow_streams(run_dir, options.stream)
     kept = False
     try:
-        status = _wait(process, run_dir, started, options)
+        try:
+            status = _wait(process, run_dir, started, options)
+        except KeyboardInterrupt:
+            runs.record(run_dir, state="interrupted")
+            raise
         kept = options.keep and status.exit_code is not None
         if status.exit_code is not None and not kept:
             _wait_for_exit(process, POWEROFF_GRACE_S)

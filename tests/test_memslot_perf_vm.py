@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import kvmlab
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]

@@ -12,11 +12,19 @@ import tempfile
 import pytest
 
 from kselftest_py import memslot_guests as guests
+from kselftest_py.ioctls import KvmSregs
 from kselftest_py.x86_asm import R8, R9, R10, R11, R14, RAX, RBP, RBX, RCX, RDX, RSI, RSP, Assembler
 from kselftest_py.x86_guest import (
-    CODE_GPA, GDT_GPA, PAGE_HUGE, PD_GPA, PDPT_GPA, PML4_GPA, gdt, long_mode_sregs, page_tables,
+    CODE_GPA,
+    GDT_GPA,
+    PAGE_HUGE,
+    PD_GPA,
+    PDPT_GPA,
+    PML4_GPA,
+    gdt,
+    long_mode_sregs,
+    page_tables,
 )
-from kselftest_py.ioctls import KvmSregs
 
 needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="binutils' objdump not installed")
 
