@@ -32,7 +32,8 @@ def per_iteration_ns(vm: TestVm, sizes: Sizes) -> float:
 
 def measure(kvm: KvmSystem, slots: int) -> dict:
     sizes = Sizes()
-    vm = TestVm(kvm, move_guest(GuestParams(move_size=sizes.move_size)), sizes.mem_size // 4096, slots - 1, 60)
+    code = move_guest(GuestParams(move_size=sizes.move_size))
+    vm = TestVm(kvm, code, sizes.mem_size // 4096, slots - 1, sync_timeout_s=60)
     try:
         move_active_prepare(vm, sizes)
         real = per_iteration_ns(vm, sizes)

@@ -24,7 +24,9 @@ def guest_job(slots: list[int], seconds: int) -> str:
         f"python3 -m kselftest_py.memslot_perf -f 3 -e 4 -s {n} -l {seconds} --json /results/perf-{n}.json"
         for n in slots
     )
-    return f"{perf} && python3 /opt/kvmlab/add/guest_python_cost.py --json /results/cost.json {' '.join(map(str, slots))}"
+    counts = " ".join(map(str, slots))
+    cost = f"python3 /opt/kvmlab/add/guest_python_cost.py --json /results/cost.json {counts}"
+    return f"{perf} && {cost}"
 
 
 def run_kernel(spec: str, seconds: int) -> list[dict]:

@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         for test in tests:
             best_setup = _run_test(kvm, test, nslots, options, ktap, record, best_setup)
         if best_setup is not None:
-            ktap.diag(f"Best slot setup time for the whole test area was {_seconds(best_setup.slot_setup_ns)}")
+            best = _seconds(best_setup.slot_setup_ns)
+            ktap.diag(f"Best slot setup time for the whole test area was {best}")
     return _finish(ktap, record, options)
 
 

@@ -136,7 +136,9 @@ def verify(layout: SlotLayout, slots, workers: list[VcpuWorker], per_vcpu_pages:
             slot, offset = layout.locate(gpa)
             value = QWORD.unpack_from(slots[slot].buffer, offset)[0]
             if not 1 <= value <= worker.passes + 1:
-                raise RuntimeError(f"page at gpa {gpa:#x} holds {value}, vCPU {index} reported {worker.passes} passes")
+                raise RuntimeError(
+                    f"page at gpa {gpa:#x} holds {value}, vCPU {index} reported {worker.passes} passes"
+                )
             checked += 1
     return checked
 

@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def kvmlab(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def kvmlab(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the installed ``kvmlab`` CLI exactly as a user would, capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", "kvmlab.cli", *args], cwd=REPO, capture_output=True, text=True,

@@ -1,6 +1,6 @@
 from kvmlab.console import find_splats, worst
 
-BOOT = """[    0.6] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc for mitigation options.
+BOOT = """[    0.6] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/srso.html for more.
 [    1.2] mtrr: your CPUs had inconsistent fixed MTRR settings
 kvmlab-init: userspace reached
 """

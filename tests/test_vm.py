@@ -30,7 +30,8 @@ def test_uname_in_guest(spec):
 @pytest.mark.parametrize("spec", EXPECTED)
 def test_kvm_smoke_in_guest(spec, tmp_path):
     done = kvmlab("run", spec, "--timeout", "300", "--out", str(tmp_path), "--",
-                  "sh", "-c", 'ls -l /dev/kvm && python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"')
+                  "sh", "-c",
+                  'ls -l /dev/kvm && python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"')
     assert done.returncode == 0, done.stdout + done.stderr
     assert "/dev/kvm" in done.stdout
     report = json.loads((tmp_path / "smoke.json").read_text())
