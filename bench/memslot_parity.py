@@ -30,8 +30,23 @@ DONE = re.compile(r"Done (\d+) iterations, avg (\d+\.\d+)s each")
 MARK = re.compile(r"^=== (\S+) slots=(\d+) test=(\d+) run=(\d+)$")
 
 
+#: A guest shell function: run a command, and if it is still going after a deadline,
+#: print every thread's kernel stack (where it is stuck) and kill it.
+WITH_DEADLINE = """with_deadline() {
+  limit=$1; shift
+  "$@" & pid=$!
+  ( sleep "$limit"; if kill -0 $pid 2>/dev/null; then
+      echo "HUNG after ${limit}s: $*"
+      for t in /proc/$pid/task/*; do echo "  thread $(cat $t/comm):"; sed 's/^/    /' $t/stack; done
+      kill -9 $pid; fi ) & watcher=$!
+  wait $pid; kill $watcher 2>/dev/null; wait $watcher 2>/dev/null
+}"""
+HUNG = re.compile(r"^HUNG after")
+
+
 def guest_job(runs: int, seconds: int) -> str:
-    lines = []
+    lines = [WITH_DEADLINE]
+    deadline = 20 * seconds + 60
     for slots in SLOTS:
         for test in TESTS:
             for run in range(runs):
@@ -40,7 +55,8 @@ def guest_job(runs: int, seconds: int) -> str:
                     ("python", "python3 -m kselftest_py.memslot_perf"),
                 ):
                     lines.append(f"echo '=== {impl} slots={slots} test={test} run={run}'")
-                    lines.append(f"{command} -s {slots} -f {test} -e {test} -l {seconds} 2>&1 || true")
+                    lines.append(f"with_deadline {deadline} {command} -s {slots} -f {test} -e {test} "
+                                 f"-l {seconds} 2>&1 || true")
     return "\n".join(lines)
 
 
@@ -56,6 +72,11 @@ def parse(output: str) -> list[dict]:
             current["slot_setup_s"] = float(took[1])
         elif current and (done := DONE.search(line)):
             current["iterations"], current["iteration_s"] = int(done[1]), float(done[2])
+        elif current and HUNG.match(line):
+            current["hung"] = True
+            current.setdefault("stacks", [])
+        elif current and current.get("hung") and line.startswith("    "):
+            current["stacks"].append(line.strip())
     return records
 
 
@@ -98,6 +119,9 @@ def main() -> int:
         return 1
     records = parse(done.stdout)
     rows = compare(records)
+    for hung in (r for r in records if r.get("hung")):
+        print(f"HUNG: {hung['impl']} {hung['test']} at {hung['slots']} slots, run {hung['run']}; "
+              f"kernel stack: {' <- '.join(hung['stacks'][:6])}")
     print(f"kernel {args.kernel}, {args.runs} interleaved runs of {args.seconds} s, medians")
     print("| slots | measure | upstream (C) | kselftest_py | Python / C |")
     print("|---|---|---|---|---|")

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from kselftest_py.ioctls import KVM_CAP_NR_MEMSLOTS
 from kselftest_py.ktap import KtapWriter
@@ -41,7 +42,7 @@ from kselftest_py.memslot_guests import (
     unmap_guest,
 )
 from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
-from kselftest_py.memslot_vm import GuestFailure, TestVm
+from kselftest_py.memslot_vm import GuestFailure, TestVm, run_unmap_plan
 from kselftest_py.watchdog import Watchdog
 
 MIB = 1 << 20
@@ -68,11 +69,18 @@ class VerifyFailed(Exception):
 
 @dataclass
 class Test:
+    """One of upstream's tests: its memory, guest program and host loop.
+
+    ``prepare`` runs once per VM before the guest starts and returns what the loop
+    needs every iteration (prepared memslot updates, unmap plans), so that the timed
+    loop does the memslot work and little else.
+    """
+
     name: str
     pages: Callable[[Sizes], int]
     guest: Callable[[GuestParams], bytes]
-    loop: Callable[[TestVm, Sizes, bool], None]
-    prepare: Callable[[TestVm, Sizes], None] | None = None
+    loop: Callable[[TestVm, Sizes, bool, Any], None]
+    prepare: Callable[[TestVm, Sizes], Any] = lambda vm, sizes: None
     whole_area: bool = False  # upstream ranks slot setup time only for these
 
 
@@ -90,62 +98,75 @@ def _check(vm: TestVm, gpa: int, expected: int, verify: bool) -> None:
     vm.write_qword(gpa, 0)
 
 
-def map_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+def map_prepare(vm: TestVm, sizes: Sizes) -> tuple:
     half_pages = sizes.map_size // PAGE_SIZE // 2
     second_half = TEST_GPA + half_pages * PAGE_SIZE
-    vm.unmap(second_half, half_pages)
+    return (vm.unmap_plan(TEST_GPA, half_pages, half_pages),
+            vm.unmap_plan(second_half, half_pages, half_pages))
+
+
+def map_loop(vm: TestVm, sizes: Sizes, verify: bool, plans: tuple) -> None:
+    """Unmap one half while the guest maps (writes) the other, then swap."""
+    first_half, second_half = plans
+    middle = TEST_GPA + sizes.map_size // 2
+    run_unmap_plan(second_half)
     vm.host_sync()
     _check(vm, TEST_GPA, VAL_1, verify)
-    _check(vm, second_half - PAGE_SIZE, VAL_1, verify)
-    vm.unmap(TEST_GPA, half_pages)
+    _check(vm, middle - PAGE_SIZE, VAL_1, verify)
+    run_unmap_plan(first_half)
     vm.host_sync()
-    _check(vm, second_half, VAL_2, verify)
+    _check(vm, middle, VAL_2, verify)
     _check(vm, TEST_GPA + sizes.map_size - PAGE_SIZE, VAL_2, verify)
 
 
-def _unmap_loop(vm: TestVm, sizes: Sizes, verify: bool, chunk: int) -> None:
+def _unmap_prepare(vm: TestVm, sizes: Sizes, chunk: int) -> tuple:
     half_pages = sizes.unmap_size // PAGE_SIZE // 2
-    for half, expected in ((0, VAL_1), (1, VAL_2)):
-        start = TEST_GPA + half * half_pages * PAGE_SIZE
+    second_half = TEST_GPA + half_pages * PAGE_SIZE
+    return (vm.unmap_plan(TEST_GPA, half_pages, chunk), vm.unmap_plan(second_half, half_pages, chunk))
+
+
+def unmap_loop(vm: TestVm, sizes: Sizes, verify: bool, plans: tuple) -> None:
+    """Wait for the guest's touch of one half, unmap that half page by page (or by
+    chunk), and likewise for the other half."""
+    starts = (TEST_GPA, TEST_GPA + sizes.unmap_size // 2)
+    for plan, start, expected in zip(plans, starts, (VAL_1, VAL_2), strict=True):
         vm.host_sync()
         _check(vm, start, expected, verify)
-        for page in range(0, half_pages, chunk):
-            vm.unmap(start + page * PAGE_SIZE, min(chunk, half_pages - page))
-
-
-def unmap_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
-    _unmap_loop(vm, sizes, verify, 1)
-
-
-def unmap_chunked_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
-    _unmap_loop(vm, sizes, verify, sizes.unmap_chunk_pages)
+        run_unmap_plan(plan)
 
 
 def _last_slot(vm: TestVm) -> int:
     return vm.layout.nslots - 1
 
 
-def move_active_prepare(vm: TestVm, sizes: Sizes) -> None:
+def _move_updates(vm: TestVm, sizes: Sizes) -> tuple:
+    return vm.move_updates(_last_slot(vm), MEM_GPA + sizes.mem_size)
+
+
+def move_active_prepare(vm: TestVm, sizes: Sizes) -> tuple:
     """Half the move area in the last slot (which moves away), half in the one before."""
     source = vm.layout.slot_gpa(_last_slot(vm))
     if vm.layout.pages_left_in_slot(source) < sizes.move_size_pages // 2:
         raise TooManySlots(vm.layout.nslots, 0)
     vm.set_move_area(source - sizes.move_size // 2)
     vm.mmio_window = (source, source + sizes.move_size // 2 - 1)
+    return _move_updates(vm, sizes)
 
 
-def move_inactive_prepare(vm: TestVm, sizes: Sizes) -> None:
+def move_inactive_prepare(vm: TestVm, sizes: Sizes) -> tuple:
     """The move area entirely below the slot that moves."""
     vm.set_move_area(vm.layout.slot_gpa(_last_slot(vm)) - sizes.move_size)
+    return _move_updates(vm, sizes)
 
 
-def move_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
-    last = _last_slot(vm)
-    vm.move_slot(last, MEM_GPA + sizes.mem_size)
-    vm.move_slot(last, vm.layout.slot_gpa(last))
+def move_loop(vm: TestVm, sizes: Sizes, verify: bool, updates: tuple) -> None:
+    """Move the last slot past the end of the test memory and back."""
+    away, home = updates
+    away.apply()
+    home.apply()
 
 
-def rw_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
+def rw_loop(vm: TestVm, sizes: Sizes, verify: bool, state: None) -> None:
     end = TEST_GPA + sizes.mem_size - PAGE_SIZE
     for gpa in range(TEST_GPA + PAGE_SIZE // 2, end, PAGE_SIZE):
         vm.write_qword(gpa, VAL_2)
@@ -158,10 +179,15 @@ def rw_loop(vm: TestVm, sizes: Sizes, verify: bool) -> None:
     vm.host_sync()
 
 
+def _unmap_pages(sizes: Sizes) -> int:
+    return sizes.unmap_size // PAGE_SIZE + 1
+
+
 TESTS = [
-    Test("map", lambda s: s.map_size // PAGE_SIZE + 1, map_guest, map_loop),
-    Test("unmap", lambda s: s.unmap_size // PAGE_SIZE + 1, unmap_guest, unmap_loop),
-    Test("unmap chunked", lambda s: s.unmap_size // PAGE_SIZE + 1, unmap_guest, unmap_chunked_loop),
+    Test("map", lambda s: s.map_size // PAGE_SIZE + 1, map_guest, map_loop, map_prepare),
+    Test("unmap", _unmap_pages, unmap_guest, unmap_loop, lambda vm, s: _unmap_prepare(vm, s, 1)),
+    Test("unmap chunked", _unmap_pages, unmap_guest, unmap_loop,
+         lambda vm, s: _unmap_prepare(vm, s, s.unmap_chunk_pages)),
     Test("move active area", lambda s: s.mem_size // PAGE_SIZE, move_guest, move_loop,
          move_active_prepare, whole_area=True),
     Test("move inactive area", lambda s: s.mem_size // PAGE_SIZE, move_guest, move_loop,
@@ -194,8 +220,7 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
     )
     vm = TestVm(kvm, test.guest(params), test.pages(sizes), nslots - 1, options.sync_timeout)
     try:
-        if test.prepare:
-            test.prepare(vm, sizes)
+        state = test.prepare(vm, sizes)
         vm.launch()
         iterations = 0
         started = time.monotonic_ns()
@@ -205,7 +230,7 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
             runtime = time.monotonic_ns() - started
             if runtime >= limit_ns:
                 break
-            test.loop(vm, sizes, options.verify)
+            test.loop(vm, sizes, options.verify, state)
             vm.check()
             iterations += 1
         vm.stop()

@@ -151,18 +151,37 @@ class TestVm:
     def set_move_area(self, gpa: int) -> None:
         QWORD.pack_into(self.sync, MOVE_AREA_PTR, gpa)
 
+    def unmap_plan(self, gpa: int, npages: int, chunk: int) -> list[tuple]:
+        """The madvise(MADV_DONTNEED) calls that unmap ``npages`` from ``gpa`` ``chunk``
+        pages at a time (split where a chunk crosses a slot), as (method, offset, length).
+
+        Upstream works out each hva as it goes, which costs C nothing; in Python the
+        arithmetic would cost more than the unmap, so the plan is made once per test.
+        """
+        plan = []
+        for first in range(0, npages, chunk):
+            page, end = first, min(first + chunk, npages)
+            while page < end:
+                at = gpa + page * PAGE_SIZE
+                count = min(self.layout.pages_left_in_slot(at), end - page)
+                buffer, offset = self._where(at)
+                plan.append((buffer.madvise, offset, count * PAGE_SIZE))
+                page += count
+        return plan
+
     def unmap(self, gpa: int, npages: int) -> None:
         """madvise(MADV_DONTNEED) ``npages`` guest pages from ``gpa``, slot by slot."""
-        done = 0
-        while done < npages:
-            left = self.layout.pages_left_in_slot(gpa)
-            count = min(left, npages - done)
-            buffer, offset = self._where(gpa)
-            buffer.madvise(mmap.MADV_DONTNEED, offset, count * PAGE_SIZE)
-            done += count
-            gpa += count * PAGE_SIZE
+        run_unmap_plan(self.unmap_plan(gpa, npages, npages))
 
-    def move_slot(self, index: int, gpa: int) -> None:
-        """Move test slot ``index`` to ``gpa`` (KVM_SET_USER_MEMORY_REGION, same memory)."""
-        memory = self.slots[index]
-        self.vm.set_memslot(self.layout.slot_id(index), gpa, memory.size, memory.hva)
+    def move_updates(self, index: int, gpa: int) -> tuple:
+        """Prepared updates moving test slot ``index`` to ``gpa`` and back (same memory)."""
+        memory, slot = self.slots[index], self.layout.slot_id(index)
+        home = self.layout.slot_gpa(index)
+        return (self.vm.memslot_update(slot, gpa, memory.size, memory.hva),
+                self.vm.memslot_update(slot, home, memory.size, memory.hva))
+
+
+def run_unmap_plan(plan: list[tuple]) -> None:
+    dontneed = mmap.MADV_DONTNEED
+    for madvise, offset, length in plan:
+        madvise(dontneed, offset, length)
