@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         raise KvmlabError("kvmlab run: no command given; usage: kvmlab run KERNEL -- CMD ARGS...")
     kernel = kernels.fetch(args.kernel)
     options = runner.RunOptions(
-        argv=command, timeout_s=args.timeout, cpus=args.cpus, memory_mb=args.memory,
+        argv=command, timeout_s=args.timeout, stall_s=args.stall_timeout,
+        cpus=args.cpus, memory_mb=args.memory,
         accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
         append=args.append, recipe=args.recipe, added=_existing(args.add),
     )
@@ -124,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
                          usage="kvmlab run KERNEL [options] -- CMD [ARGS...]")
     run.add_argument("kernel", help=kernels.SPEC_HELP)
     run.add_argument("--timeout", type=float, default=600.0, help="seconds before a hang is declared (600)")
+    run.add_argument("--stall-timeout", type=float, default=90.0,
+                     help="seconds without the guest's heartbeat before a hang is declared (90; 0: off)")
     run.add_argument("--cpus", type=int, default=2, help="guest vCPUs (2)")
     run.add_argument("--memory", type=int, default=4096, help="guest memory in MiB (4096)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None,

@@ -32,6 +32,8 @@ POWEROFF_GRACE_S = 15.0
 class RunOptions:
     argv: list[str]
     timeout_s: float = 600.0
+    stall_s: float = 90.0
+    """A guest whose init sends no heartbeat for this long is declared hung (0: never)."""
     cpus: int = 2
     memory_mb: int = 4096
     accel: str | None = None
@@ -125,7 +127,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
         # QEMU loaded these at start; the image and modules stay cached elsewhere.
         for archive in (machine.initrd, run_dir / "layer.cpio"):
             archive.unlink(missing_ok=True)
-    result = _judge(status, run_dir, started, kept, machine, options.timeout_s)
+    result = _judge(status, run_dir, started, kept, machine, options.timeout_s, options.stall_s)
     _collect_results(run_dir, options.out, log)
     runs.record(run_dir, state=result.outcome, exit_code=result.exit_code,
                 job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
@@ -152,7 +154,9 @@ class _Status:
     exit_code: int | None = None
     userspace_at: float | None = None
     ready_at: float | None = None
+    last_beat: float | None = None
     timed_out: bool = False
+    stalled: bool = False
     init_error: str | None = None
 
 
@@ -179,6 +183,10 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
         if time.monotonic() > deadline:
             status.timed_out = True
             return status
+        if options.stall_s and status.last_beat is not None and \
+                time.monotonic() - started - status.last_beat > options.stall_s:
+            status.timed_out = status.stalled = True
+            return status
         time.sleep(0.05)
 
 
@@ -194,8 +202,10 @@ def _apply_event(status: _Status, line: str, started: float) -> None:
         event = json.loads(line)
     except json.JSONDecodeError:
         return
+    if event.get("event") in ("ready", "heartbeat"):
+        status.last_beat = time.monotonic() - started
     if event.get("event") == "ready":
-        status.ready_at = time.monotonic() - started
+        status.ready_at = status.last_beat
     elif event.get("event") == "exit":
         status.exit_code = int(event["code"])
 
@@ -214,7 +224,7 @@ def _kill(process: subprocess.Popen) -> None:
 
 
 def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
-           machine: qemu.Machine, timeout_s: float) -> RunResult:
+           machine: qemu.Machine, timeout_s: float, stall_s: float) -> RunResult:
     """Turn what was observed into an outcome, an exit code and one line to say."""
     text = machine.console_log.read_text(errors="replace") if machine.console_log.exists() else ""
     splats = console.find_splats(text)
@@ -228,6 +238,12 @@ def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
         if status.timed_out:
             result.outcome, result.exit_code = "hang", EXIT_HANG
         result.message = f"guest kernel reported a {worst.summary()}\n{worst.excerpt}"
+    elif status.stalled:
+        result.outcome, result.exit_code = "hang", EXIT_HANG
+        result.message = (
+            f"guest hang: the guest stopped responding (no heartbeat for {stall_s:g} s; its kernel "
+            f"is frozen or livelocked); console tail:\n{console.tail(text)}"
+        )
     elif status.timed_out:
         result.outcome, result.exit_code = "hang", EXIT_HANG
         result.message = (

@@ -1,6 +1,7 @@
 """memslot_perf inside the lab: every test, at the slot counts the issue names."""
 
 import json
+import warnings
 
 import pytest
 from conftest import kvmlab
@@ -10,10 +11,23 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 ALL_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactive area", "RW"]
 
 
+STALLED = "stopped responding"
+
+
 def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tuple[object, dict]:
-    done = kvmlab("run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
-                  "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
-                  timeout=timeout + 120)
+    """Run memslot_perf in the lab; one retry if the guest kernel livelocked.
+
+    Nested KVM under multi-threaded TCG occasionally freezes the whole L1 kernel (both
+    vCPUs spinning in __schedule, jiffies stopped; seen with upstream's C test too, see
+    the README). kvmlab reports that as a stalled guest; a second stall fails the test.
+    """
+    for attempt in (1, 2):
+        done = kvmlab("run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
+                      "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
+                      timeout=timeout + 120)
+        if not (done.returncode == 124 and STALLED in done.stderr and attempt == 1):
+            break
+        warnings.warn(f"guest kernel stalled under nested TCG, retrying once: {spec} {args}", stacklevel=2)
     path = tmp_path / "perf.json"
     return done, json.loads(path.read_text()) if path.exists() else {}
 

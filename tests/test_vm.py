@@ -169,3 +169,34 @@ def test_added_files_reach_the_guest(tmp_path):
     assert done.stdout.strip() == "added-file-ran"
     missing = kvmlab("run", "debian:bookworm", "--add", str(tmp_path / "absent"), "--", "true")
     assert missing.returncode == 2 and "absent does not exist" in missing.stderr
+
+
+def test_frozen_guest_is_a_hang_long_before_the_timeout():
+    """A guest whose kernel stops (here: paused over QMP) sends no heartbeat: hang in ~stall time."""
+    import sys
+    import time
+
+    from kvmlab import cache
+
+    runs = cache.area("runs")
+    before = {p.name for p in runs.iterdir()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmlab.cli", "run", "debian:bookworm", "--timeout", "600",
+         "--stall-timeout", "10", "--", "sleep", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    run_dir = None
+    while time.monotonic() < deadline:
+        new = [p for p in runs.iterdir() if p.name not in before]
+        if new and (new[0] / "status.jsonl").exists() and "ready" in (new[0] / "status.jsonl").read_text():
+            run_dir = new[0]
+            break
+        time.sleep(0.2)
+    assert run_dir is not None, "guest never became ready"
+    qmp.execute(run_dir / "qmp.sock", "stop")
+    paused = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 124, stderr
+    assert "stopped responding (no heartbeat for 10 s" in stderr
+    assert time.monotonic() - paused < 60

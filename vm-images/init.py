@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 JOB = "/kvmlab/job.json"
@@ -91,8 +92,32 @@ def open_ports(timeout: float = 20.0) -> dict[str, int]:
     raise RuntimeError(f"virtio-serial ports missing: {sorted(set(PORTS) - set(found))}")
 
 
+_STATUS_LOCK = threading.Lock()
+
+
 def status(ports: dict[str, int], **record) -> None:
-    os.write(ports["kvmlab.status"], (json.dumps(record) + "\n").encode())
+    """One JSON line on the status port; whole lines only, whichever thread writes."""
+    line = (json.dumps(record) + "\n").encode()
+    with _STATUS_LOCK:
+        os.write(ports["kvmlab.status"], line)
+
+
+HEARTBEAT_S = 2.0
+
+
+def heartbeat(ports: dict[str, int]) -> None:
+    """Tell the host every few seconds that the guest kernel still schedules us.
+
+    A guest kernel that livelocks stops its clock and everything else; the host
+    notices the silence long before the job's timeout.
+    """
+
+    def beat() -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            status(ports, event="heartbeat")
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def run_job(job: dict, ports: dict[str, int]) -> int:
@@ -152,6 +177,7 @@ def main() -> None:
     ports = open_ports()
     status(ports, event="ready", uptime=float(open("/proc/uptime").read().split()[0]),
            failed_modules=failed)
+    heartbeat(ports)
     code = run_job(job, ports)
     send_results(ports)
     status(ports, event="exit", code=code, keep=bool(job.get("keep")))
