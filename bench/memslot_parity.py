@@ -114,9 +114,9 @@ def main() -> int:
              "--add", str(binary), "--", "sh", "-c", guest_job(args.runs, args.seconds)],
             capture_output=True, text=True, check=False,
         )
-    if done.returncode != 0:
-        print(done.stderr[-2000:], file=sys.stderr)
-        return 1
+    if done.returncode != 0:  # e.g. a stalled guest: report what finished before it
+        print(f"kvmlab run exited {done.returncode}; partial results:", file=sys.stderr)
+        print("\n".join(line for line in done.stderr.splitlines() if line.startswith("kvmlab:")), file=sys.stderr)
     records = parse(done.stdout)
     rows = compare(records)
     for hung in (r for r in records if r.get("hung")):
@@ -133,7 +133,7 @@ def main() -> int:
               f"{row['python_s'] * 1e3:.3f} ms | {row['ratio']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"kernel": args.kernel, "records": records, "rows": rows}, indent=2))
-    return 0
+    return 0 if done.returncode == 0 else 1
 
 
 if __name__ == "__main__":
