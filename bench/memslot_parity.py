@@ -116,7 +116,8 @@ def main() -> int:
         )
     if done.returncode != 0:  # e.g. a stalled guest: report what finished before it
         print(f"kvmlab run exited {done.returncode}; partial results:", file=sys.stderr)
-        print("\n".join(line for line in done.stderr.splitlines() if line.startswith("kvmlab:")), file=sys.stderr)
+        said = [line for line in done.stderr.splitlines() if line.startswith("kvmlab:")]
+        print("\n".join(said), file=sys.stderr)
     records = parse(done.stdout)
     rows = compare(records)
     for hung in (r for r in records if r.get("hung")):
