@@ -2,7 +2,8 @@
 
 Run as a drgn script::
 
-    drgn --qemu QMP_SOCKET --no-default-symbols -s vmlinux -s kvm.ko drgn_scripts/memslots.py [--pid P] [--json]
+    drgn --qemu QMP_SOCKET --no-default-symbols -s vmlinux -s kvm.ko \
+        drgn_scripts/memslots.py [--pid P] [--json]
     drgn -k drgn_scripts/memslots.py          # inside a guest
     drgn -c vmcore drgn_scripts/memslots.py
 
@@ -198,7 +199,8 @@ def _render_space(space: AddressSpace) -> list[str]:
         slots = sorted(array.memslots, key=lambda s: s.base_gfn)
     lines = [f"  address space {space.as_id}: {len(slots)} slots; {facts}"]
     if slots:
-        lines.append(f"    {'id':>6} {'base_gfn':>12} {'npages':>10} {'userspace_addr':>18} {'flags':>6} dirty-log")
+        header = f"{'id':>6} {'base_gfn':>12} {'npages':>10} {'userspace_addr':>18} {'flags':>6} dirty-log"
+        lines.append(f"    {header}")
     for slot in slots:
         lines.append(f"    {slot.id:>6} {slot.base_gfn:>#12x} {slot.npages:>10} {slot.userspace_addr:>#18x} "
                      f"{slot.flags:>#6x} {'on' if slot.dirty_logging else 'off'}")

@@ -75,16 +75,22 @@ def _sync_or_finish(asm: Assembler) -> None:
     asm.jcc("z", "done")
 
 
+def emit_page_loop(asm: Assembler, name: str, cursor: int, end: int, value: int) -> None:
+    """Store register ``value`` in the first qword of every page from ``cursor`` (a
+    register, advanced) up to register ``end``."""
+    asm.label(name)
+    asm.store(cursor, value)
+    asm.add_imm(cursor, PAGE_SIZE)
+    asm.cmp(cursor, end)
+    asm.jcc("b", name)
+
+
 def _write_pages(asm: Assembler, name: str, start: int, end: int, value: int) -> None:
     """Write ``value`` to the first qword of every page in [start, end)."""
     asm.mov_imm(RAX, start)
     asm.mov_imm(RCX, end)
     asm.mov_imm(RDX, value)
-    asm.label(name)
-    asm.store(RAX, RDX)
-    asm.add_imm(RAX, PAGE_SIZE)
-    asm.cmp(RAX, RCX)
-    asm.jcc("b", name)
+    emit_page_loop(asm, name, RAX, RCX, RDX)
 
 
 def _epilogue(asm: Assembler) -> bytes:
@@ -138,11 +144,7 @@ def move_guest(p: GuestParams) -> bytes:
     asm.mov(RCX, R11)
     asm.add_imm(RCX, p.move_size)
     asm.mov_imm(RDX, VAL_1)
-    asm.label("write")
-    asm.store(RAX, RDX)
-    asm.add_imm(RAX, PAGE_SIZE)
-    asm.cmp(RAX, RCX)
-    asm.jcc("b", "write")
+    emit_page_loop(asm, "write", RAX, RCX, RDX)
     asm.jmp("loop")
     return _epilogue(asm)
 

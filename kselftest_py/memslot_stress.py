@@ -25,7 +25,7 @@ import time
 from kselftest_py.ioctls import KVM_CAP_NR_MEMSLOTS, KVM_EXIT_IO
 from kselftest_py.ktap import KtapWriter
 from kselftest_py.kvm import KVM_DEVICE, KvmSystem
-from kselftest_py.memslot_guests import MEM_GPA
+from kselftest_py.memslot_guests import MEM_GPA, emit_page_loop
 from kselftest_py.memslot_layout import PAGE_SIZE, SlotLayout
 from kselftest_py.x86_asm import RAX, RCX, RDI, RSI, Assembler
 from kselftest_py.x86_guest import CODE_GPA, UCALL_SYNC, emit_ucall, install_system, read_ucall, start_vcpu
@@ -40,11 +40,7 @@ def guest_code() -> bytes:
     asm.mov_imm(RCX, 1)
     asm.label("pass")
     asm.mov(RAX, RDI)
-    asm.label("write")
-    asm.store(RAX, RCX)
-    asm.add_imm(RAX, PAGE_SIZE)
-    asm.cmp(RAX, RSI)
-    asm.jcc("b", "write")
+    emit_page_loop(asm, "write", RAX, RSI, RCX)
     emit_ucall(asm, UCALL_SYNC, RCX)  # clobbers rax, rbx, rdx only
     asm.add_imm(RCX, 1)
     asm.jmp("pass")

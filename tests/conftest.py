@@ -49,3 +49,16 @@ def no_leaked_qemu():
     mine = {p.name for p in runs.iterdir()} - before
     leaked = qemu_pids_of_runs(mine)
     assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"
+
+
+def built_tree(dest: Path, kernel, config: str | None = None) -> Path:
+    """A kernel tree laid out as after `make` (bzImage, .config, kernel.release), from a
+    real kernel's files; ``config`` replaces its .config text."""
+    import shutil
+
+    (dest / "arch/x86/boot").mkdir(parents=True)
+    (dest / "include/config").mkdir(parents=True)
+    shutil.copy(kernel.vmlinuz, dest / "arch/x86/boot/bzImage")
+    (dest / "include/config/kernel.release").write_text(kernel.release + "\n")
+    (dest / ".config").write_text(config if config is not None else kernel.config.read_text())
+    return dest

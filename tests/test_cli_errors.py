@@ -1,9 +1,7 @@
 """Bad input ends in one clear line and exit code 2, never a traceback."""
 
-import shutil
-
 import pytest
-from conftest import kvmlab
+from conftest import built_tree, kvmlab
 
 from kvmlab import debian, kernels
 from kvmlab.errors import KvmlabError
@@ -55,12 +53,7 @@ def test_unknown_local_tree(tmp_path):
 def test_kernel_without_kvm(tmp_path):
     """A real kernel whose config says KVM is off is refused before boot."""
     real = kernels.fetch("debian:bookworm")
-    tree = tmp_path / "tree"
-    (tree / "arch/x86/boot").mkdir(parents=True)
-    (tree / "include/config").mkdir(parents=True)
-    shutil.copy(real.vmlinuz, tree / "arch/x86/boot/bzImage")
-    (tree / "include/config/kernel.release").write_text(real.release + "\n")
     config = real.config.read_text().replace("CONFIG_KVM=m", "# CONFIG_KVM is not set")
-    (tree / ".config").write_text(config)
+    tree = built_tree(tmp_path / "tree", real, config)
     done = kvmlab("run", f"local:{tree}", "--", "true")
     assert_one_line_error(done, "has no KVM support")

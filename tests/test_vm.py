@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import kvmlab, qemu_pids
+from conftest import built_tree, kvmlab, qemu_pids
 
 from kvmlab import kernels, qmp
 
@@ -89,12 +89,7 @@ def test_keep_then_stop():
 def test_local_tree_with_modules_in_tree(tmp_path):
     """A kernel tree laid out as after `make`: bzImage, .config, .ko files in place."""
     real = kernels.fetch("debian:bookworm")
-    tree = tmp_path / "linux"
-    (tree / "arch/x86/boot").mkdir(parents=True)
-    (tree / "include/config").mkdir(parents=True)
-    shutil.copy(real.vmlinuz, tree / "arch/x86/boot/bzImage")
-    shutil.copy(real.config, tree / ".config")
-    (tree / "include/config/kernel.release").write_text(real.release + "\n")
+    tree = built_tree(tmp_path / "linux", real)
     modules = real.modules_root / "lib/modules" / real.release
     shutil.copytree(modules / "kernel", tree, dirs_exist_ok=True)
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
