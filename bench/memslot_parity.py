@@ -2,13 +2,14 @@
 
 Upstream's binary is built from Debian's linux-source-6.1 at run time
 (bench/upstream_selftests.py, cached, never committed) and both run in the same guest,
-interleaved run by run (upstream, Python, upstream, Python, ...) so drift hits both.
+interleaved run by run (upstream, Python, upstream, Python, ...) so drift hits both,
+one boot per slot count and test.
 Compared: per-iteration time of unmap, unmap chunked, move active area and move
 inactive area, and the slot setup time (of the whole-area tests), at 10 and 509 slots.
 Both print the same "Test took … for slot setup + …" and "Done N iterations, avg …"
 lines, so one parser reads both.
 
-    python bench/memslot_parity.py [--kernel debian:bookworm] [--runs 3] [--seconds 3] [--json FILE]
+    python bench/memslot_parity.py [--kernel debian:bookworm] [--runs 5] [--seconds 3] [--json FILE]
 """
 
 import argparse
@@ -44,20 +45,39 @@ WITH_DEADLINE = """with_deadline() {
 HUNG = re.compile(r"^HUNG after")
 
 
-def guest_job(runs: int, seconds: int) -> str:
+def guest_job(slots: int, test: int, runs: int, seconds: int) -> str:
+    """Shell for one boot: ``runs`` interleaved pairs of upstream and Python runs."""
     lines = [WITH_DEADLINE]
     deadline = 20 * seconds + 60
-    for slots in SLOTS:
-        for test in TESTS:
-            for run in range(runs):
-                for impl, command in (
-                    ("upstream", "/opt/kvmlab/add/memslot_perf_test"),
-                    ("python", "python3 -m kselftest_py.memslot_perf"),
-                ):
-                    lines.append(f"echo '=== {impl} slots={slots} test={test} run={run}'")
-                    lines.append(f"with_deadline {deadline} {command} -s {slots} -f {test} -e {test} "
-                                 f"-l {seconds} 2>&1 || true")
+    for run in range(runs):
+        for impl, command in (
+            ("upstream", "/opt/kvmlab/add/memslot_perf_test"),
+            ("python", "python3 -m kselftest_py.memslot_perf"),
+        ):
+            lines.append(f"echo '=== {impl} slots={slots} test={test} run={run}'")
+            lines.append(f"with_deadline {deadline} {command} -s {slots} -f {test} -e {test} "
+                         f"-l {seconds} 2>&1 || true")
     return "\n".join(lines)
+
+
+def run_block(kernel: str, binary: Path, slots: int, test: int, runs: int, seconds: int) -> list[dict]:
+    """One guest boot per (slots, test), so that a guest that livelocks (see the README)
+    costs one block, which is booted once more; finished runs of a stalled boot count."""
+    records: list[dict] = []
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as out:
+            done = subprocess.run(
+                [sys.executable, "-m", "kvmlab.cli", "run", kernel, "--timeout", "1800", "--out", out,
+                 "--add", str(binary), "--", "sh", "-c", guest_job(slots, test, runs, seconds)],
+                capture_output=True, text=True, check=False,
+            )
+        complete = [r for r in parse(done.stdout) if "iteration_s" in r or r.get("hung")]
+        records += complete
+        if done.returncode == 0:
+            break
+        print(f"slots {slots} test {TESTS[test]}: kvmlab run exited {done.returncode} after "
+              f"{len(complete)} runs (attempt {attempt})", file=sys.stderr)
+    return records
 
 
 def parse(output: str) -> list[dict]:
@@ -103,22 +123,13 @@ def compare(records: list[dict]) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", default="debian:bookworm")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     binary = upstream_selftests.build(("memslot_perf_test",))["memslot_perf_test"]
-    with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run(
-            [sys.executable, "-m", "kvmlab.cli", "run", args.kernel, "--timeout", "3600", "--out", out,
-             "--add", str(binary), "--", "sh", "-c", guest_job(args.runs, args.seconds)],
-            capture_output=True, text=True, check=False,
-        )
-    if done.returncode != 0:  # e.g. a stalled guest: report what finished before it
-        print(f"kvmlab run exited {done.returncode}; partial results:", file=sys.stderr)
-        said = [line for line in done.stderr.splitlines() if line.startswith("kvmlab:")]
-        print("\n".join(said), file=sys.stderr)
-    records = parse(done.stdout)
+    records = [record for slots in SLOTS for test in TESTS
+               for record in run_block(args.kernel, binary, slots, test, args.runs, args.seconds)]
     rows = compare(records)
     for hung in (r for r in records if r.get("hung")):
         print(f"HUNG: {hung['impl']} {hung['test']} at {hung['slots']} slots, run {hung['run']}; "
@@ -134,7 +145,7 @@ def main() -> int:
               f"{row['python_s'] * 1e3:.3f} ms | {row['ratio']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"kernel": args.kernel, "records": records, "rows": rows}, indent=2))
-    return 0 if done.returncode == 0 else 1
+    return 0
 
 
 if __name__ == "__main__":
