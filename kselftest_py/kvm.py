@@ -161,6 +161,11 @@ class GuestMemory:
         self.hva = ctypes.addressof(view)
         del view
 
+    def zero(self) -> None:
+        """Write zeroes over all of it, which makes the kernel allocate every page now
+        (as upstream's prepare_vm does with memset) rather than at the first touch."""
+        ctypes.memset(self.hva, 0, self.size)
+
     @property
     def buffer(self) -> mmap.mmap:
         """The mapping itself, for tests that poll or patch guest memory in place."""

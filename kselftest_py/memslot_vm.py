@@ -38,6 +38,8 @@ class TestVm:
         self.vcpu = start_vcpu(self.vm)
         self.slots: list[GuestMemory] = []
         self.slot_setup_ns = self._add_slots()
+        for memory in self.slots:  # untimed, as upstream's memset after its slot setup
+            memory.zero()
         self.sync = self.slots[0].buffer
         self.mmio_window: tuple[int, int] | None = None
         self.failure: Exception | None = None
