@@ -15,19 +15,21 @@ STALLED = "stopped responding"
 
 
 def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tuple[object, dict]:
-    """Run memslot_perf in the lab; one retry if the guest kernel livelocked.
+    """Run memslot_perf in the lab; up to two retries if the guest kernel livelocked.
 
     Nested KVM under multi-threaded TCG occasionally freezes the whole L1 kernel (both
     vCPUs spinning in __schedule, jiffies stopped; seen with upstream's C test too, see
-    the README). kvmlab reports that as a stalled guest; a second stall fails the test.
+    the README). kvmlab reports that as a stalled guest; a third stall fails the test.
     """
-    for attempt in (1, 2):
+    attempts = 3
+    for attempt in range(1, attempts + 1):
         done = kvmlab("run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
                       "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
                       timeout=timeout + 120)
-        if not (done.returncode == 124 and STALLED in done.stderr and attempt == 1):
+        if not (done.returncode == 124 and STALLED in done.stderr and attempt < attempts):
             break
-        warnings.warn(f"guest kernel stalled under nested TCG, retrying once: {spec} {args}", stacklevel=2)
+        warnings.warn(f"guest kernel stalled under nested TCG (attempt {attempt}), retrying: {spec} {args}",
+                      stacklevel=2)
     path = tmp_path / "perf.json"
     return done, json.loads(path.read_text()) if path.exists() else {}
 
