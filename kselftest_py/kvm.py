@@ -76,20 +76,18 @@ class KvmError(Exception):
         super().__init__(f"{ioctl}({arguments}) failed: {name}")
 
 
-def _ioctl(fd: int, request: int, arg=0, arguments="") -> int:
+def _ioctl(fd: int, request: int, arg=0, arguments: str = "") -> int:
     """Issue one ioctl; ``arg`` is an int or a mutable buffer (ctypes struct, bytearray).
 
     A mutable buffer is passed by address and updated in place, which is how the
     kernel writes _IOR structs back. fcntl.ioctl releases the GIL around the call.
-    ``arguments`` describes the call for the error message; it may be a callable so
-    that hot paths (memslot updates the tests time) build no string unless it fails.
+    ``arguments`` describes the call for the error message.
     """
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as err:
         name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
-        described = arguments() if callable(arguments) else arguments
-        raise KvmError(name, described, err.errno) from err
+        raise KvmError(name, arguments, err.errno) from err
 
 
 class _FdOwner:

@@ -171,10 +171,6 @@ class TestVm:
                 page += count
         return plan
 
-    def unmap(self, gpa: int, npages: int) -> None:
-        """madvise(MADV_DONTNEED) ``npages`` guest pages from ``gpa``, slot by slot."""
-        run_unmap_plan(self.unmap_plan(gpa, npages, npages))
-
     def move_updates(self, index: int, gpa: int) -> tuple:
         """Prepared updates moving test slot ``index`` to ``gpa`` and back (same memory)."""
         memory, slot = self.slots[index], self.layout.slot_id(index)
