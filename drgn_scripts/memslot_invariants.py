@@ -1,5 +1,14 @@
 """Check the invariants KVM keeps in a VM's memslots, on the plain-data model.
 
+Run as a drgn script, it reads every VM of the kernel (``memslots.read_vms``) and checks
+it: exit 0 when clean, 1 with one line per violation (``--json`` for records)::
+
+    drgn --qemu QMP_SOCKET --no-default-symbols -s vmlinux -s kvm.ko \
+        drgn_scripts/memslot_invariants.py [--pid P] [--json]
+
+Read the guest while it is paused (QMP ``stop``; ``kvmlab inspect --check`` does so):
+a running guest changes its memslots under the reader.
+
 Each check looks at one property and reports each breach as its own ``Violation`` of one
 kind (the ``KIND_*`` constants), so a test or a report can tell a mis-sorted tree from a
 stale hva interval. Messages name the VM (``struct kvm`` address and pid), the address
@@ -35,12 +44,19 @@ flag (legitimately set on a slot being deleted or moved).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+try:
+    import drgn_scripts  # noqa: F401 - run as a script by drgn, the package may not be importable
+except ImportError:
+    sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from drgn_scripts.memslot_model import (
     ID_HASH_BITS,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -428,3 +444,26 @@ def _check_id_to_index(report: _Reporter, array: ArraySet) -> list[Violation]:
         text = f"slot ids {_listed(beyond)} lie outside id_to_index's {len(array.id_to_index)} entries"
         found.append(report(KIND_ID_TO_INDEX, text, beyond))
     return found
+
+
+def main(prog, argv: list[str]) -> int:
+    """The drgn script: check every VM (or those of ``--pid``) of ``prog``'s kernel."""
+    from drgn_scripts.memslots import read_vms
+
+    parser = argparse.ArgumentParser(prog="memslot_invariants.py", description="check KVM memslot invariants")
+    parser.add_argument("--pid", type=int, help="only the VMs of this process")
+    parser.add_argument("--json", action="store_true", help="JSON records instead of lines")
+    args = parser.parse_args(argv)
+    vms = read_vms(prog, args.pid)
+    violations = [v for vm in vms for v in check_vm(vm)]
+    if args.json:
+        print(json.dumps({"vms": len(vms), "violations": to_json(violations)}))
+    elif violations:
+        print(render(violations))
+    else:
+        print(f"{len(vms)} VMs checked, no violations")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog, sys.argv[1:]))  # noqa: F821 - drgn defines prog for scripts

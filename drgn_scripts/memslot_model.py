@@ -150,6 +150,14 @@ class AddressSpace:
     active: int
     sets: list[TreeSet] | list[ArraySet]
 
+    @property
+    def slots(self) -> list[Slot]:
+        """The slots guest accesses see now (the active set), in gfn order."""
+        active = self.sets[self.active]
+        if isinstance(active, TreeSet):
+            return active.gfn_order
+        return sorted(active.memslots, key=lambda slot: slot.base_gfn)
+
 
 @dataclass(frozen=True)
 class VmMemslots:

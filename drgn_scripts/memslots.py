@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 
-from drgn import Object, Program, container_of
-from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
+from drgn import Object, Program, offsetof, sizeof
+from drgn.helpers.linux.list import list_for_each_entry
 
 try:
     from drgn_scripts.memslot_model import AddressSpace, ArraySet, HvaNode, Slot, TreeSet, VmMemslots
@@ -56,14 +57,15 @@ def read_vms(prog: Program, pid: int | None = None) -> list[VmMemslots]:
 
 def read_vm(kvm: Object, kind: str) -> VmMemslots:
     """The memslots of one ``struct kvm *``."""
+    reader = _SlotReader(kvm.prog_)
     read_space = _tree_space if kind == "tree" else _array_space
     count = len(kvm.memslots)
     owner = kvm.slots_lock.owner.counter.value_()
     return VmMemslots(
         address=kvm.value_(),
         pid=_pid(kvm),
-        address_spaces=[read_space(kvm, as_id) for as_id in range(count)],
-        vcpu_last_used_slot_ids=_vcpu_last_used(kvm),
+        address_spaces=[read_space(kvm, as_id, reader) for as_id in range(count)],
+        vcpu_last_used_slot_ids=_vcpu_last_used(kvm, reader),
         slots_lock_held=owner != 0,
     )
 
@@ -74,70 +76,136 @@ def _pid(kvm: Object) -> int:
     return -1
 
 
-def _slot(slot: Object) -> Slot:
-    return Slot(
-        id=slot.id.value_(), base_gfn=slot.base_gfn.value_(), npages=slot.npages.value_(),
-        userspace_addr=slot.userspace_addr.value_(), flags=slot.flags.value_(),
-    )
+class _SlotReader:
+    """Reads ``struct kvm_memory_slot``s as raw bytes, one read per slot, unpacked at
+    offsets looked up once in the kernel's DWARF.
+
+    Going through drgn Objects costs microseconds per member access; a VM with 32764
+    slots, each in two trees and a hash of two sets, would take tens of seconds that way.
+    Slots are cached by address, so both sets of an address space share one read.
+    """
+
+    def __init__(self, prog: Program):
+        self.prog = prog
+        slot_type = prog.type("struct kvm_memory_slot")
+        self.size = sizeof(slot_type)
+        self.tree = slot_type.has_member("gfn_node")
+        fields = ["base_gfn", "npages", "userspace_addr"]
+        self._u64 = [offsetof(slot_type, name) for name in fields]
+        self._flags = offsetof(slot_type, "flags")
+        self._id = offsetof(slot_type, "id")
+        self._cache: dict[int, bytes] = {}
+        if self.tree:
+            rb = prog.type("struct rb_node")
+            self.gfn_node = [offsetof(slot_type, f"gfn_node[{i}]") for i in range(2)]
+            self.hva_node = [offsetof(slot_type, f"hva_node[{i}]") for i in range(2)]
+            self.id_node = [offsetof(slot_type, f"id_node[{i}]") for i in range(2)]
+            self._rb_left, self._rb_right = offsetof(rb, "rb_left"), offsetof(rb, "rb_right")
+            interval = prog.type("struct interval_tree_node")
+            self._start, self._last = offsetof(interval, "start"), offsetof(interval, "last")
+
+    def raw(self, address: int) -> bytes:
+        data = self._cache.get(address)
+        if data is None:
+            data = self._cache[address] = self.prog.read(address, self.size)
+        return data
+
+    def slot(self, data: bytes) -> Slot:
+        base_gfn, npages, hva = (_U64.unpack_from(data, offset)[0] for offset in self._u64)
+        return Slot(id=_I16.unpack_from(data, self._id)[0], base_gfn=base_gfn, npages=npages,
+                    userspace_addr=hva, flags=_U32.unpack_from(data, self._flags)[0])
+
+    def slot_at(self, address: int) -> Slot:
+        return self.slot(self.raw(address))
+
+    def children(self, data: bytes, node_offset: int) -> tuple[int, int]:
+        """The rb_left and rb_right pointers of the rb_node at ``node_offset`` in ``data``."""
+        return (_U64.unpack_from(data, node_offset + self._rb_left)[0],
+                _U64.unpack_from(data, node_offset + self._rb_right)[0])
+
+    def interval(self, data: bytes, node_offset: int) -> tuple[int, int]:
+        return (_U64.unpack_from(data, node_offset + self._start)[0],
+                _U64.unpack_from(data, node_offset + self._last)[0])
+
+    def next_in_hash(self, data: bytes, idx: int) -> int:
+        return _U64.unpack_from(data, self.id_node[idx])[0]
+
+
+_U64, _U32, _I16 = struct.Struct("<Q"), struct.Struct("<I"), struct.Struct("<h")
 
 
 # -- the tree layout (Linux >= 5.17) ------------------------------------------------
-def _tree_space(kvm: Object, as_id: int) -> AddressSpace:
+def _tree_space(kvm: Object, as_id: int, reader: _SlotReader) -> AddressSpace:
     active = kvm.memslots[as_id].value_()
     sets = [kvm.__memslots[as_id][index] for index in range(2)]
     active_index = next(i for i, s in enumerate(sets) if s.address_of_().value_() == active)
     return AddressSpace(as_id=as_id, layout="tree", active=active_index,
-                        sets=[_tree_set(s, i) for i, s in enumerate(sets)])
+                        sets=[_tree_set(s, i, reader) for i, s in enumerate(sets)])
 
 
-def _tree_set(memslots: Object, index: int) -> TreeSet:
+def _tree_set(memslots: Object, index: int, reader: _SlotReader) -> TreeSet:
     idx = memslots.node_idx.value_()
-    gfn_order, depth = _gfn_walk(memslots.gfn_tree.rb_node, idx)
+    gfn_order, depth = _gfn_walk(reader, memslots.gfn_tree.rb_node.value_(), idx)
     last_used = memslots.last_used_slot.counter.value_()
     return TreeSet(
         index=index,
         node_idx=idx,
         generation=memslots.generation.value_(),
         gfn_order=gfn_order,
-        hva_nodes=_hva_nodes(memslots.hva_tree.rb_root.rb_node, idx),
-        id_hash=[[_slot(s).id for s in hlist_for_each_entry("struct kvm_memory_slot", bucket.address_of_(),
-                                                              f"id_node[{idx}]")]
-                 for bucket in memslots.id_hash],
-        last_used_slot_id=_slot_at(memslots.prog_, last_used),
+        hva_nodes=_hva_nodes(reader, memslots.hva_tree.rb_root.rb_node.value_(), idx),
+        id_hash=_id_hash(reader, memslots, idx),
+        last_used_slot_id=reader.slot_at(last_used).id if last_used else None,
         gfn_tree_depth=depth,
     )
 
 
-def _gfn_walk(node: Object, idx: int) -> tuple[list[Slot], int]:
-    """In-order slots of the gfn rbtree under ``node``, and the tree's depth.
+def _gfn_walk(reader: _SlotReader, root: int, idx: int) -> tuple[list[Slot], int]:
+    """In-order slots of the gfn rbtree at ``root``, and the tree's depth.
 
-    Written out instead of drgn's rbtree iterator because the depth comes from the
-    same walk.
+    Iterative (a corrupted tree must not overflow the stack), and by hand rather than
+    drgn's rbtree helpers because the depth comes from the same walk.
     """
-    if not node.value_():
-        return [], 0
-    left, left_depth = _gfn_walk(node.rb_left, idx)
-    right, right_depth = _gfn_walk(node.rb_right, idx)
-    slot = container_of(node, "struct kvm_memory_slot", f"gfn_node[{idx}]")
-    return left + [_slot(slot)] + right, 1 + max(left_depth, right_depth)
+    order, depth = [], 0
+    stack: list[tuple[int, int]] = []  # (node, its depth)
+    node, level = root, 1
+    while stack or node:
+        while node:
+            stack.append((node, level))
+            node = reader.children(reader.raw(node - reader.gfn_node[idx]), reader.gfn_node[idx])[0]
+            level += 1
+        node, level = stack.pop()
+        depth = max(depth, level)
+        data = reader.raw(node - reader.gfn_node[idx])
+        order.append(reader.slot(data))
+        node, level = reader.children(data, reader.gfn_node[idx])[1], level + 1
+    return order, depth
 
 
-def _hva_nodes(node: Object, idx: int) -> list[HvaNode]:
-    if not node.value_():
-        return []
-    interval = container_of(node, "struct interval_tree_node", "rb")
-    slot = container_of(interval, "struct kvm_memory_slot", f"hva_node[{idx}]")
-    here = HvaNode(slot_id=slot.id.value_(), start=interval.start.value_(), last=interval.last.value_())
-    return _hva_nodes(node.rb_left, idx) + [here] + _hva_nodes(node.rb_right, idx)
+def _hva_nodes(reader: _SlotReader, root: int, idx: int) -> list[HvaNode]:
+    nodes, pending = [], [root] if root else []
+    offset = reader.hva_node[idx]
+    while pending:
+        data = reader.raw(pending.pop() - offset)
+        start, last = reader.interval(data, offset)
+        nodes.append(HvaNode(slot_id=reader.slot(data).id, start=start, last=last))
+        pending += [child for child in reader.children(data, offset) if child]
+    return nodes
 
 
-def _slot_at(prog: Program, address: int) -> int | None:
-    if not address:
-        return None
-    return Object(prog, "struct kvm_memory_slot *", address).id.value_()
+def _id_hash(reader: _SlotReader, memslots: Object, idx: int) -> list[list[int]]:
+    heads = memslots.id_hash.read_()
+    buckets = []
+    for head in heads:
+        ids, entry = [], head.first.value_()
+        while entry:
+            data = reader.raw(entry - reader.id_node[idx])
+            ids.append(reader.slot(data).id)
+            entry = reader.next_in_hash(data, idx)
+        buckets.append(ids)
+    return buckets
 
 
-def _vcpu_last_used(kvm: Object) -> list[int | None]:
+def _vcpu_last_used(kvm: Object, reader: _SlotReader) -> list[int | None]:
     """Each vCPU's ``last_used_slot`` id (tree layout only; the array has no such field)."""
     vcpu_type = kvm.prog_.type("struct kvm_vcpu")
     if not vcpu_type.has_member("last_used_slot"):
@@ -145,7 +213,8 @@ def _vcpu_last_used(kvm: Object) -> list[int | None]:
     ids = []
     for number in range(kvm.online_vcpus.counter.value_()):
         vcpu = _vcpu(kvm, number)
-        ids.append(_slot_at(kvm.prog_, vcpu.last_used_slot.value_()) if vcpu else None)
+        address = vcpu.last_used_slot.value_() if vcpu else 0
+        ids.append(reader.slot_at(address).id if address else None)
     return ids
 
 
@@ -160,13 +229,15 @@ def _vcpu(kvm: Object, number: int) -> Object | None:
 
 
 # -- the array layout (Linux <= 5.16) ------------------------------------------------
-def _array_space(kvm: Object, as_id: int) -> AddressSpace:
+def _array_space(kvm: Object, as_id: int, reader: _SlotReader) -> AddressSpace:
     slots = kvm.memslots[as_id]
     used = slots.used_slots.value_()
+    first = slots.memslots[0].address_of_().value_()
+    block = kvm.prog_.read(first, used * reader.size) if used else b""
     return AddressSpace(as_id=as_id, layout="array", active=0, sets=[ArraySet(
         generation=slots.generation.value_(),
         used_slots=used,
-        memslots=[_slot(slots.memslots[i]) for i in range(used)],
+        memslots=[reader.slot(block[i * reader.size:(i + 1) * reader.size]) for i in range(used)],
         id_to_index=[int(v) for v in slots.id_to_index.read_()],
         lru_slot=slots.lru_slot.counter.value_(),
     )])
@@ -191,12 +262,11 @@ def _render_space(space: AddressSpace) -> list[str]:
                  f"generation {active.generation}, gfn tree depth {active.gfn_tree_depth}, "
                  f"id hash {hashed}/{len(active.id_hash)} buckets used, "
                  f"last used slot {active.last_used_slot_id}")
-        slots = active.gfn_order
     else:
         array = space.sets[0]
         facts = (f"array layout, generation {array.generation}, used_slots {array.used_slots}, "
                  f"lru_slot {array.lru_slot}")
-        slots = sorted(array.memslots, key=lambda s: s.base_gfn)
+    slots = space.slots
     lines = [f"  address space {space.as_id}: {len(slots)} slots; {facts}"]
     if slots:
         header = f"{'id':>6} {'base_gfn':>12} {'npages':>10} {'userspace_addr':>18} {'flags':>6} dirty-log"

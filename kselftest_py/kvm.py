@@ -33,6 +33,7 @@ from kselftest_py.ioctls import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_GET_SREGS,
@@ -283,6 +284,8 @@ MmioExit = namedtuple("MmioExit", "phys_addr data length is_write")
 MmioExit.__doc__ = """A KVM_EXIT_MMIO: a guest access to a gpa no memslot backs."""
 # union member mmio: u64 phys_addr, u8 data[8], u32 len, u8 is_write
 _RUN_MMIO = struct.Struct("<Q8sIB")
+# exit_reason and, from the union, mmio's phys_addr, len and is_write: one unpack per exit
+_RUN_REASON_AND_MMIO = struct.Struct("<I20xQ8xIB")
 IoExit.__doc__ = """A KVM_EXIT_IO: ``data`` is the ``size * count`` bytes in kvm_run."""
 
 
@@ -313,6 +316,27 @@ class Vcpu(_FdOwner):
                     continue
                 raise
             return self.exit_reason
+
+    def run_through_mmio_writes(self, low: int, high: int) -> int:
+        """KVM_RUN again after every 8-byte MMIO write to [low, high]; returns the first
+        other exit's reason.
+
+        The move tests' guest writes into an area that is unbacked while its slot is
+        away, thousands of times a second; C spends nothing on those exits, and every
+        microsecond Python spends holds the GIL that the main thread needs when its
+        memslot ioctl returns. So this path is one ioctl, one unpack and three compares.
+        """
+        fd, kvm_run, ioctl, unpack_from = self.fd, self.kvm_run, fcntl.ioctl, _RUN_REASON_AND_MMIO.unpack_from
+        while True:
+            try:
+                ioctl(fd, KVM_RUN, 0)
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    continue
+                raise KvmError("KVM_RUN", f"vcpu={self.id}", err.errno) from err
+            reason, phys_addr, length, is_write = unpack_from(kvm_run, _RUN_EXIT_REASON_OFFSET)
+            if reason != KVM_EXIT_MMIO or not is_write or length != 8 or not low <= phys_addr <= high:
+                return reason
 
     @property
     def exit_reason(self) -> int:

@@ -66,12 +66,16 @@ class TestVm:
 
     def _vcpu_loop(self) -> None:
         try:
-            while self._handle(self.vcpu.run()):
+            while self._handle(self._run()):
                 pass
         except Exception as err:  # reported to the main thread, which raises it
             self.failure = err
         finally:
             self._ready.set()
+
+    def _run(self) -> int:
+        window = self.mmio_window
+        return self.vcpu.run_through_mmio_writes(*window) if window else self.vcpu.run()
 
     def _handle(self, reason: int) -> bool:
         """React to one exit; False once the guest is done."""

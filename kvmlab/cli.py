@@ -64,16 +64,21 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
         raise KvmlabError("kvmlab run: no command given; usage: kvmlab run KERNEL -- CMD ARGS...")
-    kernel = kernels.fetch(args.kernel)
+    if args.check_invariants_every is not None and args.check_invariants_every <= 0:
+        raise KvmlabError("--check-invariants-every wants a positive number of seconds")
+    kernel = kernels.fetch(args.kernel, debuginfo=args.check_invariants_every is not None)
     options = runner.RunOptions(
         argv=command, timeout_s=args.timeout, stall_s=args.stall_timeout,
         cpus=args.cpus, memory_mb=args.memory,
         accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
         append=args.append, recipe=args.recipe, added=_existing(args.add),
+        check_every_s=args.check_invariants_every,
     )
     result = runner.run(kernel, options)
     if result.message:
         print(f"kvmlab: {result.message}", file=sys.stderr)
+    if result.checks is not None and result.outcome != "invariant":
+        print(f"kvmlab: {result.checks.summary()}", file=sys.stderr)
     boot = f"userspace at {result.boot_s:.1f} s, " if result.boot_s is not None else ""
     if result.ready_s is not None:
         boot += f"job started at {result.ready_s:.1f} s, "
@@ -98,6 +103,29 @@ def _stop(args: argparse.Namespace) -> int:
     if not vms:
         print("no kept VMs running")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from drgn_scripts import memslot_invariants, memslots
+    from kvmlab import inspect
+
+    where = inspect.target(args.target, args.kernel)
+    snapshot = inspect.Inspector(where).snapshot(check=args.check, pid=args.pid)
+    paused = "paused" if where.control_socket else "NOT paused (not a kvmlab run): may be inconsistent"
+    if args.json:
+        record = {"target": where.name, "read_s": snapshot.read_s, "paused_s": snapshot.paused_s,
+                  "vms": [vm.to_json() for vm in snapshot.vms]}
+        if args.check:
+            record["violations"] = memslot_invariants.to_json(snapshot.violations)
+        print(json.dumps(record))
+    elif args.check:
+        print(memslot_invariants.render(snapshot.violations) if snapshot.violations else
+              f"{len(snapshot.vms)} VMs checked, no violations")
+    else:
+        print(memslots.render(snapshot.vms))
+    if not args.json:
+        print(f"kvmlab: read {where.name} in {snapshot.read_s:.2f} s, guest {paused}", file=sys.stderr)
+    return 1 if snapshot.violations else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -138,8 +166,21 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default=image.DEFAULT_RECIPE, help="guest image recipe")
     run.add_argument("--add", type=Path, action="append", default=[], metavar="PATH",
                      help="copy a host file or directory into the guest's /opt/kvmlab/add/")
+    run.add_argument("--check-invariants-every", type=float, metavar="SECONDS",
+                     help="pause the guest this often, check its KVM memslot invariants with drgn, "
+                          "resume (fetches the kernel's debuginfo)")
     run.set_defaults(command=[])
     run.set_defaults(func=_run)
+
+    inspect = sub.add_parser("inspect", help="dump or check a lab VM's KVM memslots with drgn")
+    inspect.add_argument("target", nargs="?",
+                         help="run name or directory, or a QMP socket (default: the newest kept VM)")
+    inspect.add_argument("--check", action="store_true",
+                         help="check the memslot invariants (exit 1 on a violation)")
+    inspect.add_argument("--json", action="store_true", help="one JSON record instead of tables")
+    inspect.add_argument("--pid", type=int, help="only the VMs of this guest process")
+    inspect.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
+    inspect.set_defaults(func=_inspect)
 
     stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")
     stop.add_argument("run", nargs="?", help="run name or directory")

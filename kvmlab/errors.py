@@ -5,6 +5,8 @@ Exit codes (also in the README):
 - the guest command's own exit code passes through unchanged when the run is clean;
 - 2: bad usage or setup — unknown kernel spec, missing package, QEMU missing, a
   kernel without KVM. Nothing was booted or the boot was refused;
+- 123: ``--check-invariants-every``: the guest kernel's memslots broke an invariant, or
+  the checks that were asked for could not run;
 - 124: the guest did not finish within ``--timeout`` (a hang), as timeout(1) does;
 - 125: the guest kernel crashed or complained (panic, Oops, BUG, WARNING, KASAN,
   UBSAN, RCU stall, hung task) — even when the command itself exited 0;
@@ -12,6 +14,7 @@ Exit codes (also in the README):
 """
 
 EXIT_USAGE = 2
+EXIT_INVARIANT = 123
 EXIT_HANG = 124
 EXIT_SPLAT = 125
 EXIT_LOST = 126

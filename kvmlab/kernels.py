@@ -42,6 +42,11 @@ class Kernel:
     package: str | None = None
     version: str | None = None
 
+    @property
+    def exact_spec(self) -> str:
+        """A spec naming this very kernel, for later (``debian:<suite>`` moves on)."""
+        return f"debian:{self.package}" if self.package else self.spec
+
     def config_value(self, option: str) -> str | None:
         """The value of ``CONFIG_<option>`` in the kernel's config, or None if unset."""
         if self.config is None or not self.config.exists():

@@ -45,6 +45,12 @@ class Machine:
         return self.run_dir / "qmp.sock"
 
     @property
+    def debug_socket(self) -> Path:
+        """A second QMP socket, for drgn: QEMU serves one client per QMP socket, and drgn
+        keeps its connection open, so kvmlab's own commands (stop, cont, quit) need theirs."""
+        return self.run_dir / "drgn.sock"
+
+    @property
     def console_log(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -73,6 +79,7 @@ def command(machine: Machine) -> list[str]:
         "-device", "virtio-serial-pci,id=vser",
         "-device", "vmcoreinfo",
         "-qmp", f"unix:{machine.qmp_socket},server=on,wait=off",
+        "-qmp", f"unix:{machine.debug_socket},server=on,wait=off",
         "-pidfile", str(run / "qemu.pid"),
     ]
     if QBOOT.exists():

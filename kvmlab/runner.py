@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlab import accel as accel_mod
-from kvmlab import console, image, initramfs, layer, modules_archive, qemu, runs
-from kvmlab.errors import EXIT_HANG, EXIT_LOST, EXIT_SPLAT, KvmlabError
+from kvmlab import console, image, initramfs, invariant_watch, layer, modules_archive, qemu, runs
+from kvmlab.errors import EXIT_HANG, EXIT_INVARIANT, EXIT_LOST, EXIT_SPLAT, KvmlabError
 from kvmlab.kernels import Kernel
 
 PR_SET_PDEATHSIG = 1
@@ -44,6 +44,8 @@ class RunOptions:
     recipe: str = image.DEFAULT_RECIPE
     stream: bool = True
     added: list[Path] = field(default_factory=list)
+    check_every_s: float | None = None
+    """Pause the guest and check its memslot invariants this often (needs debuginfo)."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RunResult:
     """QEMU start to the job starting (modules loaded, ports open)."""
     total_s: float = 0.0
     splats: list[console.Splat] = field(default_factory=list)
+    checks: invariant_watch.WatchReport | None = None
 
 
 def require_kvm(kernel: Kernel) -> None:
@@ -99,20 +102,25 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
 def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     """Boot ``kernel``, run ``options.argv`` in the guest, return how it ended."""
     run_dir = runs.new()
-    runs.record(run_dir, kernel=kernel.spec, release=kernel.release, argv=options.argv,
-                keep=options.keep, state="preparing")
+    runs.record(run_dir, kernel=kernel.spec, kernel_exact=kernel.exact_spec, release=kernel.release,
+                argv=options.argv, keep=options.keep, state="preparing")
     machine = prepare(kernel, options, run_dir, log)
     argv = qemu.command(machine)
     (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
     print(f"kvmlab: booting {kernel.release} ({kernel.spec}); run directory {run_dir}", file=log)
     started = time.monotonic()
     process = _start_qemu(argv, run_dir, options.keep)
-    runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket), state="running")
+    runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket),
+                debug_qmp=str(machine.debug_socket), state="running")
     followers = _follow_streams(run_dir, options.stream)
+    watch = None
+    if options.check_every_s:
+        watch = invariant_watch.InvariantWatch(kernel, machine.debug_socket, machine.qmp_socket, run_dir,
+                                               options.check_every_s)
     kept = False
     try:
         try:
-            status = _wait(process, run_dir, started, options)
+            status = _wait(process, run_dir, started, options, watch)
         except KeyboardInterrupt:
             runs.record(run_dir, state="interrupted")
             raise
@@ -128,6 +136,8 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
         for archive in (machine.initrd, run_dir / "layer.cpio"):
             archive.unlink(missing_ok=True)
     result = _judge(status, run_dir, started, kept, machine, options.timeout_s, options.stall_s)
+    if watch is not None:
+        _judge_checks(result, watch.report)
     _collect_results(run_dir, options.out, log)
     runs.record(run_dir, state=result.outcome, exit_code=result.exit_code,
                 job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
@@ -160,8 +170,13 @@ class _Status:
     init_error: str | None = None
 
 
-def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: RunOptions) -> _Status:
-    """Follow status.jsonl until the job exits, QEMU ends, or the timeout passes."""
+def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: RunOptions,
+          watch: invariant_watch.InvariantWatch | None = None) -> _Status:
+    """Follow status.jsonl until the job exits, QEMU ends, or the timeout passes.
+
+    With a ``watch``, its checks run while the job does; the time they keep the guest
+    paused counts against neither the timeout nor the stall timeout.
+    """
     status = _Status()
     status_file = run_dir / "status.jsonl"
     console_log = run_dir / "console.log"
@@ -187,6 +202,11 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
                 time.monotonic() - started - status.last_beat > options.stall_s:
             status.timed_out = status.stalled = True
             return status
+        if watch is not None and status.ready_at is not None and watch.due(time.monotonic()):
+            paused = watch.check()
+            deadline += paused
+            if status.last_beat is not None:
+                status.last_beat += paused
         time.sleep(0.05)
 
 
@@ -257,11 +277,20 @@ def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
         )
     elif kept:
         result.outcome, result.exit_code = "kept", status.exit_code
-        result.message = f"VM kept running; QMP socket {machine.qmp_socket} (kvmlab stop {run_dir.name})"
+        result.message = (f"VM kept running; QMP socket {machine.qmp_socket} "
+                          f"(kvmlab inspect {run_dir.name}; kvmlab stop {run_dir.name})")
     else:
         result.outcome = "ok" if status.exit_code == 0 else "failed"
         result.exit_code = status.exit_code
     return result
+
+
+def _judge_checks(result: RunResult, report: invariant_watch.WatchReport) -> None:
+    """A violation, or checks that could not run, fail a run that otherwise passed."""
+    result.checks = report
+    if report.failed and result.outcome in ("ok", "failed", "kept"):
+        result.outcome, result.exit_code = "invariant", EXIT_INVARIANT
+        result.message = "\n".join(filter(None, [report.summary(), result.message]))
 
 
 def _collect_results(run_dir: Path, out: Path | None, log) -> None:

@@ -57,3 +57,24 @@ def test_kernel_without_kvm(tmp_path):
     tree = built_tree(tmp_path / "tree", real, config)
     done = kvmlab("run", f"local:{tree}", "--", "true")
     assert_one_line_error(done, "has no KVM support")
+
+
+def test_inspect_unknown_run():
+    assert_one_line_error(kvmlab("inspect", "no-such-run"), "no kvmlab run 'no-such-run'")
+
+
+def test_inspect_foreign_socket_needs_a_kernel(tmp_path):
+    import socket
+
+    path = tmp_path / "qmp.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    try:
+        assert_one_line_error(kvmlab("inspect", str(path)), "not in a kvmlab run directory", "--kernel")
+    finally:
+        server.close()
+
+
+def test_check_interval_must_be_positive():
+    done = kvmlab("run", "debian:bookworm", "--check-invariants-every", "0", "--", "true")
+    assert_one_line_error(done, "--check-invariants-every wants a positive number")

@@ -1,0 +1,149 @@
+"""Attach drgn to a lab VM's kernel, and read or check its KVM memslots.
+
+drgn reads the guest's memory through QEMU over the run's second QMP socket (QEMU serves
+one client per socket and drgn keeps its connection; the first socket stays free for
+kvmlab's ``stop``/``cont``), with the DWARF of the kernel's -dbg package from the kernel
+cache, fetched on first use.
+
+A snapshot pauses the guest (QMP ``stop``) while it reads: a running guest changes its
+memslots under the reader, and the invariants only hold for a structure read whole.
+The time spent paused is returned, so that callers that watch the guest's heartbeat do
+not count it as a stall.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlab import kernels, qmp, runs
+from kvmlab.errors import KvmlabError
+from kvmlab.kernels import Kernel
+
+#: Where kvm.ko sits under a -dbg package's modules or a build tree. The memslot types
+#: and vm_list are all in kvm.ko; the vendor modules (kvm-amd, kvm-intel) are not needed.
+KVM_MODULE_PATHS = ("kernel/arch/x86/kvm/kvm.ko", "arch/x86/kvm/kvm.ko")
+
+
+@dataclass
+class Target:
+    """A VM to inspect: the socket drgn reads through, the one to pause it through (None
+    for a QEMU that kvmlab did not start), and its kernel."""
+
+    debug_socket: Path
+    control_socket: Path | None
+    kernel_spec: str
+    name: str
+
+
+@dataclass
+class Snapshot:
+    vms: list = field(default_factory=list)
+    """``drgn_scripts.memslot_model.VmMemslots``, one per VM on the kernel's vm_list."""
+    violations: list = field(default_factory=list)
+    """``drgn_scripts.memslot_invariants.Violation`` (empty unless checked)."""
+    paused_s: float = 0.0
+    read_s: float = 0.0
+
+
+def target(name: str | None, kernel_spec: str | None = None) -> Target:
+    """A run (name or directory), a QMP socket, or (None) the newest kept VM."""
+    if name is None:
+        kept = runs.kept()
+        if not kept:
+            raise KvmlabError("no kept VM is running: name a run or a QMP socket "
+                              "(start one with kvmlab run --keep)")
+        return _run_target(kept[-1].run_dir, kernel_spec)
+    path = Path(name)
+    if path.is_socket():
+        if (path.parent / "run.json").exists():
+            return _run_target(path.parent, kernel_spec)
+        if not kernel_spec:
+            raise KvmlabError(f"{name} is not in a kvmlab run directory: say which kernel it runs "
+                              f"with --kernel SPEC")
+        return Target(path, None, kernel_spec, name)
+    return _run_target(runs.resolve(name), kernel_spec)
+
+
+def _run_target(run_dir: Path, kernel_spec: str | None) -> Target:
+    info = runs.read(run_dir)
+    pid = info.get("qemu_pid")
+    if not pid or not runs.qemu_alive(run_dir, pid):
+        raise KvmlabError(f"run {run_dir.name} has no running VM (state: {info.get('state', 'unknown')})")
+    if "debug_qmp" not in info:
+        raise KvmlabError(f"run {run_dir.name} was started by an older kvmlab without a QMP socket for drgn")
+    spec = kernel_spec or info.get("kernel_exact") or info["kernel"]
+    return Target(Path(info["debug_qmp"]), Path(info["qmp"]), spec, run_dir.name)
+
+
+def debug_files(kernel: Kernel) -> list[Path]:
+    """vmlinux and kvm.ko with DWARF (no kvm.ko: KVM is built in)."""
+    if kernel.vmlinux is None:
+        raise KvmlabError(f"no debuginfo for {kernel.spec}")
+    files = [kernel.vmlinux]
+    if kernel.debug_modules is not None:
+        files += [p for path in KVM_MODULE_PATHS if (p := kernel.debug_modules / path).exists()]
+    return files
+
+
+class Inspector:
+    """One drgn Program on one VM, attached once and read as often as asked."""
+
+    def __init__(self, where: Target, log=None):
+        self.where = where
+        self.log = log
+        self.prog = None
+
+    def attach(self) -> None:
+        """Load the kernel's debuginfo (fetching the -dbg package if needed) and connect."""
+        import drgn  # host side only; imported here so the rest of kvmlab runs without it
+
+        kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
+        files = debug_files(kernel)
+        prog = drgn.Program()
+        try:
+            prog.set_qemu_qmp(str(self.where.debug_socket))
+        except Exception as err:  # drgn raises OSError, ValueError or its own errors
+            raise KvmlabError(f"drgn cannot attach to {self.where.name}: {err}") from None
+        try:
+            prog.load_debug_info([str(f) for f in files])
+        except drgn.MissingDebugInfoError:
+            pass  # it names other modules too; the lookups below say if ours are missing
+        try:
+            prog["vm_list"]
+        except (KeyError, LookupError) as err:
+            raise KvmlabError(
+                f"drgn found no KVM in {self.where.name}'s kernel ({err}); is kvm loaded, and "
+                f"qemu_fw_cfg (for vmcoreinfo)?") from None
+        self.prog = prog
+
+    def snapshot(self, check: bool = False, pid: int | None = None) -> Snapshot:
+        """Pause the guest, read every VM's memslots (and check them), resume it."""
+        from drgn_scripts import memslot_invariants, memslots
+
+        if self.prog is None:
+            self.attach()
+        result = Snapshot()
+        paused_at = time.monotonic()
+        self._pause()
+        try:
+            started = time.monotonic()
+            try:
+                result.vms = memslots.read_vms(self.prog, pid)
+            except Exception as err:  # drgn's FaultError, LookupError...: one line for the user
+                raise KvmlabError(f"drgn could not read {self.where.name}'s memslots: "
+                                  f"{type(err).__name__}: {err}") from None
+            result.read_s = time.monotonic() - started
+        finally:
+            self._resume()
+            result.paused_s = time.monotonic() - paused_at
+        if check:
+            result.violations = [v for vm in result.vms for v in memslot_invariants.check_vm(vm)]
+        return result
+
+    def _pause(self) -> None:
+        if self.where.control_socket is not None:
+            qmp.execute(self.where.control_socket, "stop")
+
+    def _resume(self) -> None:
+        if self.where.control_socket is not None:
+            qmp.execute(self.where.control_socket, "cont")
