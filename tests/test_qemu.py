@@ -21,7 +21,8 @@ def test_command_carries_the_guest_contract(tmp_path):
     assert option_values(argv, "-cpu") == ["EPYC,+svm"]
     assert option_values(argv, "-smp") == ["3"] and option_values(argv, "-m") == ["1234M"]
     assert "vmcoreinfo" in option_values(argv, "-device")
-    assert option_values(argv, "-qmp") == [f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off"]
+    assert option_values(argv, "-qmp") == [f"unix:{tmp_path / name},server=on,wait=off"
+                                           for name in ("qmp.sock", "drgn.sock")]
     assert "-no-reboot" in argv
     (append,) = option_values(argv, "-append")
     assert {"panic=-1", "oops=panic", "rdinit=/kvmlab/init", "nokaslr"} <= set(append.split())
