@@ -60,6 +60,19 @@ def _existing(paths: list[Path]) -> list[Path]:
     return paths
 
 
+def _trace_options(args: argparse.Namespace) -> dict | None:
+    if not args.trace:
+        return None
+    from traces import probes
+
+    spec = probes.load(args.trace)
+    if args.trace_buffer_kb is not None and args.trace_buffer_kb <= 0:
+        raise KvmlabError("--trace-buffer-kb wants a positive size")
+    spec.update(buffer_kb=args.trace_buffer_kb, profile=args.trace_profile,
+                file_version=args.trace_file_version, compression=args.trace_compression)
+    return spec
+
+
 def _run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
@@ -72,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         cpus=args.cpus, memory_mb=args.memory,
         accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
         append=args.append, recipe=args.recipe, added=_existing(args.add),
-        check_every_s=args.check_invariants_every,
+        check_every_s=args.check_invariants_every, trace=_trace_options(args),
     )
     result = runner.run(kernel, options)
     if result.message:
@@ -169,6 +182,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--check-invariants-every", type=float, metavar="SECONDS",
                      help="pause the guest this often, check its KVM memslot invariants with drgn, "
                           "resume (fetches the kernel's debuginfo)")
+    run.add_argument("--trace", metavar="SET",
+                     help="record the job with ftrace using probe set SET (traces/probes/SET.toml); "
+                          "trace.dat and capture.json come back with the results")
+    run.add_argument("--trace-buffer-kb", type=int, metavar="KB",
+                     help="ftrace ring buffer per CPU (trace-cmd record -b)")
+    run.add_argument("--trace-profile", action="store_true",
+                     help="also run the kernel's function profiler on the same functions (second opinion)")
+    run.add_argument("--trace-file-version", type=int, choices=[6, 7],
+                     help="trace.dat format (default: trace-cmd's)")
+    run.add_argument("--trace-compression", help="trace.dat v7 compression (zstd, zlib, any)")
     run.set_defaults(command=[])
     run.set_defaults(func=_run)
 

@@ -44,6 +44,9 @@ class RunOptions:
     recipe: str = image.DEFAULT_RECIPE
     stream: bool = True
     added: list[Path] = field(default_factory=list)
+    trace: dict | None = None
+    """A probe set from ``traces.probes.load`` plus buffer/format options: the job runs
+    under ``traces.guest.capture``, and trace.dat comes back with the results."""
     check_every_s: float | None = None
     """Pause the guest and check its memslot invariants this often (needs debuginfo)."""
 
@@ -87,8 +90,12 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
-    parts.append(layer.build(run_dir, options.argv, options.env, recipe.modules, options.keep,
-                             options.added))
+    argv, files = options.argv, {}
+    if options.trace:
+        files["trace.json"] = json.dumps(options.trace)
+        argv = ["python3", "-m", "traces.guest.capture", "/kvmlab/trace.json", "--", *argv]
+    parts.append(layer.build(run_dir, argv, options.env, recipe.modules, options.keep,
+                             options.added, files))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
     chosen = accel_mod.choose(options.accel)

@@ -19,6 +19,25 @@ def kvmlab(*args: str, env: dict[str, str] | None = None,
     )
 
 
+def kvmlab_retrying_hangs(*args: str, attempts: int = 3, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``kvmlab(*args)``, run again (with a warning) while it reports a hung guest.
+
+    Nested KVM under multi-threaded TCG occasionally wedges the L1 guest (see the
+    README's known problem): the whole kernel freezes, an L2 vCPU never exits, or an IPI
+    is never answered. It is the emulator, not the code under test, and it hits
+    upstream's C selftests too; a hang on the last attempt still fails the test.
+    """
+    import warnings
+
+    for attempt in range(1, attempts + 1):
+        done = kvmlab(*args, timeout=timeout)
+        if done.returncode != 124 or attempt == attempts:
+            return done
+        warnings.warn(f"guest hung under nested TCG (attempt {attempt}), retrying: kvmlab {' '.join(args)}",
+                      stacklevel=2)
+    raise AssertionError("unreachable")
+
+
 def qemu_pids() -> set[int]:
     """Every running qemu-system process on this machine."""
     done = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
