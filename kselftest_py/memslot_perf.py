@@ -43,6 +43,7 @@ from kselftest_py.memslot_guests import (
 )
 from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
 from kselftest_py.memslot_vm import GuestFailure, TestVm, run_unmap_plan
+from kselftest_py.trace_marker import mark
 from kselftest_py.watchdog import Watchdog
 
 MIB = 1 << 20
@@ -218,11 +219,15 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
         map_size=sizes.map_size, unmap_size=sizes.unmap_size, test_size=sizes.mem_size - PAGE_SIZE,
         move_size=sizes.move_size, val_1=VAL_1 ^ 0xFF if options.inject_wrong_value else VAL_1,
     )
+    labels = {"test": test.name, "slots": nslots, "run": run}
+    mark("begin", "setup", **labels)
     vm = TestVm(kvm, test.guest(params), test.pages(sizes), nslots - 1, options.sync_timeout)
+    mark("end", "setup", **labels)
     try:
         state = test.prepare(vm, sizes)
         vm.launch()
         iterations = 0
+        mark("begin", "loop", **labels)
         started = time.monotonic_ns()
         vm.let_guest_run()
         limit_ns = options.seconds * 1_000_000_000
@@ -233,6 +238,7 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
             test.loop(vm, sizes, options.verify, state)
             vm.check()
             iterations += 1
+        mark("end", "loop", **labels, iterations=iterations)
         vm.stop()
         return RunResult(test.name, run, nslots, vm.slot_setup_ns, iterations, runtime)
     finally:

@@ -73,6 +73,33 @@ def _trace_options(args: argparse.Namespace) -> dict | None:
     return spec
 
 
+def _trace_summary(results: Path) -> None:
+    """What was traced and what was lost, said after every traced run."""
+    capture_path, trace_path = results / "capture.json", results / "trace.dat"
+    if not capture_path.exists():
+        print("kvmlab: trace: the guest wrote no capture.json (the capture did not run)", file=sys.stderr)
+        return
+    capture = json.loads(capture_path.read_text())
+    if capture.get("error"):
+        print(f"kvmlab: trace: {capture['error']}", file=sys.stderr)
+    skipped = capture.get("skipped_functions", []) + capture.get("skipped_events", [])
+    print(f"kvmlab: trace: probe set {capture['set']}: {len(capture.get('functions', []))} functions, "
+          f"{len(capture.get('events', []))} events; not in this kernel: {', '.join(skipped) or 'none'}",
+          file=sys.stderr)
+    if not trace_path.exists():
+        print("kvmlab: trace: no trace.dat came back", file=sys.stderr)
+        return
+    from traces.tracedat import TraceFile, TraceFileError
+
+    try:
+        lost = TraceFile.open(trace_path).lost_events()
+    except TraceFileError as err:
+        print(f"kvmlab: trace: {err}", file=sys.stderr)
+        return
+    print(f"kvmlab: trace: {trace_path}; events lost or left unrecorded: {lost['total']}"
+          + (f" ({lost})" if lost["total"] else ""), file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
@@ -92,6 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"kvmlab: {result.message}", file=sys.stderr)
     if result.checks is not None and result.outcome != "invariant":
         print(f"kvmlab: {result.checks.summary()}", file=sys.stderr)
+    if options.trace:
+        _trace_summary(options.out or result.run_dir / "results")
     boot = f"userspace at {result.boot_s:.1f} s, " if result.boot_s is not None else ""
     if result.ready_s is not None:
         boot += f"job started at {result.ready_s:.1f} s, "
@@ -139,6 +168,29 @@ def _inspect(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"kvmlab: read {where.name} in {snapshot.read_s:.2f} s, guest {paused}", file=sys.stderr)
     return 1 if snapshot.violations else 0
+
+
+def _trace_report(args: argparse.Namespace) -> int:
+    from traces import report
+
+    runs = [report.load_run(directory) for directory in args.dirs]
+    report.distinct_kernels(runs)
+    summary, comparison = report.summarize(runs), report.compare(runs)
+    print(report.markdown(summary, comparison))
+    for run in runs:
+        if run.lost["total"]:
+            print(f"kvmlab: {run.directory}: {run.lost['total']} events lost or left unrecorded "
+                  f"({run.lost})", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(args.out / "latency.csv", index=False)
+    if not comparison.empty:
+        comparison.to_csv(args.out / "comparison.csv", index=False)
+    for run in runs:
+        run.calls.to_csv(args.out / f"calls-{run.directory.name}.csv", index=False)
+    plots = report.plot(runs, args.out)
+    print(f"kvmlab: wrote latency.csv, {len(plots)} plots and the calls tables to {args.out}",
+          file=sys.stderr)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -204,6 +256,15 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--pid", type=int, help="only the VMs of this guest process")
     inspect.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
     inspect.set_defaults(func=_inspect)
+
+    trace = sub.add_parser("trace", help="traced runs").add_subparsers(dest="trace_verb", required=True)
+    trace_report = trace.add_parser("report", help="latency tables and plots from kvmlab run --trace results")
+    trace_report.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                              help="results directories (trace.dat + capture.json); "
+                                   "the first kernel is the base")
+    trace_report.add_argument("-o", "--out", type=Path, default=Path("trace-report"),
+                              help="where the CSV tables and PNG plots go (trace-report/)")
+    trace_report.set_defaults(func=_trace_report)
 
     stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")
     stop.add_argument("run", nargs="?", help="run name or directory")
