@@ -96,8 +96,14 @@ def _trace_summary(results: Path) -> None:
     except TraceFileError as err:
         print(f"kvmlab: trace: {err}", file=sys.stderr)
         return
-    print(f"kvmlab: trace: {trace_path}; events lost or left unrecorded: {lost['total']}"
-          + (f" ({lost})" if lost["total"] else ""), file=sys.stderr)
+    print(f"kvmlab: trace: {trace_path}; {_losses(lost) or 'no events lost'}", file=sys.stderr)
+
+
+def _losses(lost: dict[int, dict[str, int]]) -> str:
+    """Per-CPU losses in one line, or "" when nothing was lost."""
+    parts = [f"CPU {cpu}: {row['lost']} lost, {row['unrecorded']} left unrecorded in the kernel buffer"
+             for cpu, row in lost.items() if row["lost"] or row["unrecorded"]]
+    return "; ".join(parts)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -178,9 +184,11 @@ def _trace_report(args: argparse.Namespace) -> int:
     summary, comparison = report.summarize(runs), report.compare(runs)
     print(report.markdown(summary, comparison))
     for run in runs:
-        if run.lost["total"]:
-            print(f"kvmlab: {run.directory}: {run.lost['total']} events lost or left unrecorded "
-                  f"({run.lost})", file=sys.stderr)
+        if run.profile_check is not None:
+            print("\n" + report.profile_markdown(run))
+    for run in runs:
+        if _losses(run.lost):
+            print(f"kvmlab: {run.directory}: {_losses(run.lost)}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(args.out / "latency.csv", index=False)
     if not comparison.empty:
@@ -240,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-buffer-kb", type=int, metavar="KB",
                      help="ftrace ring buffer per CPU (trace-cmd record -b)")
     run.add_argument("--trace-profile", action="store_true",
-                     help="also run the kernel's function profiler on the same functions (second opinion)")
+                     help="also time the same functions with kprobes and hist triggers, aggregated in the "
+                          "kernel (a second opinion; needs CONFIG_HIST_TRIGGERS)")
     run.add_argument("--trace-file-version", type=int, choices=[6, 7],
                      help="trace.dat format (default: trace-cmd's)")
     run.add_argument("--trace-compression", help="trace.dat v7 compression (zstd, zlib, any)")

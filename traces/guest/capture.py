@@ -1,4 +1,4 @@
-"""Run a job under ftrace, in the guest: ``trace-cmd record`` around it, with a probe set.
+"""Run a job under ftrace, in the guest: trace-cmd around it, with a probe set.
 
     python3 -m traces.guest.capture SPEC.json -- CMD [ARGS...]
 
@@ -9,22 +9,28 @@ name, tracer, functions and events, and the buffer size and file format.
 1. The set is resolved against the kernel: functions missing from
    ``available_filter_functions`` and events missing from ``available_events`` are
    skipped and listed; a set that matches nothing is an error (exit 2).
-2. The tracer's own cost is calibrated on this kernel, because a memslot lookup costs
-   less than function_graph's entry and exit: ``getppid()`` is timed with its syscall
-   function traced and untraced, and the duration function_graph reports for it (a
-   function that does almost nothing) is the floor of what it can time.
-3. ``trace-cmd record`` starts in the background; once tracing is on, the job runs;
-   then tracing is turned off, trace-cmd drains the buffers and is stopped with SIGINT.
-   ``buffer_percent`` is set to 0 first: with the kernel's default (50), trace-cmd's
-   readers sleep until a CPU's buffer is half full, and what is still in the buffers
-   when trace-cmd stops is never recorded (seen: 19697 of 37108 events on 6.1). What
-   is lost anyway shows in the per-CPU stats that trace.dat carries.
-4. With ``profile``, the kernel's function profiler counts and times the same
-   functions during the same run, as a second opinion on function_graph's numbers.
+2. ``trace-cmd start`` sets the tracer up with a large ring buffer, the job runs, then
+   ``trace-cmd stop`` and ``trace-cmd extract`` write trace.dat from the buffer in one
+   go (then ``trace-cmd convert`` if a file version or compression was asked for).
+   Not ``trace-cmd record``: its readers stream the buffer while the job writes
+   it, and on the 6.1 guest that lost events without counting them (thousands of
+   calibration calls, trace marks), or left the buffer's tail unrecorded at stop
+   (19697 of 37108 events). A buffer too small for the job overwrites its oldest
+   events, which the kernel counts (overrun) and trace.dat's CPU stats carry.
+3. The tracer's own cost is calibrated on this kernel, because a memslot lookup costs
+   less than function_graph's entry and exit: ``getppid()`` is timed before tracing
+   and again with its syscall function traced (in the same tracing session as the set:
+   every extra enabling of ftrace is code patching, which sometimes freezes the nested
+   guest under TCG), between two trace marks; the durations function_graph reports
+   for it (a function that does almost nothing) are the floor of what it can time,
+   read by the host.
+4. With ``profile``, the kernel also times the same functions during the same run with
+   kprobes and hist triggers (``traces.guest.hist``): a second opinion on
+   function_graph's numbers, aggregated in the kernel with no per-call event.
 
 Everything lands in the output directory (default ``$KVMLAB_RESULTS``):
 ``trace.dat``, ``capture.json`` (what was traced, skipped, calibrated, and how it
-ended), ``trace-cmd.log``, and ``function_profile.txt``. The exit code is the job's.
+ended), ``trace-cmd.log``, and ``latency_hist.json``. The exit code is the job's.
 """
 
 from __future__ import annotations
@@ -32,23 +38,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import time
 
+from traces.guest.hist import LatencyHistograms, unavailable
+
 TRACEFS = "/sys/kernel/tracing"
 CALIBRATION_CALLS = 20000
 #: getppid's syscall function, by kernel generation: the thing calibration traces.
 CALIBRATION_FUNCTIONS = ("__x64_sys_getppid", "__do_sys_getppid", "sys_getppid")
-#: "  0)   0.561 us    |  __x64_sys_getppid();" in function_graph's text output
-GRAPH_LEAF = re.compile(r"(\d+\.\d+) us\s+\|\s+(\S+)\(\);")
 EXIT_BAD_SET = 2
+DEFAULT_BUFFER_KB = 131072  # per CPU: 256 MiB of the 4 GiB guest holds minutes of memslot work
+TRACE_CMD_TIMEOUT_S = 300
 MARKER_ENV, MARKER_PREFIX = "KVMLAB_TRACE_MARKERS", "kvmlab "  # as kselftest_py.trace_marker
-DRAIN_S = 1.0
-STOP_TIMEOUT_S = 120
 
 
 def tracefs(name: str) -> str:
@@ -84,35 +88,20 @@ def resolve(spec: dict) -> dict:
     }
 
 
-def calibrate(functions: set[str]) -> dict:
-    """What function_graph costs per traced call on this kernel, and the shortest
-    duration it reports (for a function that does next to nothing)."""
-    target = next((f for f in CALIBRATION_FUNCTIONS if f in functions), None)
-    if target is None:
-        return {"error": f"none of {', '.join(CALIBRATION_FUNCTIONS)} can be traced"}
-    untraced = _time_getppid()
-    write("tracing_on", "0")
-    write("trace", "")
-    write("current_tracer", "function_graph")
-    write("set_ftrace_filter", target)
-    write("tracing_on", "1")
-    try:
-        traced = _time_getppid()
-    finally:
-        write("tracing_on", "0")
-        durations = [float(m[1]) * 1000 for m in GRAPH_LEAF.finditer(read("trace")) if m[2] == target]
-        write("current_tracer", "nop")
-        write("set_ftrace_filter", "")
-        write("trace", "")
-    return {
-        "function": target,
-        "calls": CALIBRATION_CALLS,
-        "untraced_ns_per_call": untraced,
-        "traced_ns_per_call": traced,
-        "overhead_ns_per_call": traced - untraced,
-        "reported_floor_ns": statistics.median(durations) if durations else None,
-        "reported_samples": len(durations),
-    }
+def calibration_target(functions: set[str]) -> str | None:
+    """getppid's syscall function on this kernel: traced along with the set."""
+    return next((f for f in CALIBRATION_FUNCTIONS if f in functions), None)
+
+
+def calibrate_traced(target: str, untraced_ns: float) -> dict:
+    """Time getppid() again now that its syscall function is traced, between two marks
+    (``phase: calibration``) so the host can read the durations function_graph reported
+    for it: the floor of what the tracer can time on this kernel."""
+    mark("begin", "calibration")
+    traced = _time_getppid()
+    mark("end", "calibration")
+    return {"function": target, "calls": CALIBRATION_CALLS, "untraced_ns_per_call": untraced_ns,
+            "traced_ns_per_call": traced, "overhead_ns_per_call": traced - untraced_ns}
 
 
 def _time_getppid() -> float:
@@ -126,14 +115,22 @@ def _time_getppid() -> float:
     return statistics.median(rounds)
 
 
-def record_command(spec: dict, probes: dict, output: str) -> list[str]:
-    argv = ["trace-cmd", "record", "-p", spec.get("tracer", "function_graph"), "-o", output]
+def start_command(spec: dict, probes: dict) -> list[str]:
+    argv = ["trace-cmd", "start", "-p", spec.get("tracer", "function_graph"),
+            "-b", str(spec.get("buffer_kb") or DEFAULT_BUFFER_KB)]
     for function in probes["functions"]:
         argv += ["-l", function]
     for event in probes["events"]:
         argv += ["-e", event]
-    if spec.get("buffer_kb"):
-        argv += ["-b", str(spec["buffer_kb"])]
+    return argv
+
+
+def convert_command(spec: dict, source: str, output: str) -> list[str] | None:
+    """``trace-cmd convert`` to the asked file version and compression (extract writes
+    trace-cmd's default and takes no such options), or None if nothing was asked."""
+    if not spec.get("file_version") and not spec.get("compression"):
+        return None
+    argv = ["trace-cmd", "convert", "-i", source, "-o", output]
     if spec.get("file_version"):
         argv += ["--file-version", str(spec["file_version"])]
     if spec.get("compression"):
@@ -141,15 +138,13 @@ def record_command(spec: dict, probes: dict, output: str) -> list[str]:
     return argv
 
 
-def wait_until_tracing(recorder: subprocess.Popen, tracer: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if recorder.poll() is not None:
-            raise RuntimeError(f"trace-cmd record exited {recorder.returncode} before tracing started")
-        if read("tracing_on").strip() == "1" and read("current_tracer").strip() == tracer:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"tracing did not start within {timeout_s:g} s")
+def trace_cmd(argv: list[str], log) -> None:
+    """Run one trace-cmd step, its output in the log; a failure is a RuntimeError."""
+    log.write(("$ " + " ".join(argv) + "\n").encode())
+    log.flush()
+    done = subprocess.run(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, timeout=TRACE_CMD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])} exited {done.returncode} (see trace-cmd.log)")
 
 
 def mark(edge: str, phase: str) -> None:
@@ -158,15 +153,24 @@ def mark(edge: str, phase: str) -> None:
         handle.write(MARKER_PREFIX + json.dumps({"edge": edge, "phase": phase}) + "\n")
 
 
-def function_profile() -> str:
-    """trace_stat/function<cpu> of every CPU, each under a '# cpu N' line."""
-    parts = []
-    stat_dir = tracefs("trace_stat")
-    for name in sorted(os.listdir(stat_dir)):
-        if name.startswith("function"):
-            with open(os.path.join(stat_dir, name)) as handle:
-                parts.append(f"# cpu {name.removeprefix('function')}\n{handle.read()}")
-    return "\n".join(parts)
+def _start_histograms(spec: dict, probes: dict, report: dict) -> LatencyHistograms | None:
+    """The kernel-side second opinion, when asked for and possible on this kernel."""
+    if not spec.get("profile"):
+        return None
+    reason = unavailable()
+    if reason:
+        report["profile_error"] = f"kernel latency histograms unavailable: {reason}"
+        print(f"kvmlab trace: {report['profile_error']}", file=sys.stderr)
+        return None
+    histograms = LatencyHistograms([f for f in probes["functions"] if f not in CALIBRATION_FUNCTIONS])
+    try:
+        histograms.start()
+    except OSError as err:
+        histograms.remove()
+        report["profile_error"] = f"kernel latency histograms could not be set up: {err}"
+        print(f"kvmlab trace: {report['profile_error']}", file=sys.stderr)
+        return None
+    return histograms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,59 +194,62 @@ def main(argv: list[str] | None = None) -> int:
         _save(args.out, report)
         print(f"kvmlab trace: {report['error']}", file=sys.stderr)
         return EXIT_BAD_SET
-    report["calibration"] = calibrate(available_functions())
+    target = calibration_target(available_functions())
+    if target is None:
+        report["calibration"] = {"error": f"none of {', '.join(CALIBRATION_FUNCTIONS)} can be traced"}
+    else:
+        probes = {**probes, "functions": [*probes["functions"], target]}
+        report["calibration"] = {"function": target, "untraced_ns_per_call": _time_getppid()}
     code = _record_around(spec, probes, command, args.out, report)
     _save(args.out, report)
     return code
 
 
 def _record_around(spec: dict, probes: dict, command: list[str], out: str, report: dict) -> int:
-    """trace-cmd record in the background, the job in the foreground; the job's code."""
-    output = os.path.join(out, "trace.dat")
-    tracer = spec.get("tracer", "function_graph")
-    if os.path.exists(tracefs("buffer_percent")):
-        write("buffer_percent", "0")
+    """Trace set up, the job run, the buffer extracted; the job's exit code."""
     with open(os.path.join(out, "trace-cmd.log"), "wb") as log:
-        recorder = subprocess.Popen(record_command(spec, probes, output), stdout=log, stderr=log,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            wait_until_tracing(recorder, tracer)
-        except RuntimeError as err:
-            recorder.kill()
-            recorder.wait()
+            trace_cmd(start_command(spec, probes), log)
+            if read("tracing_on").strip() != "1":
+                raise RuntimeError("trace-cmd start left tracing off")
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
             report["error"] = str(err)
-            print(f"kvmlab trace: {err} (see trace-cmd.log)", file=sys.stderr)
+            print(f"kvmlab trace: {err}", file=sys.stderr)
             return EXIT_BAD_SET
-        if spec.get("profile"):
-            write("function_profile_enabled", "1")
-        started = time.monotonic()
-        mark("begin", "job")
-        code = subprocess.call(command, env={**os.environ, MARKER_ENV: "1"})
-        mark("end", "job")
-        report["job_s"] = time.monotonic() - started
-        report["job_code"] = code
-        if spec.get("profile"):
-            write("function_profile_enabled", "0")
-            with open(os.path.join(out, "function_profile.txt"), "w") as handle:
-                handle.write(function_profile())
-        write("tracing_on", "0")
-        time.sleep(DRAIN_S)
-        report["trace_cmd_code"] = stop_recorder(recorder, report)
+        histograms = None
+        try:
+            # first: adding kprobe and synthetic events clears the ring buffers
+            histograms = _start_histograms(spec, probes, report)
+            before = report["calibration"]
+            if "function" in before:
+                report["calibration"] = calibrate_traced(before["function"], before["untraced_ns_per_call"])
+            started = time.monotonic()
+            mark("begin", "job")
+            code = subprocess.call(command, env={**os.environ, MARKER_ENV: "1"})
+            mark("end", "job")
+            report["job_s"] = time.monotonic() - started
+            report["job_code"] = code
+            if histograms is not None:
+                with open(os.path.join(out, "latency_hist.json"), "w") as handle:
+                    json.dump(histograms.read(), handle)
+        finally:
+            write("tracing_on", "0")
+        try:
+            trace_cmd(["trace-cmd", "stop"], log)
+            output = os.path.join(out, "trace.dat")
+            convert = convert_command(spec, output + ".extracted", output)
+            trace_cmd(["trace-cmd", "extract", "-o", output + ".extracted" if convert else output], log)
+            if convert:
+                trace_cmd(convert, log)
+                os.unlink(output + ".extracted")
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            report["error"] = f"the trace could not be extracted: {err}"
+            print(f"kvmlab trace: {report['error']}", file=sys.stderr)
+        finally:
+            if histograms is not None:
+                histograms.remove()  # after the extract: it clears the ring buffers
+            subprocess.run(["trace-cmd", "reset"], stdout=log, stderr=log, check=False)
     return code
-
-
-def stop_recorder(recorder: subprocess.Popen, report: dict) -> int:
-    """Ctrl-C for trace-cmd's whole process group, as from a terminal: its per-CPU
-    recorder processes need the signal too (on 5.10, one sent to the parent alone left
-    them asleep on an empty buffer for good). Killed if it does not finish in time."""
-    os.killpg(recorder.pid, signal.SIGINT)
-    try:
-        return recorder.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(recorder.pid, signal.SIGKILL)
-        report["error"] = f"trace-cmd did not stop within {STOP_TIMEOUT_S} s after SIGINT; killed"
-        print(f"kvmlab trace: {report['error']}; trace.dat may be incomplete", file=sys.stderr)
-        return recorder.wait()
 
 
 def _save(out: str, report: dict) -> None:

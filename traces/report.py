@@ -1,0 +1,224 @@
+"""Latency tables and plots from traced runs: ``kvmlab trace report DIR...``.
+
+Each DIR is the results directory of a ``kvmlab run --trace`` (trace.dat and
+capture.json). Calls are attributed to the test loops that made them
+(``traces.segments``) and summarised per kernel × test × slot count × function:
+calls, mean, p50, p90, p99 and max duration, and the share of the loop's time spent
+in the function (summed over the test's threads, so two busy threads can reach 200 %).
+
+What is timed is the traced function's whole body as function_graph sees it, plus
+the tracer's own cost: every table carries the calibration of that kernel (what a
+traced call costs extra, and the shortest duration the tracer reports) beside it.
+
+With two kernels, the first DIR's kernel is the base: per test, slot count and
+function, the ratio of mean durations patched / base with a bootstrap 95 % confidence
+interval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kvmlab.errors import KvmlabError
+from traces import profile as profiler
+from traces import segments
+from traces.calls import calls as calls_table
+from traces.tracedat import TraceFile, read_events
+
+KEYS = ["kernel", "test", "slots", "function"]
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass
+class TracedRun:
+    directory: Path
+    kernel: str
+    capture: dict
+    calls: pd.DataFrame
+    """Calls inside test loops, labelled with kernel, test, slots, run and loop_ns."""
+    lost: dict
+    profile_check: pd.DataFrame | None = None
+    """With --trace-profile: the kernel's latency histograms against function_graph."""
+
+
+def load_run(directory: Path) -> TracedRun:
+    capture_path, trace_path = directory / "capture.json", directory / "trace.dat"
+    for path in (capture_path, trace_path):
+        if not path.exists():
+            raise KvmlabError(f"{directory}: no {path.name} (not the results of a kvmlab run --trace)")
+    capture = json.loads(capture_path.read_text())
+    events = read_events(trace_path)
+    calls = calls_table(events)
+    marked = segments.marks(events)
+    loops = segments.intervals(marked, "loop")
+    if loops.empty:  # a job without kselftest_py marks: the whole job is the "test"
+        loops = segments.intervals(marked, "job").assign(test="job", slots=pd.NA, run=0)
+    labelled = segments.assign(calls, loops).assign(kernel=capture.get("release", "?"))
+    capture.setdefault("calibration", {})["reported_floor_ns"] = tracer_floor(calls, marked, capture)
+    run = TracedRun(directory, capture.get("release", "?"), capture, labelled,
+                    TraceFile.open(trace_path).lost_events())
+    job = segments.intervals(marked, "job")
+    if (directory / "latency_hist.json").exists() and len(job):
+        window = int(job["begin_ts"].iloc[0]), int(job["end_ts"].iloc[0])
+        run.profile_check = profiler.cross_check(profiler.read_hist(directory / "latency_hist.json"),
+                                                 calls, window)
+    return run
+
+
+def tracer_floor(calls: pd.DataFrame, marked: pd.DataFrame, capture: dict) -> float | None:
+    """The median duration function_graph reported for the calibration function (getppid's
+    syscall, which does almost nothing) inside the capture's calibration marks.
+
+    Matched by "getppid" in the name: kallsyms has several names at its address
+    (``__do_sys_getppid``, ``__ia32_sys_getppid``...) and the trace shows one of them."""
+    window = segments.intervals(marked, "calibration")
+    if window.empty:
+        return None
+    begin, end = int(window["begin_ts"].iloc[0]), int(window["end_ts"].iloc[0])
+    timed = calls[calls["function"].astype(str).str.contains("getppid")
+                  & (calls["ts"] >= begin) & (calls["ts"] <= end)]
+    return float(timed["duration_ns"].median()) if len(timed) else None
+
+
+def distinct_kernels(runs: list[TracedRun]) -> None:
+    """Two runs of one release (e.g. base and patched KVM modules) are told apart by directory."""
+    releases = [run.kernel for run in runs]
+    for run in runs:
+        if releases.count(run.kernel) > 1 and len({r.directory.name for r in runs}) == len(runs):
+            run.kernel = f"{run.kernel} ({run.directory.name})"
+            run.calls = run.calls.assign(kernel=run.kernel)
+
+
+def summarize(runs: list[TracedRun]) -> pd.DataFrame:
+    """One row per kernel × test × slots × function."""
+    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    if calls.empty:
+        return pd.DataFrame(columns=[*KEYS, "calls"])
+    loop_time = (calls.drop_duplicates(["kernel", "test", "slots", "run"])
+                 .groupby(["kernel", "test", "slots"], dropna=False)["loop_ns"].sum())
+    grouped = calls.groupby(KEYS, dropna=False)["duration_ns"]
+    table = grouped.agg(calls="count", mean_ns="mean", max_ns="max", total_ns="sum")
+    for quantile in (50, 90, 99):
+        table[f"p{quantile}_ns"] = grouped.quantile(quantile / 100)
+    table = table.reset_index()
+    table["share_pct"] = [100 * total / loop_time.get((k, t, s), np.nan) for k, t, s, total in
+                          zip(table["kernel"], table["test"], table["slots"], table["total_ns"], strict=True)]
+    calibration = {run.kernel: run.capture.get("calibration", {}) for run in runs}
+    table["tracer_overhead_ns"] = table["kernel"].map(lambda k: calibration[k].get("overhead_ns_per_call"))
+    table["tracer_floor_ns"] = table["kernel"].map(lambda k: calibration[k].get("reported_floor_ns"))
+    return table
+
+
+def bootstrap_ratio(base: np.ndarray, patched: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """mean(patched) / mean(base) and its 95 % percentile-bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    base_means = rng.choice(base, (BOOTSTRAP_RESAMPLES, len(base))).mean(axis=1)
+    patched_means = rng.choice(patched, (BOOTSTRAP_RESAMPLES, len(patched))).mean(axis=1)
+    ratios = patched_means / base_means
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(patched.mean() / base.mean()), float(low), float(high)
+
+
+def compare(runs: list[TracedRun]) -> pd.DataFrame:
+    """Patched / base per test × slots × function, for the first two kernels given."""
+    kernels = list(dict.fromkeys(run.kernel for run in runs))
+    if len(kernels) < 2:
+        return pd.DataFrame()
+    base_kernel, patched_kernel = kernels[:2]
+    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    rows = []
+    for (test, slots, function), group in calls.groupby(KEYS[1:], dropna=False):
+        base = group.loc[group["kernel"] == base_kernel, "duration_ns"].to_numpy(dtype=float)
+        patched = group.loc[group["kernel"] == patched_kernel, "duration_ns"].to_numpy(dtype=float)
+        if len(base) < 2 or len(patched) < 2:
+            continue
+        ratio, low, high = bootstrap_ratio(base, patched)
+        rows.append({"test": test, "slots": slots, "function": function, "base_calls": len(base),
+                     "patched_calls": len(patched), "base_mean_ns": base.mean(),
+                     "patched_mean_ns": patched.mean(), "ratio": ratio, "ci_low": low, "ci_high": high})
+    table = pd.DataFrame(rows)
+    table.attrs.update(base=base_kernel, patched=patched_kernel)
+    return table
+
+
+def markdown(summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
+    lines = ["Durations are whole function bodies as function_graph times them, tracer cost included "
+             "(overhead: what tracing adds per call; floor: the shortest duration it reports).", ""]
+    lines += ["| kernel | test | slots | function | calls | mean | p50 | p90 | p99 | max | share | "
+              "tracer overhead / floor |", "|" + "---|" * 12]
+    for row in summary.to_dict("records"):
+        lines.append(
+            f"| {row['kernel']} | {row['test']} | {_slots(row['slots'])} | {row['function']} | "
+            f"{row['calls']} | "
+            f"{_us(row['mean_ns'])} | {_us(row['p50_ns'])} | {_us(row['p90_ns'])} | {_us(row['p99_ns'])} | "
+            f"{_us(row['max_ns'])} | {row['share_pct']:.1f} % | "
+            f"{_us(row['tracer_overhead_ns'])} / {_us(row['tracer_floor_ns'])} |")
+    if not comparison.empty:
+        lines += ["", f"patched ({comparison.attrs['patched']}) / base ({comparison.attrs['base']}), "
+                      "mean duration, bootstrap 95 % CI:", "",
+                  "| test | slots | function | base | patched | ratio | 95 % CI |", "|" + "---|" * 7]
+        for row in comparison.to_dict("records"):
+            lines.append(f"| {row['test']} | {_slots(row['slots'])} | {row['function']} | "
+                         f"{_us(row['base_mean_ns'])} | {_us(row['patched_mean_ns'])} | {row['ratio']:.2f} | "
+                         f"{row['ci_low']:.2f}–{row['ci_high']:.2f} |")
+    return "\n".join(lines)
+
+
+def profile_markdown(run: TracedRun) -> str:
+    """The kernel's histogram counts and means beside function_graph's, for one run."""
+    lines = [f"kernel latency histograms (kprobes + hist triggers) vs function_graph, {run.kernel} "
+             f"({run.directory.name}), whole job:", "",
+             "| function | hist hits | graph calls | hist mean | graph mean | hist / graph | hist dropped |",
+             "|" + "---|" * 7]
+    for row in run.profile_check.to_dict("records"):
+        if not row["hits"] and not row["graph_calls"]:
+            continue
+        ratio = "–" if pd.isna(row["mean_ratio"]) else f"{row['mean_ratio']:.2f}"
+        lines.append(f"| {row['function']} | {row['hits']} | {row['graph_calls']} | {_us(row['mean_ns'])} | "
+                     f"{_us(row['graph_mean_ns'])} | {ratio} | {row['dropped']} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[TracedRun], out: Path) -> list[Path]:
+    """Per function: the latency CDF and a histogram, one line per kernel × slot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    written = []
+    for function, group in calls.groupby("function"):
+        figure, (cdf, hist) = plt.subplots(1, 2, figsize=(11, 4))
+        for (kernel, slots), series in group.groupby(["kernel", "slots"], dropna=False)["duration_ns"]:
+            values = np.sort(series.to_numpy(dtype=float)) / 1000
+            label = f"{kernel}, {_slots(slots)} slots"
+            cdf.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
+            hist.hist(values, bins=np.geomspace(max(values.min(), 1e-3), values.max() * 1.01, 50),
+                      histtype="step", label=label)
+        for axes, ylabel in ((cdf, "fraction of calls"), (hist, "calls")):
+            axes.set_xscale("log")
+            axes.set_xlabel(f"{function} duration (µs, tracer cost included)")
+            axes.set_ylabel(ylabel)
+        cdf.legend(fontsize="small")
+        figure.tight_layout()
+        path = out / f"latency-{function}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _us(ns) -> str:
+    if ns is None or pd.isna(ns):
+        return "–"
+    return f"{ns / 1000:.2f} µs"
+
+
+def _slots(slots) -> str:
+    return "–" if slots is None or pd.isna(slots) else str(int(slots))
