@@ -179,7 +179,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _trace_report(args: argparse.Namespace) -> int:
     from traces import report
 
-    runs = [report.load_run(directory) for directory in args.dirs]
+    runs = [report.load_run(directory, args.partial) for directory in args.dirs]
+    for run in runs:
+        if run.damage:
+            print(f"kvmlab: warning: {run.damage}; reporting the events before it", file=sys.stderr)
     report.distinct_kernels(runs)
     summary, comparison = report.summarize(runs), report.compare(runs)
     print(report.markdown(summary, comparison))
@@ -273,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
                                    "the first kernel is the base")
     trace_report.add_argument("-o", "--out", type=Path, default=Path("trace-report"),
                               help="where the CSV tables and PNG plots go (trace-report/)")
+    trace_report.add_argument("--partial", action="store_true",
+                              help="read a truncated or corrupt trace.dat up to the damage, not fail")
     trace_report.set_defaults(func=_trace_report)
 
     stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")

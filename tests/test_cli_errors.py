@@ -78,3 +78,27 @@ def test_inspect_foreign_socket_needs_a_kernel(tmp_path):
 def test_check_interval_must_be_positive():
     done = kvmlab("run", "debian:bookworm", "--check-invariants-every", "0", "--", "true")
     assert_one_line_error(done, "--check-invariants-every wants a positive number")
+
+
+def test_trace_report_on_a_truncated_trace(tmp_path):
+    """A cut trace.dat: one line naming the file and the offset; --partial reports what came before."""
+    import json
+    import lzma
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "traces/samples/bookworm-lookup-v6.dat.xz"
+    data = lzma.decompress(sample.read_bytes())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trace.dat").write_bytes(data[: len(data) - 50000])
+    (run / "capture.json").write_text(json.dumps({"set": "memslot-lookup", "release": "6.1"}))
+    assert_one_line_error(kvmlab("trace", "report", str(run), "-o", str(tmp_path / "out")),
+                          f"{run / 'trace.dat'}: truncated at offset")
+    done = kvmlab("trace", "report", str(run), "--partial", "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr and "truncated at offset" in done.stderr
+    assert (tmp_path / "out" / "latency.csv").exists()
+
+
+def test_trace_report_needs_a_traced_run(tmp_path):
+    assert_one_line_error(kvmlab("trace", "report", str(tmp_path)), "no capture.json")

@@ -42,17 +42,21 @@ class TracedRun:
     calls: pd.DataFrame
     """Calls inside test loops, labelled with kernel, test, slots, run and loop_ns."""
     lost: dict
+    damage: str | None = None
+    """With ``partial``: what was wrong with trace.dat (the events after it are missing)."""
     profile_check: pd.DataFrame | None = None
     """With --trace-profile: the kernel's latency histograms against function_graph."""
 
 
-def load_run(directory: Path) -> TracedRun:
+def load_run(directory: Path, partial: bool = False) -> TracedRun:
+    """A traced run's results; ``partial`` reads a damaged trace.dat up to the damage
+    (``TraceFileError`` otherwise, naming the file and offset)."""
     capture_path, trace_path = directory / "capture.json", directory / "trace.dat"
     for path in (capture_path, trace_path):
         if not path.exists():
             raise KvmlabError(f"{directory}: no {path.name} (not the results of a kvmlab run --trace)")
     capture = json.loads(capture_path.read_text())
-    events = read_events(trace_path)
+    events = read_events(trace_path, partial=partial)
     calls = calls_table(events)
     marked = segments.marks(events)
     loops = segments.intervals(marked, "loop")
@@ -60,8 +64,9 @@ def load_run(directory: Path) -> TracedRun:
         loops = segments.intervals(marked, "job").assign(test="job", slots=pd.NA, run=0)
     labelled = segments.assign(calls, loops).assign(kernel=capture.get("release", "?"))
     capture.setdefault("calibration", {})["reported_floor_ns"] = tracer_floor(calls, marked, capture)
+    damage = events.attrs.get("damage")
     run = TracedRun(directory, capture.get("release", "?"), capture, labelled,
-                    TraceFile.open(trace_path).lost_events())
+                    {} if damage else TraceFile.open(trace_path).lost_events(), damage)
     job = segments.intervals(marked, "job")
     if (directory / "latency_hist.json").exists() and len(job):
         window = int(job["begin_ts"].iloc[0]), int(job["end_ts"].iloc[0])
