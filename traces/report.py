@@ -176,8 +176,9 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
 
 def profile_markdown(run: TracedRun) -> str:
     """The kernel's histogram counts and means beside function_graph's, for one run."""
-    lines = [f"kernel latency histograms (kprobes + hist triggers) vs function_graph, {run.kernel} "
-             f"({run.directory.name}), whole job:", "",
+    where = run.kernel if run.directory.name in run.kernel else f"{run.kernel} ({run.directory.name})"
+    lines = [f"kernel latency histograms (kprobes + hist triggers) vs function_graph, {where}, "
+             "whole job:", "",
              "| function | hist hits | graph calls | hist mean | graph mean | hist / graph | hist dropped |",
              "|" + "---|" * 7]
     for row in run.profile_check.to_dict("records"):
