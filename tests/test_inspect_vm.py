@@ -4,9 +4,10 @@ array of 5.10 (bullseye) and the trees of 6.1 (bookworm)."""
 
 import json
 import re
+import warnings
 
 import pytest
-from conftest import kvmlab, kvmlab_retrying_hangs
+from conftest import kvmlab
 
 from drgn_scripts.memslot_model import VmMemslots
 
@@ -44,13 +45,31 @@ def test_dump_equals_created_layout(spec, no_leaked_qemu):
     assert layout in table.stdout
 
 
+#: How the L2 side of nested TCG fails (README, known problem): a hang, or a vCPU that
+#: triple-faults. Neither is what this test is about, and neither is an invariant.
+EMULATOR_FAILURES = ("unexpected exit KVM_EXIT_SHUTDOWN",)
+
+
+def stress_with_checks(spec: str, attempts: int = 3):
+    """memslot_stress (one vCPU: the heavier stress wedges nested TCG guests often)
+    under periodic checks; run again, with a warning, while the emulator fails it.
+    An invariant violation (exit 123) is never retried."""
+    for attempt in range(1, attempts + 1):
+        done = kvmlab("run", spec, "--check-invariants-every", "3", "--timeout", "150", "--",
+                      "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "16", "-s", "40",
+                      "-t", "20", timeout=400)
+        emulator = done.returncode == 124 or (
+            done.returncode == 1 and any(failure in done.stdout for failure in EMULATOR_FAILURES))
+        if not emulator or attempt == attempts:
+            return done
+        warnings.warn(f"nested TCG failed the stress test (attempt {attempt}, exit {done.returncode}), "
+                      f"retrying on {spec}", stacklevel=2)
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.parametrize("spec", KERNEL_LIMITS)
 def test_periodic_checks_during_modification_stress(spec, tmp_path, no_leaked_qemu):
-    # One vCPU and a short timeout per attempt: the heavier stress wedges nested TCG
-    # guests often enough (README, known problem) to make retries the common case.
-    done = kvmlab_retrying_hangs(
-        "run", spec, "--check-invariants-every", "3", "--timeout", "150", "--",
-        "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "16", "-s", "40", "-t", "20")
+    done = stress_with_checks(spec)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = re.search(r"invariant checks: (\d+) ran, (\d+) saw a VM \(up to (\d+) slots\)", done.stderr)
     assert summary, done.stderr[-3000:]
