@@ -56,7 +56,7 @@ def stress_with_checks(spec: str, attempts: int = 3):
     An invariant violation (exit 123) is never retried."""
     for attempt in range(1, attempts + 1):
         done = kvmlab("run", spec, "--check-invariants-every", "3", "--timeout", "150", "--",
-                      "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "16", "-s", "40",
+                      "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "4", "-s", "40",
                       "-t", "20", timeout=400)
         emulator = done.returncode == 124 or (
             done.returncode == 1 and any(failure in done.stdout for failure in EMULATOR_FAILURES))
