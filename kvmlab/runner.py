@@ -214,7 +214,13 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
             deadline += paused
             if status.last_beat is not None:
                 status.last_beat += paused
+            if watch.report.error and (process.poll() is not None or _job_exited(status_file)):
+                watch.report.error = None  # the guest went away under the check: not the checker's fault
         time.sleep(0.05)
+
+
+def _job_exited(status_file: Path) -> bool:
+    return any('"exit"' in line for line in _read_lines(status_file))
 
 
 def _read_lines(path: Path) -> list[str]:
