@@ -1,0 +1,54 @@
+"""The A/B statistics on data whose answer is known."""
+
+import numpy as np
+import pytest
+
+from kvmlab.stats import IMPROVED, NO_CHANGE, REGRESSED, compare_cell, complexity_fit
+
+
+def runs(median: float, spread: float, count: int, seed: int) -> np.ndarray:
+    return median * np.random.default_rng(seed).lognormal(0, spread, count)
+
+
+def test_a_clear_slowdown_is_a_regression_with_its_size():
+    cell = compare_cell(runs(1.0, 0.02, 10, 1), runs(1.3, 0.02, 10, 2))
+    assert cell.verdict == REGRESSED
+    assert 0.25 < cell.change < 0.35 and cell.ci_low < cell.change < cell.ci_high and cell.ci_low > 0
+    assert cell.p_value < 0.01
+
+
+def test_a_clear_speedup_is_an_improvement():
+    assert compare_cell(runs(1.0, 0.02, 10, 1), runs(0.5, 0.02, 10, 2)).verdict == IMPROVED
+
+
+def test_the_same_distribution_is_no_change():
+    cell = compare_cell(runs(1.0, 0.2, 10, 1), runs(1.0, 0.2, 10, 2))
+    assert cell.verdict == NO_CHANGE and cell.ci_low < 0 < cell.ci_high
+
+
+def test_a_significant_change_below_the_threshold_is_no_change():
+    base, patched = runs(1.0, 0.001, 20, 1), runs(1.02, 0.001, 20, 2)
+    assert compare_cell(base, patched).p_value < 0.001
+    assert compare_cell(base, patched, threshold=0.05).verdict == NO_CHANGE
+    assert compare_cell(base, patched, threshold=0.01).verdict == REGRESSED
+
+
+def test_too_few_runs_is_refused():
+    with pytest.raises(ValueError):
+        compare_cell([1.0], [1.0, 2.0])
+
+
+SLOTS = np.array([10, 30, 50, 100, 509, 2000, 8000, 32764])
+
+
+@pytest.mark.parametrize("truth,times", [
+    ("constant", 5.0 + 0 * SLOTS),
+    ("log n", 3.0 + 2.0 * np.log2(SLOTS)),
+    ("n", 1.0 + 0.01 * SLOTS),
+    ("n log n", 1.0 + 0.001 * SLOTS * np.log2(SLOTS)),
+])
+def test_complexity_fit_finds_the_growth_class(truth, times):
+    noisy = times * np.random.default_rng(3).normal(1, 0.01, len(SLOTS))
+    fit = complexity_fit(SLOTS, noisy)
+    assert fit.best == truth
+    assert truth == "constant" or fit.r_squared > 0.99
