@@ -20,6 +20,11 @@ _handle = None
 _enabled = os.environ.get(ENV) == "1"
 
 
+def line(edge: str, phase: str, **labels) -> str:
+    """One mark as written to trace_marker (``traces.segments`` reads it back)."""
+    return PREFIX + json.dumps({"edge": edge, "phase": phase, **labels}) + "\n"
+
+
 def mark(edge: str, phase: str, **labels) -> None:
     """Write ``edge`` ("begin" or "end") of ``phase`` with its labels, if tracing."""
     global _handle, _enabled
@@ -28,7 +33,7 @@ def mark(edge: str, phase: str, **labels) -> None:
     try:
         if _handle is None:
             _handle = open(_PATH, "w")  # noqa: SIM115 - kept open for the process's life
-        _handle.write(PREFIX + json.dumps({"edge": edge, "phase": phase, **labels}) + "\n")
+        _handle.write(line(edge, phase, **labels))
         _handle.flush()
     except OSError:
         _enabled = False  # no tracefs here: stay quiet, the job is what matters

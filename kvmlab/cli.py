@@ -92,18 +92,11 @@ def _trace_summary(results: Path) -> None:
     from traces.tracedat import TraceFile, TraceFileError
 
     try:
-        lost = TraceFile.open(trace_path).lost_events()
+        losses = TraceFile.open(trace_path).describe_losses()
     except TraceFileError as err:
         print(f"kvmlab: trace: {err}", file=sys.stderr)
         return
-    print(f"kvmlab: trace: {trace_path}; {_losses(lost) or 'no events lost'}", file=sys.stderr)
-
-
-def _losses(lost: dict[int, dict[str, int]]) -> str:
-    """Per-CPU losses in one line, or "" when nothing was lost."""
-    parts = [f"CPU {cpu}: {row['lost']} lost, {row['unrecorded']} left unrecorded in the kernel buffer"
-             for cpu, row in lost.items() if row["lost"] or row["unrecorded"]]
-    return "; ".join(parts)
+    print(f"kvmlab: trace: {trace_path}; {'; '.join(losses) or 'no events lost'}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -190,8 +183,8 @@ def _trace_report(args: argparse.Namespace) -> int:
         if run.profile_check is not None:
             print("\n" + report.profile_markdown(run))
     for run in runs:
-        if _losses(run.lost):
-            print(f"kvmlab: {run.directory}: {_losses(run.lost)}", file=sys.stderr)
+        if run.losses:
+            print(f"kvmlab: {run.directory}: {'; '.join(run.losses)}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(args.out / "latency.csv", index=False)
     if not comparison.empty:

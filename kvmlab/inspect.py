@@ -88,9 +88,8 @@ def debug_files(kernel: Kernel) -> list[Path]:
 class Inspector:
     """One drgn Program on one VM, attached once and read as often as asked."""
 
-    def __init__(self, where: Target, log=None):
+    def __init__(self, where: Target):
         self.where = where
-        self.log = log
         self.prog = None
 
     def attach(self) -> None:

@@ -190,17 +190,12 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
     seen = 0
     deadline = started + options.timeout_s
     while True:
-        lines = _read_lines(status_file)
-        for line in lines[seen:]:
-            _apply_event(status, line, started)
-        seen = len(lines)
+        seen = _catch_up(status, status_file, seen, started)
         if status.userspace_at is None and console_log.exists():
             if USERSPACE_MARK in console_log.read_bytes():
                 status.userspace_at = time.monotonic() - started
         if status.exit_code is not None or process.poll() is not None:
-            if process.poll() is not None:
-                for line in _read_lines(status_file)[seen:]:
-                    _apply_event(status, line, started)
+            _catch_up(status, status_file, seen, started)
             return status
         if time.monotonic() > deadline:
             status.timed_out = True
@@ -214,13 +209,18 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
             deadline += paused
             if status.last_beat is not None:
                 status.last_beat += paused
-            if watch.report.error and (process.poll() is not None or _job_exited(status_file)):
+            seen = _catch_up(status, status_file, seen, started)
+            if watch.report.error and (process.poll() is not None or status.exit_code is not None):
                 watch.report.error = None  # the guest went away under the check: not the checker's fault
         time.sleep(0.05)
 
 
-def _job_exited(status_file: Path) -> bool:
-    return any('"exit"' in line for line in _read_lines(status_file))
+def _catch_up(status: _Status, status_file: Path, seen: int, started: float) -> int:
+    """Apply the status events written since line ``seen``; returns the new count."""
+    lines = _read_lines(status_file)
+    for line in lines[seen:]:
+        _apply_event(status, line, started)
+    return len(lines)
 
 
 def _read_lines(path: Path) -> list[str]:

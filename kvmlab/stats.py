@@ -47,17 +47,24 @@ def compare_cell(base, patched, alpha: float = 0.05, threshold: float = 0.05,
     if len(base) < 2 or len(patched) < 2:
         raise ValueError("a cell needs at least two runs of each kernel")
     base_median, patched_median = float(np.median(base)), float(np.median(patched))
-    change = patched_median / base_median - 1
-    rng = np.random.default_rng(seed)
-    ratios = (np.median(rng.choice(patched, (BOOTSTRAP_RESAMPLES, len(patched))), axis=1)
-              / np.median(rng.choice(base, (BOOTSTRAP_RESAMPLES, len(base))), axis=1))
-    low, high = np.percentile(ratios, [2.5, 97.5]) - 1
+    ratio, low, high = bootstrap_ratio(base, patched, np.median, seed)
+    change = ratio - 1
     p_value = float(mannwhitneyu(base, patched, alternative="two-sided").pvalue)
     verdict = NO_CHANGE
     if p_value < alpha and abs(change) >= threshold:
         verdict = IMPROVED if change < 0 else REGRESSED
     return CellComparison(base_median, patched_median, float(base.min()), float(patched.min()), change,
-                          float(low), float(high), p_value, verdict, (len(base), len(patched)))
+                          low - 1, high - 1, p_value, verdict, (len(base), len(patched)))
+
+
+def bootstrap_ratio(base, patched, statistic=np.mean, seed: int = 0) -> tuple[float, float, float]:
+    """statistic(patched) / statistic(base) and its 95 % percentile-bootstrap interval."""
+    base, patched = np.asarray(base, dtype=float), np.asarray(patched, dtype=float)
+    rng = np.random.default_rng(seed)
+    base_values = statistic(rng.choice(base, (BOOTSTRAP_RESAMPLES, len(base))), axis=1)
+    patched_values = statistic(rng.choice(patched, (BOOTSTRAP_RESAMPLES, len(patched))), axis=1)
+    low, high = np.percentile(patched_values / base_values, [2.5, 97.5])
+    return float(statistic(patched) / statistic(base)), float(low), float(high)
 
 
 COMPLEXITY = {

@@ -19,22 +19,28 @@ def kvmlab(*args: str, env: dict[str, str] | None = None,
     )
 
 
-def kvmlab_retrying_hangs(*args: str, attempts: int = 3, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``kvmlab(*args)``, run again (with a warning) while it reports a hung guest.
+def hung(done: subprocess.CompletedProcess) -> bool:
+    return done.returncode == 124
+
+
+def kvmlab_retrying(*args: str, retry_if=hung, attempts: int = 3,
+                    timeout: float = 900) -> subprocess.CompletedProcess:
+    """``kvmlab(*args)``, run again (with a warning) while ``retry_if`` says the emulator
+    failed it (default: a hung guest).
 
     Nested KVM under multi-threaded TCG occasionally wedges the L1 guest (see the
     README's known problem): the whole kernel freezes, an L2 vCPU never exits, or an IPI
     is never answered. It is the emulator, not the code under test, and it hits
-    upstream's C selftests too; a hang on the last attempt still fails the test.
+    upstream's C selftests too; a failure on the last attempt still fails the test.
     """
     import warnings
 
     for attempt in range(1, attempts + 1):
         done = kvmlab(*args, timeout=timeout)
-        if done.returncode != 124 or attempt == attempts:
+        if not retry_if(done) or attempt == attempts:
             return done
-        warnings.warn(f"guest hung under nested TCG (attempt {attempt}), retrying: kvmlab {' '.join(args)}",
-                      stacklevel=2)
+        warnings.warn(f"nested TCG failed the run (attempt {attempt}, exit {done.returncode}), retrying: "
+                      f"kvmlab {' '.join(args)}", stacklevel=2)
     raise AssertionError("unreachable")
 
 

@@ -4,10 +4,9 @@ array of 5.10 (bullseye) and the trees of 6.1 (bookworm)."""
 
 import json
 import re
-import warnings
 
 import pytest
-from conftest import kvmlab
+from conftest import kvmlab, kvmlab_retrying
 
 from drgn_scripts.memslot_model import VmMemslots
 
@@ -50,21 +49,18 @@ def test_dump_equals_created_layout(spec, no_leaked_qemu):
 EMULATOR_FAILURES = ("unexpected exit KVM_EXIT_SHUTDOWN",)
 
 
-def stress_with_checks(spec: str, attempts: int = 3):
+def emulator_failed(done) -> bool:
+    return done.returncode == 124 or (
+        done.returncode == 1 and any(failure in done.stdout for failure in EMULATOR_FAILURES))
+
+
+def stress_with_checks(spec: str):
     """memslot_stress (one vCPU: the heavier stress wedges nested TCG guests often)
-    under periodic checks; run again, with a warning, while the emulator fails it.
-    An invariant violation (exit 123) is never retried."""
-    for attempt in range(1, attempts + 1):
-        done = kvmlab("run", spec, "--check-invariants-every", "3", "--timeout", "150", "--",
-                      "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "4", "-s", "40",
-                      "-t", "20", timeout=400)
-        emulator = done.returncode == 124 or (
-            done.returncode == 1 and any(failure in done.stdout for failure in EMULATOR_FAILURES))
-        if not emulator or attempt == attempts:
-            return done
-        warnings.warn(f"nested TCG failed the stress test (attempt {attempt}, exit {done.returncode}), "
-                      f"retrying on {spec}", stacklevel=2)
-    raise AssertionError("unreachable")
+    under periodic checks, retried while the emulator fails it. An invariant violation
+    (exit 123) is never retried."""
+    return kvmlab_retrying("run", spec, "--check-invariants-every", "3", "--timeout", "150", "--",
+                           "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "4", "-s", "40",
+                           "-t", "20", retry_if=emulator_failed, timeout=400)
 
 
 @pytest.mark.parametrize("spec", KERNEL_LIMITS)

@@ -1,10 +1,9 @@
 """memslot_perf inside the lab: every test, at the slot counts the issue names."""
 
 import json
-import warnings
 
 import pytest
-from conftest import kvmlab
+from conftest import kvmlab, kvmlab_retrying
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 
@@ -21,15 +20,10 @@ def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tupl
     vCPUs spinning in __schedule, jiffies stopped; seen with upstream's C test too, see
     the README). kvmlab reports that as a stalled guest; a third stall fails the test.
     """
-    attempts = 3
-    for attempt in range(1, attempts + 1):
-        done = kvmlab("run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
-                      "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
-                      timeout=timeout + 120)
-        if not (done.returncode == 124 and STALLED in done.stderr and attempt < attempts):
-            break
-        warnings.warn(f"guest kernel stalled under nested TCG (attempt {attempt}), retrying: {spec} {args}",
-                      stacklevel=2)
+    done = kvmlab_retrying(
+        "run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
+        "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
+        retry_if=lambda done: done.returncode == 124 and STALLED in done.stderr, timeout=timeout + 120)
     path = tmp_path / "perf.json"
     return done, json.loads(path.read_text()) if path.exists() else {}
 

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pandas as pd
 
+from kvmlab.stats import bootstrap_ratio
 from traces import segments
 from traces.profile import cross_check
-from traces.report import bootstrap_ratio
 
 
 def print_events(*marks: tuple[int, str, dict]) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import subprocess
 
 import pandas as pd
 import pytest
-from conftest import kvmlab, kvmlab_retrying_hangs
+from conftest import kvmlab, kvmlab_retrying
 
 from traces import profile, segments
 from traces.calls import calls
@@ -28,7 +28,7 @@ def report_exits(trace_dat) -> collections.Counter:
 
 def test_traced_memslot_perf(tmp_path):
     out = tmp_path / "results"
-    done = kvmlab_retrying_hangs(
+    done = kvmlab_retrying(
         "run", "debian:bookworm", "--trace", "memslot-lookup", "--trace-profile", "--out", str(out), "--",
         "python3", "-m", "kselftest_py.memslot_perf", "-s", "10", "-f", "1", "-e", "3", "-l", "1",
         "--unmap-size-mib", "16")

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 
 from kvmlab.errors import KvmlabError
+from kvmlab.stats import bootstrap_ratio
 from traces import profile as profiler
 from traces import segments
 from traces.calls import calls as calls_table
-from traces.tracedat import TraceFile, read_events
+from traces.tracedat import TraceFile, TraceFileError, read_events
 
 KEYS = ["kernel", "test", "slots", "function"]
-BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass
@@ -41,7 +41,8 @@ class TracedRun:
     capture: dict
     calls: pd.DataFrame
     """Calls inside test loops, labelled with kernel, test, slots, run and loop_ns."""
-    lost: dict
+    losses: list[str]
+    """``TraceFile.describe_losses``: a line per CPU that lost events (empty: none did)."""
     damage: str | None = None
     """With ``partial``: what was wrong with trace.dat (the events after it are missing)."""
     profile_check: pd.DataFrame | None = None
@@ -56,35 +57,40 @@ def load_run(directory: Path, partial: bool = False) -> TracedRun:
         if not path.exists():
             raise KvmlabError(f"{directory}: no {path.name} (not the results of a kvmlab run --trace)")
     capture = json.loads(capture_path.read_text())
-    events = read_events(trace_path, partial=partial)
+    try:
+        trace = TraceFile.open(trace_path)
+        events = trace.events(partial=partial)
+    except TraceFileError:
+        if not partial:
+            raise
+        trace, events = None, read_events(trace_path, partial=True)  # damaged headers: nothing read
     calls = calls_table(events)
     marked = segments.marks(events)
     loops = segments.intervals(marked, "loop")
     if loops.empty:  # a job without kselftest_py marks: the whole job is the "test"
         loops = segments.intervals(marked, "job").assign(test="job", slots=pd.NA, run=0)
     labelled = segments.assign(calls, loops).assign(kernel=capture.get("release", "?"))
-    capture.setdefault("calibration", {})["reported_floor_ns"] = tracer_floor(calls, marked, capture)
+    capture.setdefault("calibration", {})["reported_floor_ns"] = tracer_floor(calls, marked)
     damage = events.attrs.get("damage")
     run = TracedRun(directory, capture.get("release", "?"), capture, labelled,
-                    {} if damage else TraceFile.open(trace_path).lost_events(), damage)
-    job = segments.intervals(marked, "job")
-    if (directory / "latency_hist.json").exists() and len(job):
-        window = int(job["begin_ts"].iloc[0]), int(job["end_ts"].iloc[0])
+                    trace.describe_losses() if trace and not damage else [], damage)
+    job = segments.window(marked, "job")
+    if (directory / "latency_hist.json").exists() and job:
         run.profile_check = profiler.cross_check(profiler.read_hist(directory / "latency_hist.json"),
-                                                 calls, window)
+                                                 calls, job)
     return run
 
 
-def tracer_floor(calls: pd.DataFrame, marked: pd.DataFrame, capture: dict) -> float | None:
+def tracer_floor(calls: pd.DataFrame, marked: pd.DataFrame) -> float | None:
     """The median duration function_graph reported for the calibration function (getppid's
     syscall, which does almost nothing) inside the capture's calibration marks.
 
     Matched by "getppid" in the name: kallsyms has several names at its address
     (``__do_sys_getppid``, ``__ia32_sys_getppid``...) and the trace shows one of them."""
-    window = segments.intervals(marked, "calibration")
-    if window.empty:
+    window = segments.window(marked, "calibration")
+    if window is None:
         return None
-    begin, end = int(window["begin_ts"].iloc[0]), int(window["end_ts"].iloc[0])
+    begin, end = window
     timed = calls[calls["function"].astype(str).str.contains("getppid")
                   & (calls["ts"] >= begin) & (calls["ts"] <= end)]
     return float(timed["duration_ns"].median()) if len(timed) else None
@@ -117,16 +123,6 @@ def summarize(runs: list[TracedRun]) -> pd.DataFrame:
     table["tracer_overhead_ns"] = table["kernel"].map(lambda k: calibration[k].get("overhead_ns_per_call"))
     table["tracer_floor_ns"] = table["kernel"].map(lambda k: calibration[k].get("reported_floor_ns"))
     return table
-
-
-def bootstrap_ratio(base: np.ndarray, patched: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """mean(patched) / mean(base) and its 95 % percentile-bootstrap interval."""
-    rng = np.random.default_rng(seed)
-    base_means = rng.choice(base, (BOOTSTRAP_RESAMPLES, len(base))).mean(axis=1)
-    patched_means = rng.choice(patched, (BOOTSTRAP_RESAMPLES, len(patched))).mean(axis=1)
-    ratios = patched_means / base_means
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(patched.mean() / base.mean()), float(low), float(high)
 
 
 def compare(runs: list[TracedRun]) -> pd.DataFrame:

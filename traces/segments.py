@@ -19,7 +19,8 @@ import json
 
 import pandas as pd
 
-PREFIX = "kvmlab "
+from kselftest_py.trace_marker import PREFIX
+
 LABELS = ["test", "slots", "run"]
 
 
@@ -54,6 +55,14 @@ def intervals(marked: pd.DataFrame, phase: str = "loop") -> pd.DataFrame:
                          "begin_ts": begin["ts"], "end_ts": mark["ts"],
                          "iterations": mark.get("iterations")})
     return pd.DataFrame(rows, columns=[*LABELS, "comm", "begin_ts", "end_ts", "iterations"])
+
+
+def window(marked: pd.DataFrame, phase: str) -> tuple[int, int] | None:
+    """[begin, end] of the first finished ``phase`` (the capture's "job", "calibration")."""
+    found = intervals(marked, phase)
+    if found.empty:
+        return None
+    return int(found["begin_ts"].iloc[0]), int(found["end_ts"].iloc[0])
 
 
 def assign(calls: pd.DataFrame, loops: pd.DataFrame) -> pd.DataFrame:

@@ -43,41 +43,26 @@ import subprocess
 import sys
 import time
 
+from kselftest_py import trace_marker
+from traces.guest import tracefs
 from traces.guest.hist import LatencyHistograms, unavailable
 
-TRACEFS = "/sys/kernel/tracing"
 CALIBRATION_CALLS = 20000
 #: getppid's syscall function, by kernel generation: the thing calibration traces.
 CALIBRATION_FUNCTIONS = ("__x64_sys_getppid", "__do_sys_getppid", "sys_getppid")
 EXIT_BAD_SET = 2
 DEFAULT_BUFFER_KB = 131072  # per CPU: 256 MiB of the 4 GiB guest holds minutes of memslot work
 TRACE_CMD_TIMEOUT_S = 300
-MARKER_ENV, MARKER_PREFIX = "KVMLAB_TRACE_MARKERS", "kvmlab "  # as kselftest_py.trace_marker
-
-
-def tracefs(name: str) -> str:
-    return os.path.join(TRACEFS, name)
-
-
-def write(name: str, value: str) -> None:
-    with open(tracefs(name), "w") as handle:
-        handle.write(value)
-
-
-def read(name: str) -> str:
-    with open(tracefs(name)) as handle:
-        return handle.read()
 
 
 def available_functions() -> set[str]:
     """Names in available_filter_functions ("name" or "name [module]")."""
-    return {line.split()[0] for line in read("available_filter_functions").splitlines() if line}
+    return {line.split()[0] for line in tracefs.read("available_filter_functions").splitlines() if line}
 
 
-def resolve(spec: dict) -> dict:
+def resolve(spec: dict, functions: set[str]) -> dict:
     """The set's functions and events split into used and skipped on this kernel."""
-    functions = available_functions()
-    events = set(read("available_events").split())
+    events = set(tracefs.read("available_events").split())
     used = [f for f in spec["functions"] if f in functions]
     used_events = [e for e in spec.get("events", []) if e in events]
     return {
@@ -148,9 +133,14 @@ def trace_cmd(argv: list[str], log) -> None:
 
 
 def mark(edge: str, phase: str) -> None:
-    """The job's own begin/end in the trace, in kselftest_py.trace_marker's format."""
-    with open(tracefs("trace_marker"), "w") as handle:
-        handle.write(MARKER_PREFIX + json.dumps({"edge": edge, "phase": phase}) + "\n")
+    """The capture's own marks (calibration, the job), in the format kselftest_py's use."""
+    tracefs.write("trace_marker", trace_marker.line(edge, phase))
+
+
+def fail(report: dict, key: str, message: str) -> None:
+    """Record what went wrong in capture.json and say it on stderr."""
+    report[key] = message
+    print(f"kvmlab trace: {message}", file=sys.stderr)
 
 
 def _start_histograms(spec: dict, probes: dict, report: dict) -> LatencyHistograms | None:
@@ -159,16 +149,14 @@ def _start_histograms(spec: dict, probes: dict, report: dict) -> LatencyHistogra
         return None
     reason = unavailable()
     if reason:
-        report["profile_error"] = f"kernel latency histograms unavailable: {reason}"
-        print(f"kvmlab trace: {report['profile_error']}", file=sys.stderr)
+        fail(report, "profile_error", f"kernel latency histograms unavailable: {reason}")
         return None
     histograms = LatencyHistograms([f for f in probes["functions"] if f not in CALIBRATION_FUNCTIONS])
     try:
         histograms.start()
     except OSError as err:
         histograms.remove()
-        report["profile_error"] = f"kernel latency histograms could not be set up: {err}"
-        print(f"kvmlab trace: {report['profile_error']}", file=sys.stderr)
+        fail(report, "profile_error", f"kernel latency histograms could not be set up: {err}")
         return None
     return histograms
 
@@ -187,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.load(handle)
     os.makedirs(args.out, exist_ok=True)
     report: dict = {"set": spec["set"], "release": os.uname().release, "tracer": spec.get("tracer")}
-    probes = resolve(spec)
+    functions = available_functions()
+    probes = resolve(spec, functions)
     report.update(probes)
     if not probes["functions"] and not probes["events"]:
-        report["error"] = f"probe set {spec['set']} matches nothing in kernel {report['release']}"
+        fail(report, "error", f"probe set {spec['set']} matches nothing in kernel {report['release']}")
         _save(args.out, report)
-        print(f"kvmlab trace: {report['error']}", file=sys.stderr)
         return EXIT_BAD_SET
-    target = calibration_target(available_functions())
+    target = calibration_target(functions)
     if target is None:
         report["calibration"] = {"error": f"none of {', '.join(CALIBRATION_FUNCTIONS)} can be traced"}
     else:
@@ -210,11 +198,10 @@ def _record_around(spec: dict, probes: dict, command: list[str], out: str, repor
     with open(os.path.join(out, "trace-cmd.log"), "wb") as log:
         try:
             trace_cmd(start_command(spec, probes), log)
-            if read("tracing_on").strip() != "1":
+            if tracefs.read("tracing_on").strip() != "1":
                 raise RuntimeError("trace-cmd start left tracing off")
         except (RuntimeError, subprocess.TimeoutExpired) as err:
-            report["error"] = str(err)
-            print(f"kvmlab trace: {err}", file=sys.stderr)
+            fail(report, "error", str(err))
             return EXIT_BAD_SET
         histograms = None
         try:
@@ -225,7 +212,7 @@ def _record_around(spec: dict, probes: dict, command: list[str], out: str, repor
                 report["calibration"] = calibrate_traced(before["function"], before["untraced_ns_per_call"])
             started = time.monotonic()
             mark("begin", "job")
-            code = subprocess.call(command, env={**os.environ, MARKER_ENV: "1"})
+            code = subprocess.call(command, env={**os.environ, trace_marker.ENV: "1"})
             mark("end", "job")
             report["job_s"] = time.monotonic() - started
             report["job_code"] = code
@@ -233,7 +220,7 @@ def _record_around(spec: dict, probes: dict, command: list[str], out: str, repor
                 with open(os.path.join(out, "latency_hist.json"), "w") as handle:
                     json.dump(histograms.read(), handle)
         finally:
-            write("tracing_on", "0")
+            tracefs.write("tracing_on", "0")
         try:
             trace_cmd(["trace-cmd", "stop"], log)
             output = os.path.join(out, "trace.dat")
@@ -243,8 +230,7 @@ def _record_around(spec: dict, probes: dict, command: list[str], out: str, repor
                 trace_cmd(convert, log)
                 os.unlink(output + ".extracted")
         except (RuntimeError, subprocess.TimeoutExpired) as err:
-            report["error"] = f"the trace could not be extracted: {err}"
-            print(f"kvmlab trace: {report['error']}", file=sys.stderr)
+            fail(report, "error", f"the trace could not be extracted: {err}")
         finally:
             if histograms is not None:
                 histograms.remove()  # after the extract: it clears the ring buffers

@@ -17,34 +17,21 @@ from __future__ import annotations
 import os
 import re
 
-TRACEFS = "/sys/kernel/tracing"
+from traces.guest import tracefs
+
 GROUP = "kvmlab"
 MAP_SIZE = 1 << 17  # the largest hist map the kernel allows
 ENTRY = re.compile(r"^\{ lat:\s*(\d+) \} hitcount:\s*(\d+)", re.MULTILINE)
 TOTALS = re.compile(r"^\s*(Hits|Entries|Dropped): (\d+)", re.MULTILINE)
 
 
-def _path(*parts: str) -> str:
-    return os.path.join(TRACEFS, *parts)
-
-
-def _append(path: str, line: str) -> None:
-    """O_APPEND by hand: Python's "a" mode seeks to the end first, which tracefs's
-    kprobe_events and synthetic_events refuse with EINVAL."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 def unavailable() -> str | None:
     """Why this kernel cannot do it, or None."""
     needs = (("kprobe_events", "CONFIG_KPROBE_EVENTS"), ("synthetic_events", "CONFIG_SYNTH_EVENTS"))
     for name, option in needs:
-        if not os.path.exists(_path(name)):
+        if not os.path.exists(tracefs.path(name)):
             return f"no {name} in tracefs ({option} off)"
-    if not os.path.exists(_path("events", "sched", "sched_switch", "hist")):
+    if not os.path.exists(tracefs.path("events", "sched", "sched_switch", "hist")):
         return "no hist files in tracefs (CONFIG_HIST_TRIGGERS off)"
     return None
 
@@ -60,14 +47,14 @@ class LatencyHistograms:
 
     def __init__(self, functions: list[str]):
         self.functions = functions
-        self._undo: list[tuple[str, str]] = []  # (file, line to append), run in reverse
+        self._undo: list[tuple[str, ...]] = []  # (tracefs path parts..., line), run in reverse
 
     def start(self) -> None:
         for index, function in enumerate(self.functions):
             entry, exit_, synthetic = f"e{index}", f"x{index}", f"kvmlab_lat{index}"
-            self._add(_path("kprobe_events"), f"p:{GROUP}/{entry} {function}", f"-:{GROUP}/{entry}")
-            self._add(_path("kprobe_events"), f"r:{GROUP}/{exit_} {function}", f"-:{GROUP}/{exit_}")
-            self._add(_path("synthetic_events"), f"{synthetic} u64 lat", f"!{synthetic}")
+            self._add(("kprobe_events",), f"p:{GROUP}/{entry} {function}", f"-:{GROUP}/{entry}")
+            self._add(("kprobe_events",), f"r:{GROUP}/{exit_} {function}", f"-:{GROUP}/{exit_}")
+            self._add(("synthetic_events",), f"{synthetic} u64 lat", f"!{synthetic}")
             self._trigger(GROUP, entry, "hist:keys=common_pid:ts0=common_timestamp")
             self._trigger(GROUP, exit_, f"hist:keys=common_pid:lat=common_timestamp-$ts0:"
                                         f"onmatch({GROUP}.{entry}).trace({synthetic},$lat)")
@@ -77,24 +64,23 @@ class LatencyHistograms:
         """``{function: {"latencies": [[ns, count], ...], "hits", "entries", "dropped"}}``."""
         result = {}
         for index, function in enumerate(self.functions):
-            with open(_path("events", "synthetic", f"kvmlab_lat{index}", "hist")) as handle:
-                text = handle.read()
+            text = tracefs.read("events", "synthetic", f"kvmlab_lat{index}", "hist")
             totals = {name.lower(): int(value) for name, value in TOTALS.findall(text)}
             result[function] = {"latencies": [[int(ns), int(n)] for ns, n in ENTRY.findall(text)], **totals}
         return result
 
     def remove(self) -> None:
         while self._undo:
-            path, line = self._undo.pop()
+            undo = self._undo.pop()
             try:
-                _append(path, line)
+                tracefs.append(*undo)
             except OSError:
                 pass  # already gone: nothing to undo
 
-    def _add(self, path: str, line: str, undo: str) -> None:
-        _append(path, line)
-        self._undo.append((path, undo))
+    def _add(self, parts: tuple[str, ...], line: str, undo: str) -> None:
+        tracefs.append(*parts, line)
+        self._undo.append((*parts, undo))
 
     def _trigger(self, system: str, event: str, trigger: str) -> None:
-        path = _path("events", system, event, "trigger")
-        self._add(path, trigger, "!" + trigger)  # a trigger soft-enables its event
+        # a trigger soft-enables its event: nothing to switch on
+        self._add(("events", system, event, "trigger"), trigger, "!" + trigger)
