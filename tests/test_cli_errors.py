@@ -102,3 +102,15 @@ def test_trace_report_on_a_truncated_trace(tmp_path):
 
 def test_trace_report_needs_a_traced_run(tmp_path):
     assert_one_line_error(kvmlab("trace", "report", str(tmp_path)), "no capture.json")
+
+
+def test_unknown_probe_set():
+    done = kvmlab("run", "debian:bookworm", "--trace", "no-such-set", "--", "true")
+    assert_one_line_error(done, "no probe set 'no-such-set'", "memslot-lookup")
+
+
+def test_malformed_probe_set(tmp_path):
+    probe_set = tmp_path / "broken.toml"
+    probe_set.write_text("functions = [\n")
+    assert_one_line_error(kvmlab("run", "debian:bookworm", "--trace", str(probe_set), "--", "true"),
+                          f"probe set {probe_set}")
