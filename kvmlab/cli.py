@@ -273,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
                               help="read a truncated or corrupt trace.dat up to the damage, not fail")
     trace_report.set_defaults(func=_trace_report)
 
+    from kvmlab.qualify import command as qualify_command
+
+    qualify_command.add_parser(sub)
+
     stop = sub.add_parser("stop", help="stop kept VMs (all, or one run)")
     stop.add_argument("run", nargs="?", help="run name or directory")
     stop.set_defaults(func=_stop)

@@ -2,7 +2,8 @@
 
 Fixed parts of the contract with the guest init (vm-images/init.py): the serial
 console goes to ``console.log``; four virtio-serial ports, each written by QEMU to a
-file in the run directory; ``-device vmcoreinfo`` and a QMP socket so that drgn can
+file in the run directory, and a fifth, ``kvmlab.control``, on a UNIX socket for a guest
+agent; ``-device vmcoreinfo`` and a QMP socket so that drgn can
 attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU instead of
 rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
 """
@@ -23,6 +24,8 @@ PORT_FILES = {
     "kvmlab.stderr": "stderr",
     "kvmlab.results": "results.tar",
 }
+#: Host → guest requests and their answers (a UNIX socket on the host), for the guest agent.
+CONTROL_PORT = "kvmlab.control"
 #: qboot starts a -kernel boot ~0.5 s sooner than SeaBIOS under TCG; used when installed.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 BASE_APPEND = "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/kvmlab/init"
@@ -49,6 +52,11 @@ class Machine:
         """A second QMP socket, for drgn: QEMU serves one client per QMP socket, and drgn
         keeps its connection open, so kvmlab's own commands (stop, cont, quit) need theirs."""
         return self.run_dir / "drgn.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The host end of the ``kvmlab.control`` port, for a guest agent (vm-images/agent.py)."""
+        return self.run_dir / "control.sock"
 
     @property
     def console_log(self) -> Path:
@@ -90,4 +98,8 @@ def command(machine: Machine) -> list[str]:
             "-chardev", f"file,id={chardev},path={run / filename}",
             "-device", f"virtserialport,bus=vser.0,chardev={chardev},name={port}",
         ]
+    argv += [
+        "-chardev", f"socket,id=control,path={machine.control_socket},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser.0,chardev=control,name={CONTROL_PORT}",
+    ]
     return argv + machine.extra

@@ -49,6 +49,8 @@ class RunOptions:
     under ``traces.guest.capture``, and trace.dat comes back with the results."""
     check_every_s: float | None = None
     """Pause the guest and check its memslot invariants this often (needs debuginfo)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Extra small files for the guest's /kvmlab/ (name → text)."""
 
 
 @dataclass
@@ -90,7 +92,7 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
-    argv, files = options.argv, {}
+    argv, files = options.argv, dict(options.files)
     if options.trace:
         files["trace.json"] = json.dumps(options.trace)
         argv = ["python3", "-m", "traces.guest.capture", "/kvmlab/trace.json", "--", *argv]
@@ -116,7 +118,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
     print(f"kvmlab: booting {kernel.release} ({kernel.spec}); run directory {run_dir}", file=log)
     started = time.monotonic()
-    process = _start_qemu(argv, run_dir, options.keep)
+    process = start_qemu(argv, run_dir, options.keep)
     runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket),
                 debug_qmp=str(machine.debug_socket), state="running")
     followers = _follow_streams(run_dir, options.stream)
@@ -133,16 +135,16 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
             raise
         kept = options.keep and status.exit_code is not None
         if status.exit_code is not None and not kept:
-            _wait_for_exit(process, POWEROFF_GRACE_S)
+            wait_for_exit(process, POWEROFF_GRACE_S)
     finally:
         if not kept:
-            _kill(process)
+            kill(process)
         for follower in followers:
             follower.finish()
         # QEMU loaded these at start; the image and modules stay cached elsewhere.
         for archive in (machine.initrd, run_dir / "layer.cpio"):
             archive.unlink(missing_ok=True)
-    result = _judge(status, run_dir, started, kept, machine, options.timeout_s, options.stall_s)
+    result = judge(status, run_dir, started, kept, machine, options.timeout_s, options.stall_s)
     if watch is not None:
         _judge_checks(result, watch.report)
     _collect_results(run_dir, options.out, log)
@@ -152,7 +154,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     return result
 
 
-def _start_qemu(argv: list[str], run_dir: Path, keep: bool) -> subprocess.Popen:
+def start_qemu(argv: list[str], run_dir: Path, keep: bool) -> subprocess.Popen:
     def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -167,7 +169,7 @@ USERSPACE_MARK = b"kvmlab-init: userspace reached"
 
 
 @dataclass
-class _Status:
+class Status:
     exit_code: int | None = None
     userspace_at: float | None = None
     ready_at: float | None = None
@@ -178,24 +180,24 @@ class _Status:
 
 
 def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: RunOptions,
-          watch: invariant_watch.InvariantWatch | None = None) -> _Status:
+          watch: invariant_watch.InvariantWatch | None = None) -> Status:
     """Follow status.jsonl until the job exits, QEMU ends, or the timeout passes.
 
     With a ``watch``, its checks run while the job does; the time they keep the guest
     paused counts against neither the timeout nor the stall timeout.
     """
-    status = _Status()
+    status = Status()
     status_file = run_dir / "status.jsonl"
     console_log = run_dir / "console.log"
     seen = 0
     deadline = started + options.timeout_s
     while True:
-        seen = _catch_up(status, status_file, seen, started)
+        seen = catch_up(status, status_file, seen, started)
         if status.userspace_at is None and console_log.exists():
             if USERSPACE_MARK in console_log.read_bytes():
                 status.userspace_at = time.monotonic() - started
         if status.exit_code is not None or process.poll() is not None:
-            _catch_up(status, status_file, seen, started)
+            catch_up(status, status_file, seen, started)
             return status
         if time.monotonic() > deadline:
             status.timed_out = True
@@ -209,13 +211,13 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
             deadline += paused
             if status.last_beat is not None:
                 status.last_beat += paused
-            seen = _catch_up(status, status_file, seen, started)
+            seen = catch_up(status, status_file, seen, started)
             if watch.report.error and (process.poll() is not None or status.exit_code is not None):
                 watch.report.error = None  # the guest went away under the check: not the checker's fault
         time.sleep(0.05)
 
 
-def _catch_up(status: _Status, status_file: Path, seen: int, started: float) -> int:
+def catch_up(status: Status, status_file: Path, seen: int, started: float) -> int:
     """Apply the status events written since line ``seen``; returns the new count."""
     lines = _read_lines(status_file)
     for line in lines[seen:]:
@@ -230,7 +232,7 @@ def _read_lines(path: Path) -> list[str]:
     return text.splitlines()[: text.count("\n")]
 
 
-def _apply_event(status: _Status, line: str, started: float) -> None:
+def _apply_event(status: Status, line: str, started: float) -> None:
     try:
         event = json.loads(line)
     except json.JSONDecodeError:
@@ -243,20 +245,20 @@ def _apply_event(status: _Status, line: str, started: float) -> None:
         status.exit_code = int(event["code"])
 
 
-def _wait_for_exit(process: subprocess.Popen, grace_s: float) -> None:
+def wait_for_exit(process: subprocess.Popen, grace_s: float) -> None:
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
 
 
-def _kill(process: subprocess.Popen) -> None:
+def kill(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
 
 
-def _judge(status: _Status, run_dir: Path, started: float, kept: bool,
+def judge(status: Status, run_dir: Path, started: float, kept: bool,
            machine: qemu.Machine, timeout_s: float, stall_s: float) -> RunResult:
     """Turn what was observed into an outcome, an exit code and one line to say."""
     text = machine.console_log.read_text(errors="replace") if machine.console_log.exists() else ""

@@ -24,7 +24,7 @@ def new() -> Path:
     name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     path = cache.area("runs") / name
     path.mkdir(mode=0o700)
-    if len(str(path / "qmp.sock")) > SOCKET_PATH_MAX:
+    if len(str(path / "control.sock")) > SOCKET_PATH_MAX:  # the longest socket name
         raise KvmlabError(f"run directory path too long for a UNIX socket: {path}")
     return path
 

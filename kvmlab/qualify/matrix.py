@@ -1,0 +1,89 @@
+"""What a qualification runs: cells of (test, slot count), each run N times per kernel.
+
+The tests are kselftest_py.memslot_perf's, numbered as upstream; each run is one
+``memslot_perf -f T -e T -r 1`` in the guest, so that runs of the two kernels can
+alternate run by run. Within a cell the pair order alternates too (base first, then
+patched first, ...): whatever a guest gains or loses from running first after a switch
+falls on both kernels alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmlab.errors import KvmlabError
+
+#: CLI name → memslot_perf's test number and name (which the seed's tables call them by).
+TESTS = {
+    "map": (0, "map"),
+    "unmap": (1, "unmap"),
+    "unmap-chunked": (2, "unmap chunked"),
+    "move-active": (3, "move active area"),
+    "move-inactive": (4, "move inactive area"),
+    "rw": (5, "RW"),
+}
+#: memslot_perf's tests whose runs give upstream's "slot setup time for the whole test area".
+WHOLE_AREA = ("move active area", "move inactive area", "RW")
+SIDES = ("base", "patched")
+DEFAULT_SLOTS = (10, 30, 50, 100, 509, 32764)
+#: Mann-Whitney U with 5 runs a side reaches p = 0.008 when the sides do not overlap and
+#: stays below 0.05 with up to two swapped pairs; 4 is the least that can reach 0.05 at all.
+DEFAULT_RUNS = 5
+MIN_RUNS = 4
+
+
+@dataclass(frozen=True)
+class Item:
+    """One run of one kernel in one cell: the unit the store records."""
+
+    side: str
+    test: str
+    slots: int
+    run: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.side, self.test, self.slots, self.run)
+
+    def describe(self) -> str:
+        return f"{self.side} {self.test} @{self.slots} slots run {self.run + 1}"
+
+
+def parse_tests(text: str | None) -> list[str]:
+    """memslot_perf test names from ``map,unmap,...`` (all six when None)."""
+    if not text:
+        return [name for _, name in TESTS.values()]
+    names = []
+    for word in text.split(","):
+        word = word.strip().lower().replace(" ", "-").replace("_", "-")
+        if word not in TESTS:
+            raise KvmlabError(f"--tests: unknown test {word!r}; known: {', '.join(TESTS)}")
+        names.append(TESTS[word][1])
+    return list(dict.fromkeys(names))
+
+
+def parse_slots(text: str | None) -> list[int]:
+    if not text:
+        return list(DEFAULT_SLOTS)
+    try:
+        slots = sorted({int(word) for word in text.split(",")})
+    except ValueError:
+        raise KvmlabError(f"--slots wants comma-separated counts, got {text!r}") from None
+    if slots[0] < 2:
+        raise KvmlabError("--slots: memslot_perf needs at least 2 slots per VM")
+    return slots
+
+
+def test_number(name: str) -> int:
+    return next(number for number, test in TESTS.values() if test == name)
+
+
+def plan(tests: list[str], slots: list[int], runs: int) -> list[Item]:
+    """Every item in the order they run: cell by cell, runs of the two kernels alternating."""
+    items = []
+    for count in slots:
+        for test in tests:
+            for run in range(runs):
+                sides = SIDES if run % 2 == 0 else SIDES[::-1]
+                items += [Item(side, test, count, run) for side in sides]
+    return items

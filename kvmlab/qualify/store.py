@@ -1,0 +1,85 @@
+"""The qualification's raw results: one JSON line per finished run, appended as it ends.
+
+``DIR/qualify.json`` holds what was asked (kernels, matrix, options) and is written
+once. ``DIR/runs.jsonl`` only ever grows: each record is written whole and fsynced
+before the next run starts, so killing qualify at any moment loses at most the run in
+progress, and ``--resume`` reads back which runs are done. A line cut short by a kill
+during the write is the one exception: it was never a record, and reopening the store
+drops it.
+
+Record kinds: ``run`` (a measured run), ``skip`` (the kernel or the test cannot take
+this cell: n/a, with the reason; covers every run of that kernel in the cell),
+``fail`` (the test failed), ``crash`` (the guest hung, crashed or vanished during the
+run: outcome and console excerpt; the run is tried again in a fresh boot), ``splat`` (a
+kernel report on the console of a guest that went on), ``invariant`` (a memslot
+invariant violation or checks that could not run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kvmlab.errors import KvmlabError
+
+CONFIG = "qualify.json"
+RUNS = "runs.jsonl"
+
+
+class Store:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.config_path = directory / CONFIG
+        self.runs_path = directory / RUNS
+
+    @classmethod
+    def create(cls, directory: Path, config: dict) -> Store:
+        store = cls(directory)
+        if store.config_path.exists():
+            raise KvmlabError(f"{directory} already holds a qualification: add --resume to finish it, "
+                              f"or give another -o")
+        directory.mkdir(parents=True, exist_ok=True)
+        store.config_path.write_text(json.dumps(config, indent=2) + "\n")
+        store.runs_path.touch()
+        return store
+
+    @classmethod
+    def open(cls, directory: Path) -> Store:
+        store = cls(directory)
+        if not store.config_path.exists():
+            raise KvmlabError(f"{directory} holds no qualification to resume ({CONFIG} missing)")
+        store._drop_torn_tail()
+        return store
+
+    @property
+    def config(self) -> dict:
+        try:
+            return json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
+
+    def records(self) -> list[dict]:
+        if not self.runs_path.exists():
+            return []
+        records = []
+        for number, line in enumerate(self.runs_path.read_text().splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise KvmlabError(f"{self.runs_path}:{number}: not a JSON record") from None
+        return records
+
+    def append(self, record: dict) -> None:
+        with open(self.runs_path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        if not self.runs_path.exists():
+            return
+        data = self.runs_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.runs_path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)

@@ -1,0 +1,106 @@
+#!/usr/bin/python3
+"""kvmlab's guest agent: run the host's commands one at a time in a guest that stays up.
+
+The job of a long-lived lab guest (``kvmlab qualify`` keeps one per kernel and runs its
+whole matrix inside it). Runs on the image's python3 with the standard library only.
+
+The host talks to it over the virtio-serial port ``kvmlab.control`` in JSON lines:
+
+- the agent says ``{"event": "agent-ready"}`` once, when it has the port;
+- a request ``{"id": N, "argv": [...], "timeout_s": S, "files": [PATH, ...]}`` runs
+  argv with the job's environment and answers ``{"id": N, "code": C, "stdout": ...,
+  "stderr": ..., "elapsed_s": ..., "files": {PATH: BASE64 or null}}``: the tails of the
+  streams and the named files the command left behind (then deleted, so the next
+  request starts clean). A command that outlives its timeout is killed: ``"code":
+  "timeout"``;
+- ``{"quit": true}``, or the host going away (end of file), ends the agent, and with
+  it the job: the guest powers off.
+"""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+
+PORT = "kvmlab.control"
+STREAM_TAIL = 64 * 1024
+
+
+def open_port(name: str, timeout_s: float = 20.0) -> int:
+    """The port's fd; the host connects first, or a read here would see end of file."""
+    base = "/sys/class/virtio-ports"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for dev in os.listdir(base) if os.path.isdir(base) else []:
+            try:
+                with open(f"{base}/{dev}/name") as handle:
+                    if handle.read().strip() == name:
+                        return os.open(f"/dev/{dev}", os.O_RDWR)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise RuntimeError(f"virtio-serial port {name} missing")
+
+
+def send(port: int, message: dict) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        data = data[os.write(port, data):]
+
+
+def requests(port: int):
+    """Each request line from the host, until it quits or hangs up."""
+    pending = b""
+    while True:
+        chunk = os.read(port, 65536)
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def run(request: dict) -> dict:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(request["argv"], capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=request.get("timeout_s"), cwd="/root")
+        code, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        code, stdout, stderr = "timeout", expired.stdout or b"", expired.stderr or b""
+    except OSError as err:
+        code, stdout, stderr = 127, b"", f"cannot run {request['argv'][0]}: {err}".encode()
+    return {
+        "id": request.get("id"), "code": code, "elapsed_s": time.monotonic() - started,
+        "stdout": stdout[-STREAM_TAIL:].decode(errors="replace"),
+        "stderr": stderr[-STREAM_TAIL:].decode(errors="replace"),
+        "files": {path: _take(path) for path in request.get("files", [])},
+    }
+
+
+def _take(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    os.unlink(path)
+    return base64.b64encode(data).decode()
+
+
+def main() -> int:
+    port = open_port(PORT)
+    send(port, {"event": "agent-ready", "release": os.uname().release})
+    for request in requests(port):
+        if request.get("quit"):
+            break
+        send(port, run(request))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
