@@ -71,22 +71,37 @@ class GuestSession:
         self.options.argv = ["python3", "/kvmlab/agent.py"]
         self.options.files = {**self.options.files, "agent.py": AGENT.read_text()}
         self.run_dir = runs.new()
-        runs.record(self.run_dir, kernel=self.kernel.spec, kernel_exact=self.kernel.exact_spec,
-                    release=self.kernel.release, argv=self.options.argv, state="preparing")
+        runs.record(
+            self.run_dir,
+            kernel=self.kernel.spec,
+            kernel_exact=self.kernel.exact_spec,
+            release=self.kernel.release,
+            argv=self.options.argv,
+            state="preparing",
+        )
         self._machine = runner.prepare(self.kernel, self.options, self.run_dir, self.log)
         argv = qemu.command(self._machine)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         self._started = time.monotonic()
         self.process = runner.start_qemu(argv, self.run_dir, keep=False)
-        runs.record(self.run_dir, qemu_pid=self.process.pid, qmp=str(self._machine.qmp_socket),
-                    debug_qmp=str(self._machine.debug_socket), state="running")
+        runs.record(
+            self.run_dir,
+            qemu_pid=self.process.pid,
+            qmp=str(self._machine.qmp_socket),
+            debug_qmp=str(self._machine.debug_socket),
+            state="running",
+        )
         self._socket = self._connect(self._machine.control_socket)
         self._receive(time.monotonic() + BOOT_TIMEOUT_S)
         (self.run_dir / "initrd.cpio").unlink(missing_ok=True)
         if self.options.check_every_s:
             self.watch = invariant_watch.InvariantWatch(
-                self.kernel, self._machine.debug_socket, self._machine.qmp_socket, self.run_dir,
-                self.options.check_every_s)
+                self.kernel,
+                self._machine.debug_socket,
+                self._machine.qmp_socket,
+                self.run_dir,
+                self.options.check_every_s,
+            )
 
     def close(self) -> None:
         """Ask the agent to quit (the guest powers off); kill QEMU if it lingers."""
@@ -109,9 +124,16 @@ class GuestSession:
         self._send({"id": self._next_id, "argv": argv, "files": list(files), "timeout_s": timeout_s})
         # The agent kills the command at timeout_s; the margin is for it to say so.
         answer = self._receive(time.monotonic() + timeout_s + 30)
-        return Reply(answer["code"], answer["stdout"], answer["stderr"], answer["elapsed_s"],
-                     {path: None if data is None else base64.b64decode(data)
-                      for path, data in answer["files"].items()})
+        return Reply(
+            answer["code"],
+            answer["stdout"],
+            answer["stderr"],
+            answer["elapsed_s"],
+            {
+                path: None if data is None else base64.b64decode(data)
+                for path, data in answer["files"].items()
+            },
+        )
 
     @property
     def paused(self) -> bool:
@@ -130,7 +152,7 @@ class GuestSession:
     def new_splats(self) -> list[console.Splat]:
         """Kernel reports on the console since the last call (a WARN need not kill a guest)."""
         splats = console.find_splats(self._machine.console_log.read_text(errors="replace"))
-        fresh, self._splats_seen = splats[self._splats_seen:], len(splats)
+        fresh, self._splats_seen = splats[self._splats_seen :], len(splats)
         return fresh
 
     # -- plumbing ---------------------------------------------------------------------
@@ -168,7 +190,11 @@ class GuestSession:
             if now > deadline:
                 self._fail(timed_out=True)
             beat = self._status.last_beat
-            if self.options.stall_s and beat is not None and now - self._started - beat > self.options.stall_s:
+            if (
+                self.options.stall_s
+                and beat is not None
+                and now - self._started - beat > self.options.stall_s
+            ):
                 self._status.stalled = True
                 self._fail(timed_out=True)
             if self.watch is not None and self.watch.due(now):
@@ -182,11 +208,20 @@ class GuestSession:
     def _fail(self, timed_out: bool) -> None:
         self._status.timed_out = timed_out
         self._shut(state="down")
-        result = runner.judge(self._status, self.run_dir, self._started, False, self._machine,
-                              self.options.timeout_s, self.options.stall_s)
+        result = runner.judge(
+            self._status,
+            self.run_dir,
+            self._started,
+            False,
+            self._machine,
+            self.options.timeout_s,
+            self.options.stall_s,
+        )
         if result.outcome in ("ok", "failed"):  # the agent ended by itself: the VM is gone anyway
-            result.outcome, result.message = "lost", f"guest agent ended (exit {result.job_code}); " \
-                f"its stderr: {_tail(self.run_dir / 'stderr')}"
+            result.outcome, result.message = (
+                "lost",
+                f"guest agent ended (exit {result.job_code}); its stderr: {_tail(self.run_dir / 'stderr')}",
+            )
         raise GuestDown(result)
 
     def _shut(self, state: str) -> None:

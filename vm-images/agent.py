@@ -47,7 +47,7 @@ def open_port(name: str, timeout_s: float = 20.0) -> int:
 def send(port: int, message: dict) -> None:
     data = (json.dumps(message) + "\n").encode()
     while data:
-        data = data[os.write(port, data):]
+        data = data[os.write(port, data) :]
 
 
 def requests(port: int):
@@ -67,15 +67,22 @@ def requests(port: int):
 def run(request: dict) -> dict:
     started = time.monotonic()
     try:
-        done = subprocess.run(request["argv"], capture_output=True, stdin=subprocess.DEVNULL,
-                              timeout=request.get("timeout_s"), cwd="/root")
+        done = subprocess.run(
+            request["argv"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=request.get("timeout_s"),
+            cwd="/root",
+        )
         code, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as expired:
         code, stdout, stderr = "timeout", expired.stdout or b"", expired.stderr or b""
     except OSError as err:
         code, stdout, stderr = 127, b"", f"cannot run {request['argv'][0]}: {err}".encode()
     return {
-        "id": request.get("id"), "code": code, "elapsed_s": time.monotonic() - started,
+        "id": request.get("id"),
+        "code": code,
+        "elapsed_s": time.monotonic() - started,
         "stdout": stdout[-STREAM_TAIL:].decode(errors="replace"),
         "stderr": stderr[-STREAM_TAIL:].decode(errors="replace"),
         "files": {path: _take(path) for path in request.get("files", [])},

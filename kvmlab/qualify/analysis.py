@@ -63,9 +63,13 @@ class Analysis:
     @property
     def failures(self) -> list[str]:
         """What makes the qualification fail besides regressions, one line each."""
-        lines = [f"{r['side']} {r['test']} @{r['slots']} run {r['run'] + 1}: test failed: {r['reason']}"
-                 for r in self.problems.get("fail", [])]
-        lines += [f"{r['side']}: guest kernel reported a {r['summary']}" for r in self.problems.get("splat", [])]
+        lines = [
+            f"{r['side']} {r['test']} @{r['slots']} run {r['run'] + 1}: test failed: {r['reason']}"
+            for r in self.problems.get("fail", [])
+        ]
+        lines += [
+            f"{r['side']}: guest kernel reported a {r['summary']}" for r in self.problems.get("splat", [])
+        ]
         lines += [f"{r['side']}: {r['summary']}" for r in self.problems.get("invariant", [])]
         return lines
 
@@ -75,9 +79,10 @@ class Analysis:
 
 
 def analyse(config: dict, records: list[dict]) -> Analysis:
-    runs = pd.DataFrame([r for r in records if r["kind"] == "run"],
-                        columns=["side", "test", "slots", "run", "iteration_ns", "slot_setup_ns",
-                                 "iterations", "release"])
+    runs = pd.DataFrame(
+        [r for r in records if r["kind"] == "run"],
+        columns=["side", "test", "slots", "run", "iteration_ns", "slot_setup_ns", "iterations", "release"],
+    )
     runs = runs.astype({"slots": int}) if len(runs) else runs
     problems: dict[str, list[dict]] = {}
     for record in records:
@@ -108,10 +113,18 @@ def _values(runs: pd.DataFrame, side: str, tests: list[str], slots: int, column:
 
 def _cell(runs, test, slots, column, not_applicable, failed, config, tests=None) -> Cell:
     tests = tests or [test]
-    cell = Cell(test, slots, _values(runs, "base", tests, slots, column),
-                _values(runs, "patched", tests, slots, column))
-    reasons = [f"{side}: {not_applicable[(side, t, slots)]}" for side in matrix.SIDES for t in tests
-               if (side, t, slots) in not_applicable]
+    cell = Cell(
+        test,
+        slots,
+        _values(runs, "base", tests, slots, column),
+        _values(runs, "patched", tests, slots, column),
+    )
+    reasons = [
+        f"{side}: {not_applicable[(side, t, slots)]}"
+        for side in matrix.SIDES
+        for t in tests
+        if (side, t, slots) in not_applicable
+    ]
     if any((side, t, slots) in failed for side in matrix.SIDES for t in tests):
         cell.note = "test failed (see below)"
     elif len(cell.base) >= 2 and len(cell.patched) >= 2:

@@ -16,36 +16,59 @@ from kvmlab.qualify.store import Store
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
-        "qualify", help="A/B: is the patched kernel faster or slower than its base at memslot work?",
+        "qualify",
+        help="A/B: is the patched kernel faster or slower than its base at memslot work?",
         description="Boots both kernels, runs kselftest_py memslot_perf over a matrix of tests and slot "
-                    "counts with the two kernels' runs interleaved, and reports per-cell changes with "
-                    "confidence intervals and verdicts. Exit 0: no significant regression; 1: a regression, "
-                    "a failed test, a kernel splat or an invariant violation; 2: bad usage.")
+        "counts with the two kernels' runs interleaved, and reports per-cell changes with "
+        "confidence intervals and verdicts. Exit 0: no significant regression; 1: a regression, "
+        "a failed test, a kernel splat or an invariant violation; 2: bad usage.",
+    )
     parser.add_argument("--base", help="the kernel before the change (" + kernels.SPEC_HELP + ")")
     parser.add_argument("--patched", help="the kernel with the change")
     parser.add_argument("--slots", help=f"slot counts ({','.join(map(str, matrix.DEFAULT_SLOTS))})")
     parser.add_argument("--tests", help=f"memslot_perf tests ({','.join(matrix.TESTS)}; default all)")
-    parser.add_argument("--runs", type=int, help=f"runs per kernel and cell ({matrix.DEFAULT_RUNS}; at least "
-                                                 f"{matrix.MIN_RUNS} for Mann-Whitney U to reach p < 0.05)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"runs per kernel and cell ({matrix.DEFAULT_RUNS}; at least "
+        f"{matrix.MIN_RUNS} for Mann-Whitney U to reach p < 0.05)",
+    )
     parser.add_argument("--seconds", type=float, help="seconds per run (1: enough iterations under TCG)")
-    parser.add_argument("--threshold", type=float, default=0.05,
-                        help="smallest change that counts, as a fraction (0.05)")
-    parser.add_argument("--trace", metavar="SET", help="trace every run with probe set SET; latency CDFs in the report")
-    parser.add_argument("--check-invariants", action="store_true",
-                        help=f"check the memslot invariants with drgn every {CHECK_EVERY_S:g} s of each run")
+    parser.add_argument(
+        "--threshold", type=float, default=0.05, help="smallest change that counts, as a fraction (0.05)"
+    )
+    parser.add_argument(
+        "--trace", metavar="SET", help="trace every run with probe set SET; latency CDFs in the report"
+    )
+    parser.add_argument(
+        "--check-invariants",
+        action="store_true",
+        help=f"check the memslot invariants with drgn every {CHECK_EVERY_S:g} s of each run",
+    )
+    parser.add_argument(
+        "--append",
+        default="",
+        metavar="ARGS",
+        help="kernel command-line arguments for both guests, e.g. kvm.tdp_mmu=0",
+    )
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None)
-    parser.add_argument("--resume", action="store_true", help="finish the qualification in DIR, skipping done runs")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="DIR",
-                        help="where the raw store and the reports go")
+    parser.add_argument(
+        "--resume", action="store_true", help="finish the qualification in DIR, skipping done runs"
+    )
+    parser.add_argument(
+        "-o", "--out", type=Path, required=True, metavar="DIR", help="where the raw store and the reports go"
+    )
     parser.set_defaults(func=qualify)
 
 
 def qualify(args: argparse.Namespace) -> int:
     store = _resume(args) if args.resume else _create(args)
     config = store.config
-    kernels_by_side = {side: kernels.fetch(config[side]["exact"], debuginfo=config["check_invariants"])
-                       for side in matrix.SIDES}
-    options = {"accel": config.get("accel")}
+    kernels_by_side = {
+        side: kernels.fetch(config[side]["exact"], debuginfo=config["check_invariants"])
+        for side in matrix.SIDES
+    }
+    options = {"accel": config.get("accel"), "append": config.get("append", "")}
     if config["check_invariants"]:
         options["check_every_s"] = CHECK_EVERY_S
     if config.get("trace"):
@@ -57,8 +80,11 @@ def qualify(args: argparse.Namespace) -> int:
     traced = _traced_runs(store) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
     print(report.markdown(result))
-    print(f"kvmlab qualify: wrote {', '.join(p.name for p in written[:5])} and {len(written) - 5} plots "
-          f"to {store.directory}", file=sys.stderr)
+    print(
+        f"kvmlab qualify: wrote {', '.join(p.name for p in written[:5])} and {len(written) - 5} plots "
+        f"to {store.directory}",
+        file=sys.stderr,
+    )
     return result.exit_code
 
 
@@ -74,31 +100,48 @@ def _create(args: argparse.Namespace) -> Store:
     tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
     trace = _trace_spec(args.trace)
     if runs < matrix.MIN_RUNS:
-        print(f"kvmlab qualify: warning: with {runs} runs per kernel Mann-Whitney U cannot reach p < 0.05; "
-              "every cell will read 'no significant change'", file=sys.stderr)
+        print(
+            f"kvmlab qualify: warning: with {runs} runs per kernel Mann-Whitney U cannot reach p < 0.05; "
+            "every cell will read 'no significant change'",
+            file=sys.stderr,
+        )
     sides = {}
     for side, spec in (("base", args.base), ("patched", args.patched)):
         kernel = kernels.fetch(spec, debuginfo=args.check_invariants)
         sides[side] = {"spec": spec, "exact": kernel.exact_spec, "release": kernel.release}
-    config = {**sides, "tests": tests, "slots": slots, "runs": runs, "seconds": seconds,
-              "threshold": args.threshold, "trace": trace, "check_invariants": args.check_invariants,
-              "accel": args.accel, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    config = {
+        **sides,
+        "tests": tests,
+        "slots": slots,
+        "runs": runs,
+        "seconds": seconds,
+        "threshold": args.threshold,
+        "trace": trace,
+        "check_invariants": args.check_invariants,
+        "accel": args.accel,
+        "append": args.append,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     return Store.create(args.out, config)
 
 
 def _resume(args: argparse.Namespace) -> Store:
     store = Store.open(args.out)
     config = store.config
-    given = {"base": args.base and config["base"]["spec"] != args.base,
-             "patched": args.patched and config["patched"]["spec"] != args.patched,
-             "tests": args.tests and matrix.parse_tests(args.tests) != config["tests"],
-             "slots": args.slots and matrix.parse_slots(args.slots) != config["slots"],
-             "runs": args.runs is not None and args.runs != config["runs"],
-             "seconds": args.seconds is not None and args.seconds != config["seconds"]}
+    given = {
+        "base": args.base and config["base"]["spec"] != args.base,
+        "patched": args.patched and config["patched"]["spec"] != args.patched,
+        "tests": args.tests and matrix.parse_tests(args.tests) != config["tests"],
+        "slots": args.slots and matrix.parse_slots(args.slots) != config["slots"],
+        "runs": args.runs is not None and args.runs != config["runs"],
+        "seconds": args.seconds is not None and args.seconds != config["seconds"],
+    }
     changed = [name for name, differs in given.items() if differs]
     if changed:
-        raise KvmlabError(f"--resume: {', '.join('--' + n for n in changed)} differ from the qualification in "
-                          f"{args.out}; resume it as it was started, or give another -o")
+        raise KvmlabError(
+            f"--resume: {', '.join('--' + n for n in changed)} differ from the qualification in "
+            f"{args.out}; resume it as it was started, or give another -o"
+        )
     return store
 
 

@@ -72,16 +72,30 @@ class Driver:
                 self.sessions[item.side] = None
                 crashes[item.key] += 1
                 result = down.result
-                self.store.append({"kind": "crash", **_fields(item), "outcome": result.outcome,
-                                   "message": result.message, "boot": result.run_dir.name})
+                self.store.append(
+                    {
+                        "kind": "crash",
+                        **_fields(item),
+                        "outcome": result.outcome,
+                        "message": result.message,
+                        "boot": result.run_dir.name,
+                    }
+                )
                 first = result.message.splitlines()[0] if result.message else result.outcome
                 again = crashes[item.key] < ATTEMPTS
-                self._say(f"{item.describe()}: guest {result.outcome}: {first}; "
-                          f"{'trying again in a fresh boot' if again else 'giving up on this run'} "
-                          f"(console: {result.run_dir / 'console.log'})")
+                self._say(
+                    f"{item.describe()}: guest {result.outcome}: {first}; "
+                    f"{'trying again in a fresh boot' if again else 'giving up on this run'} "
+                    f"(console: {result.run_dir / 'console.log'})"
+                )
                 if not again:
-                    self.store.append({"kind": "fail", **_fields(item),
-                                       "reason": f"guest {result.outcome} in {ATTEMPTS} boots"})
+                    self.store.append(
+                        {
+                            "kind": "fail",
+                            **_fields(item),
+                            "reason": f"guest {result.outcome} in {ATTEMPTS} boots",
+                        }
+                    )
                     return
 
     def _run_item(self, item: matrix.Item) -> None:
@@ -97,29 +111,61 @@ class Driver:
             self._say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
             return
         if reply.code != 0 or not record or not record.get("runs"):
-            reason = (tests[0].get("reason") if tests else None) or \
-                f"exit {reply.code}: {reply.stderr.strip()[-500:] or reply.stdout.strip()[-500:]}"
+            reason = (
+                tests[0].get("reason") if tests else None
+            ) or f"exit {reply.code}: {reply.stderr.strip()[-500:] or reply.stdout.strip()[-500:]}"
             self.store.append({"kind": "fail", **_fields(item), "reason": reason})
             self._say(f"{item.describe()}: FAILED: {reason}")
             return
         run = record["runs"][0]
         extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.get("trace") else {}
-        self.store.append({
-            "kind": "run", **_fields(item), "iteration_ns": run["iteration_ns"],
-            "iterations": run["iterations"], "slot_setup_ns": run["slot_setup_ns"],
-            "guest_runtime_ns": run["guest_runtime_ns"], "release": record["kernel_release"],
-            "default_sizes": record.get("default_sizes"), "boot": session.run_dir.name,
-            "elapsed_s": round(reply.elapsed_s, 3), **extra,
-        })
+        self.store.append(
+            {
+                "kind": "run",
+                **_fields(item),
+                "iteration_ns": run["iteration_ns"],
+                "iterations": run["iterations"],
+                "slot_setup_ns": run["slot_setup_ns"],
+                "guest_runtime_ns": run["guest_runtime_ns"],
+                "release": record["kernel_release"],
+                "default_sizes": record.get("default_sizes"),
+                "boot": session.run_dir.name,
+                "elapsed_s": round(reply.elapsed_s, 3),
+                **extra,
+            }
+        )
 
     def _command(self, item: matrix.Item) -> tuple[list[str], tuple[str, ...]]:
         number = matrix.test_number(item.test)
-        argv = ["python3", "-m", "kselftest_py.memslot_perf", "-s", str(item.slots), "-f", str(number),
-                "-e", str(number), "-r", "1", "-l", str(self.config["seconds"]), "--json", RESULT_JSON]
+        argv = [
+            "python3",
+            "-m",
+            "kselftest_py.memslot_perf",
+            "-s",
+            str(item.slots),
+            "-f",
+            str(number),
+            "-e",
+            str(number),
+            "-r",
+            "1",
+            "-l",
+            str(self.config["seconds"]),
+            "--json",
+            RESULT_JSON,
+        ]
         files = (RESULT_JSON,)
         if self.config.get("trace"):
-            argv = ["python3", "-m", "traces.guest.capture", "/kvmlab/trace.json", "--out", TRACE_OUT,
-                    "--", *argv]
+            argv = [
+                "python3",
+                "-m",
+                "traces.guest.capture",
+                "/kvmlab/trace.json",
+                "--out",
+                TRACE_OUT,
+                "--",
+                *argv,
+            ]
             files += tuple(f"{TRACE_OUT}/{name}" for name in TRACE_FILES)
         return argv, files
 
@@ -151,15 +197,29 @@ class Driver:
 
     def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
         for splat in session.new_splats():
-            self.store.append({"kind": "splat", **_fields(item), "summary": splat.summary(),
-                               "excerpt": splat.excerpt, "boot": session.run_dir.name})
+            self.store.append(
+                {
+                    "kind": "splat",
+                    **_fields(item),
+                    "summary": splat.summary(),
+                    "excerpt": splat.excerpt,
+                    "boot": session.run_dir.name,
+                }
+            )
             self._say(f"{item.side}: guest kernel reported a {splat.summary()}")
         watch = session.watch
         if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
             self._reported_watch.add(session.run_dir.name)
-            self.store.append({"kind": "invariant", **_fields(item), "summary": watch.report.summary(),
-                               "violations": watch.report.violations, "error": watch.report.error,
-                               "boot": session.run_dir.name})
+            self.store.append(
+                {
+                    "kind": "invariant",
+                    **_fields(item),
+                    "summary": watch.report.summary(),
+                    "violations": watch.report.violations,
+                    "error": watch.report.error,
+                    "boot": session.run_dir.name,
+                }
+            )
             self._say(f"{item.side}: {watch.report.summary()}")
 
     def _save_trace(self, item: matrix.Item, files: dict) -> str:

@@ -17,7 +17,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from kvmlab import stats
 from kvmlab.qualify import matrix
@@ -29,7 +28,9 @@ SEED_CLAIM = {"base": ("n", "n log n"), "patched": ("constant", "log n")}
 
 def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -> list[Path]:
     """Every report file into ``directory``; returns their paths."""
-    written = [directory / name for name in ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")]
+    written = [
+        directory / name for name in ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")
+    ]
     written[0].write_text(markdown(analysis) + "\n")
     plots = plot(analysis, directory / "plots")
     if traced:
@@ -44,14 +45,23 @@ def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -
 # -- Markdown --------------------------------------------------------------------------
 def markdown(analysis: Analysis) -> str:
     config = analysis.config
-    lines = [f"# kvmlab qualify: {config['patched']['spec']} against {config['base']['spec']}", "",
-             f"Before: {_kernel(config['base'])}; after: {_kernel(config['patched'])}.",
-             f"kselftest_py memslot_perf, {config['runs']} runs of {config['seconds']} s per kernel and cell, "
-             f"interleaved; time per iteration (slot setup: per VM). Verdicts: Mann-Whitney U at α = 0.05 and "
-             f"a {config['threshold']:.0%} practical threshold; \"None\" is no significant change.", ""]
+    lines = [
+        f"# kvmlab qualify: {config['patched']['spec']} against {config['base']['spec']}",
+        "",
+        f"Before: {_kernel(config['base'])}; after: {_kernel(config['patched'])}.",
+        f"kselftest_py memslot_perf, {config['runs']} runs of {config['seconds']} s per kernel and cell, "
+        f"interleaved; time per iteration (slot setup: per VM). Verdicts: Mann-Whitney U at α = 0.05 and "
+        f'a {config["threshold"]:.0%} practical threshold; "None" is no significant change.',
+        "",
+    ]
     for slots in config["slots"]:
-        lines += [f"{_slot_title(slots)} slots in use:", "", table_header(),
-                  *[table_row(cell) for cell in analysis.cells if cell.slots == slots], ""]
+        lines += [
+            f"{_slot_title(slots)} slots in use:",
+            "",
+            table_header(),
+            *[table_row(cell) for cell in analysis.cells if cell.slots == slots],
+            "",
+        ]
     lines += complexity_markdown(analysis)
     lines += problems_markdown(analysis)
     lines += ["", verdict_line(analysis)]
@@ -59,8 +69,9 @@ def markdown(analysis: Analysis) -> str:
 
 
 def table_header() -> str:
-    return ("| Test | Before | After | Improvement | change, 95 % CI | p | runs |\n"
-            "|---|---|---|---|---|---|---|")
+    return (
+        "| Test | Before | After | Improvement | change, 95 % CI | p | runs |\n|---|---|---|---|---|---|---|"
+    )
 
 
 def table_row(cell: Cell) -> str:
@@ -70,25 +81,35 @@ def table_row(cell: Cell) -> str:
         before = _seconds(np.median(cell.base)) if cell.base else "–"
         after = _seconds(np.median(cell.patched)) if cell.patched else "–"
         return f"| {name} | {before} | {after} | {cell.note} | | | {len(cell.base)}/{len(cell.patched)} |"
-    improvement = {stats.IMPROVED: f"{-comparison.change:.0%}",
-                   stats.REGRESSED: f"**{-comparison.change:.0%} (regressed)**"}.get(comparison.verdict, "None")
-    return (f"| {name} | {_seconds(comparison.base_median)} | {_seconds(comparison.patched_median)} | "
-            f"{improvement} | {comparison.change:+.1%} [{comparison.ci_low:+.1%}, {comparison.ci_high:+.1%}] | "
-            f"{comparison.p_value:.3f} | {comparison.runs[0]}/{comparison.runs[1]} |")
+    improvement = {
+        stats.IMPROVED: f"{-comparison.change:.0%}",
+        stats.REGRESSED: f"**{-comparison.change:.0%} (regressed)**",
+    }.get(comparison.verdict, "None")
+    return (
+        f"| {name} | {_seconds(comparison.base_median)} | {_seconds(comparison.patched_median)} | "
+        f"{improvement} | {comparison.change:+.1%} [{comparison.ci_low:+.1%}, {comparison.ci_high:+.1%}] | "
+        f"{comparison.p_value:.3f} | {comparison.runs[0]}/{comparison.runs[1]} |"
+    )
 
 
 def complexity_markdown(analysis: Analysis) -> list[str]:
     if not analysis.fits:
         return ["Complexity fit: needs at least three slot counts per kernel.", ""]
-    lines = ["Complexity (time against slot count, fitted as a + b·f(n), best by AIC; R² of the best; "
-             "slot setup per slot). The seed claims O(n) before and O(log n) after:", "",
-             "| Test | Before | After | agrees with the seed |", "|---|---|---|---|"]
+    lines = [
+        "Complexity (time against slot count, fitted as a + b·f(n), best by AIC; R² of the best; "
+        "slot setup per slot). The seed claims O(n) before and O(log n) after:",
+        "",
+        "| Test | Before | After | agrees with the seed |",
+        "|---|---|---|---|",
+    ]
     by_test: dict[str, dict] = {}
     for fit in analysis.fits:
         by_test.setdefault(fit.test, {})[fit.side] = fit
     for test, sides in by_test.items():
-        cells = [f"{sides[s].fit.best} (R² {sides[s].fit.r_squared:.2f})" if s in sides else "–"
-                 for s in matrix.SIDES]
+        cells = [
+            f"{sides[s].fit.best} (R² {sides[s].fit.r_squared:.2f})" if s in sides else "–"
+            for s in matrix.SIDES
+        ]
         agree = all(sides[s].fit.best in SEED_CLAIM[s] for s in sides) and len(sides) == 2
         name = f"{test} (per slot)" if test == SLOT_SETUP else test
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {'yes' if agree else 'no'} |")
@@ -103,21 +124,27 @@ def problems_markdown(analysis: Analysis) -> list[str]:
         lines.append(f"- FAILED: {line}")
     for record in problems.get("crash", []):
         first = record["message"].splitlines()[0] if record["message"] else ""
-        lines.append(f"- guest {record['outcome']} during {record['side']} {record['test']} @{record['slots']} "
-                     f"run {record['run'] + 1} (boot {record['boot']}): {first}")
+        lines.append(
+            f"- guest {record['outcome']} during {record['side']} {record['test']} @{record['slots']} "
+            f"run {record['run'] + 1} (boot {record['boot']}): {first}"
+        )
     if not lines:
         return ["Nothing went wrong: no n/a cells, failures, guest crashes or kernel reports."]
     return ["What else happened:", "", *dict.fromkeys(lines)]
 
 
 def verdict_line(analysis: Analysis) -> str:
-    counts = {verdict: sum(cell.verdict == verdict for cell in analysis.cells)
-              for verdict in (stats.IMPROVED, stats.REGRESSED, stats.NO_CHANGE, "n/a")}
+    counts = {
+        verdict: sum(cell.verdict == verdict for cell in analysis.cells)
+        for verdict in (stats.IMPROVED, stats.REGRESSED, stats.NO_CHANGE, "n/a")
+    }
     summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.items() if count)
     if analysis.exit_code == 0:
         return f"Verdict: PASS ({summary})."
-    reasons = [f"{len(analysis.regressions)} regressed" if analysis.regressions else "",
-               f"{len(analysis.failures)} failures" if analysis.failures else ""]
+    reasons = [
+        f"{len(analysis.regressions)} regressed" if analysis.regressions else "",
+        f"{len(analysis.failures)} failures" if analysis.failures else "",
+    ]
     return f"Verdict: FAIL: {', '.join(filter(None, reasons))} ({summary})."
 
 
@@ -145,8 +172,13 @@ def plot(analysis: Analysis, directory: Path) -> list[Path]:
             axes.scatter(chosen["slots"], chosen[column] / 1e9, s=10, alpha=0.4, color=colour)
             medians = chosen.groupby("slots")[column].median()
             axes.plot(medians.index, medians.to_numpy() / 1e9, marker="o", color=colour, label=label)
-        axes.set(xscale="log", yscale="log", xlabel="memslots", ylabel="seconds",
-                 title=f"{name} ({'per VM' if name == SLOT_SETUP else 'per iteration'})")
+        axes.set(
+            xscale="log",
+            yscale="log",
+            xlabel="memslots",
+            ylabel="seconds",
+            title=f"{name} ({'per VM' if name == SLOT_SETUP else 'per iteration'})",
+        )
         axes.legend(fontsize="small")
         figure.tight_layout()
         path = directory / f"{name.replace(' ', '-')}.png"
@@ -166,43 +198,67 @@ def trace_plots(traced: list, directory: Path) -> list[Path]:
 def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> str:
     """A self-contained page: the Markdown's tables as HTML, the plots inlined."""
     config = analysis.config
-    body = [f"<h1>kvmlab qualify: {html.escape(config['patched']['spec'])} against "
-            f"{html.escape(config['base']['spec'])}</h1>",
-            f"<p>Before: {html.escape(_kernel(config['base']))}; after: {html.escape(_kernel(config['patched']))}. "
-            f"{config['runs']} runs of {config['seconds']} s per kernel and cell, interleaved.</p>",
-            f"<p><b>{html.escape(verdict_line(analysis))}</b></p>"]
+    body = [
+        f"<h1>kvmlab qualify: {html.escape(config['patched']['spec'])} against "
+        f"{html.escape(config['base']['spec'])}</h1>",
+        f"<p>Before: {html.escape(_kernel(config['base']))}; "
+        f"after: {html.escape(_kernel(config['patched']))}. "
+        f"{config['runs']} runs of {config['seconds']} s per kernel and cell, interleaved.</p>",
+        f"<p><b>{html.escape(verdict_line(analysis))}</b></p>",
+    ]
     for slots in config["slots"]:
         rows = [c for c in analysis.cells if c.slots == slots]
-        body += [f"<h2>{_slot_title(slots)} slots in use</h2>", _html_table(table_header(), map(table_row, rows))]
+        body += [
+            f"<h2>{_slot_title(slots)} slots in use</h2>",
+            _html_table(table_header(), map(table_row, rows)),
+        ]
     complexity = complexity_markdown(analysis)
     if analysis.fits:
-        body += ["<h2>Complexity</h2>", f"<p>{html.escape(complexity[0])}</p>",
-                 _html_table("\n".join(complexity[2:4]), complexity[4:-1])]
+        body += [
+            "<h2>Complexity</h2>",
+            f"<p>{html.escape(complexity[0])}</p>",
+            _html_table("\n".join(complexity[2:4]), complexity[4:-1]),
+        ]
     body += ["<h2>What else happened</h2>", "<ul>"]
-    body += [f"<li><pre>{html.escape(line.lstrip('- '))}</pre></li>" for line in problems_markdown(analysis)
-             if line.startswith("- ")] or ["<li>nothing</li>"]
+    body += [
+        f"<li><pre>{html.escape(line.lstrip('- '))}</pre></li>"
+        for line in problems_markdown(analysis)
+        if line.startswith("- ")
+    ] or ["<li>nothing</li>"]
     body.append("</ul>")
     if traced:
         from traces import report as trace_report
 
         summary, comparison = trace_report.summarize(traced), trace_report.compare(traced)
-        body += ["<h2>Memslot lookup latency (traced runs)</h2>",
-                 f"<pre>{html.escape(trace_report.markdown(summary, comparison))}</pre>"]
+        body += [
+            "<h2>Memslot lookup latency (traced runs)</h2>",
+            f"<pre>{html.escape(trace_report.markdown(summary, comparison))}</pre>",
+        ]
     body.append("<h2>Plots</h2>")
     for path in plots:
         data = base64.b64encode(path.read_bytes()).decode()
-        body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
-                    f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
-    style = "body{font-family:sans-serif;max-width:70em}table{border-collapse:collapse}" \
-            "td,th{border:1px solid #ccc;padding:2px 8px}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlab qualify</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+        body.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+            f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:70em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlab qualify</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def _html_table(header: str, rows) -> str:
     def cells(line: str, tag: str) -> str:
         parts = line.strip().strip("|").split("|")
-        return "<tr>" + "".join(f"<{tag}>{html.escape(p.strip().replace('**', ''))}</{tag}>" for p in parts) + "</tr>"
+        return (
+            "<tr>"
+            + "".join(f"<{tag}>{html.escape(p.strip().replace('**', ''))}</{tag}>" for p in parts)
+            + "</tr>"
+        )
 
     return f"<table>{cells(header.splitlines()[0], 'th')}{''.join(cells(row, 'td') for row in rows)}</table>"
 
@@ -213,11 +269,18 @@ def junit(analysis: Analysis) -> str:
     suite = ET.Element("testsuite", name="kvmlab.qualify")
     failed_cells = {(r["test"], r["slots"]): r for r in analysis.problems.get("fail", [])}
     for cell in analysis.cells:
-        case = ET.SubElement(suite, "testcase", classname=f"memslots.{_slot_title(cell.slots)}",
-                             name=f"{cell.test} @{cell.slots} slots")
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"memslots.{_slot_title(cell.slots)}",
+            name=f"{cell.test} @{cell.slots} slots",
+        )
         if cell.verdict == stats.REGRESSED:
-            ET.SubElement(case, "failure", message=f"regressed by {cell.comparison.change:+.1%} "
-                                                   f"(p = {cell.comparison.p_value:.3f})")
+            ET.SubElement(
+                case,
+                "failure",
+                message=f"regressed by {cell.comparison.change:+.1%} (p = {cell.comparison.p_value:.3f})",
+            )
         elif (cell.test, cell.slots) in failed_cells:
             ET.SubElement(case, "error", message=failed_cells[(cell.test, cell.slots)]["reason"][:500])
         elif cell.comparison is None:
@@ -226,8 +289,11 @@ def junit(analysis: Analysis) -> str:
             ET.SubElement(case, "system-out").text = table_row(cell)
     for number, line in enumerate(analysis.failures):
         if "test failed" not in line:
-            ET.SubElement(ET.SubElement(suite, "testcase", classname="memslots.guest", name=f"guest {number + 1}"),
-                          "failure", message=line[:500])
+            ET.SubElement(
+                ET.SubElement(suite, "testcase", classname="memslots.guest", name=f"guest {number + 1}"),
+                "failure",
+                message=line[:500],
+            )
     cases = suite.findall("testcase")
     suite.set("tests", str(len(cases)))
     suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
@@ -248,7 +314,9 @@ def ktap(analysis: Analysis) -> str:
             directive = "" if status == "not ok" else f" # SKIP {cell.note}"
             lines.append(f"{status} {number} {name}{directive}")
             continue
-        lines.append(f"# {name}: {cell.verdict}, change {cell.comparison.change:+.1%}, p {cell.comparison.p_value:.3f}")
+        lines.append(
+            f"# {name}: {cell.verdict}, change {cell.comparison.change:+.1%}, p {cell.comparison.p_value:.3f}"
+        )
         lines.append(f"{'not ok' if cell.verdict == stats.REGRESSED else 'ok'} {number} {name}")
     if guest_failures:
         lines += [f"# {line}" for line in guest_failures]

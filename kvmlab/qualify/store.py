@@ -37,8 +37,9 @@ class Store:
     def create(cls, directory: Path, config: dict) -> Store:
         store = cls(directory)
         if store.config_path.exists():
-            raise KvmlabError(f"{directory} already holds a qualification: add --resume to finish it, "
-                              f"or give another -o")
+            raise KvmlabError(
+                f"{directory} already holds a qualification: add --resume to finish it, or give another -o"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         store.config_path.write_text(json.dumps(config, indent=2) + "\n")
         store.runs_path.touch()
