@@ -140,11 +140,11 @@ class GuestSession:
         return self._paused_at is not None
 
     def pause(self) -> None:
-        qmp.execute(self._machine.qmp_socket, "stop")
+        self._monitor("stop")
         self._paused_at = time.monotonic()
 
     def resume(self) -> None:
-        qmp.execute(self._machine.qmp_socket, "cont")
+        self._monitor("cont")
         if self._paused_at is not None and self._status.last_beat is not None:
             self._status.last_beat += time.monotonic() - self._paused_at
         self._paused_at = None
@@ -168,6 +168,13 @@ class GuestSession:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self._fail(timed_out=False)
                 time.sleep(0.05)
+
+    def _monitor(self, command: str) -> None:
+        """A QMP command; a monitor that does not answer is a guest that went away."""
+        try:
+            qmp.execute(self._machine.qmp_socket, command)
+        except KvmlabError:
+            self._fail(timed_out=False)
 
     def _send(self, message: dict) -> None:
         self._socket.sendall((json.dumps(message) + "\n").encode())

@@ -179,7 +179,7 @@ class Driver:
         """The guest of ``side``, running; the other one paused."""
         for other, session in self.sessions.items():
             if other != side and session is not None and not session.paused:
-                session.pause()
+                self._pause_idle(other, session)
         session = self.sessions[side]
         if session is None:
             options = runner.RunOptions(argv=[], **self.session_options)
@@ -194,6 +194,18 @@ class Driver:
         elif session.paused:
             session.resume()
         return session
+
+    def _pause_idle(self, side: str, session: GuestSession) -> None:
+        """Pause the guest whose turn is over; if it went away meanwhile, say so, boot it afresh later."""
+        try:
+            session.pause()
+        except GuestDown as down:
+            self.sessions[side] = None
+            result = down.result
+            self.store.append({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
+                               "outcome": result.outcome, "message": result.message,
+                               "boot": result.run_dir.name})
+            self._say(f"{side}: guest {result.outcome} while idle; it boots afresh for its next run")
 
     def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
         for splat in session.new_splats():

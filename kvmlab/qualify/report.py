@@ -124,10 +124,9 @@ def problems_markdown(analysis: Analysis) -> list[str]:
         lines.append(f"- FAILED: {line}")
     for record in problems.get("crash", []):
         first = record["message"].splitlines()[0] if record["message"] else ""
-        lines.append(
-            f"- guest {record['outcome']} during {record['side']} {record['test']} @{record['slots']} "
-            f"run {record['run'] + 1} (boot {record['boot']}): {first}"
-        )
+        when = ("while idle" if record["run"] is None else
+                f"during {record['side']} {record['test']} @{record['slots']} run {record['run'] + 1}")
+        lines.append(f"- {record['side']} guest {record['outcome']} {when} (boot {record['boot']}): {first}")
     if not lines:
         return ["Nothing went wrong: no n/a cells, failures, guest crashes or kernel reports."]
     return ["What else happened:", "", *dict.fromkeys(lines)]
