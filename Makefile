@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio z
                    dpkg apt debian-archive-keyring binutils procps trace-cmd busybox-static \
                    gcc make libc6-dev xz-utils
 
-.PHONY: setup system-packages test unit demo lint bench clean
+.PHONY: setup system-packages test unit demo qualify lint bench clean
 
 setup: system-packages $(STAMP)
 
@@ -42,6 +42,15 @@ unit: setup
 demo: setup
 	$(BIN)/kvmlab run debian:bullseye -- python3 -m kselftest_py.smoke
 	$(BIN)/kvmlab run debian:bookworm -- python3 -m kselftest_py.smoke
+
+# The main job: Debian 5.10 (memslot array) against 6.1 (memslot trees), sized to finish in
+# about 10 minutes on 2 cores under TCG. QUALIFY_ARGS adds or overrides options.
+QUALIFY_DIR  ?= qualify-results/$(shell date +%Y%m%d-%H%M%S)
+QUALIFY_ARGS ?=
+qualify: setup
+	$(BIN)/kvmlab qualify --base debian:bullseye --patched debian:bookworm \
+	  --tests unmap,unmap-chunked,move-active,move-inactive --slots 10,100,509 --runs 5 --seconds 2 \
+	  -o $(QUALIFY_DIR) $(QUALIFY_ARGS)
 
 lint: setup
 	$(BIN)/ruff check kvmlab kselftest_py drgn_scripts traces tests bench vm-images

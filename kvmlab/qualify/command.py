@@ -79,7 +79,7 @@ def qualify(args: argparse.Namespace) -> int:
     result = analysis.analyse(config, store.records())
     traced = _traced_runs(store) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
-    print(report.markdown(result))
+    print(report.markdown(result, traced))
     print(
         f"kvmlab qualify: wrote {', '.join(p.name for p in written[:5])} and {len(written) - 5} plots "
         f"to {store.directory}",
@@ -89,6 +89,8 @@ def qualify(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> Store:
+    if Store(args.out).config_path.exists():
+        Store.create(args.out, {})  # says what to do instead, before anything is fetched
     if not args.base or not args.patched:
         raise KvmlabError("kvmlab qualify needs --base SPEC and --patched SPEC (or --resume -o DIR)")
     runs = matrix.DEFAULT_RUNS if args.runs is None else args.runs

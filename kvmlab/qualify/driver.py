@@ -58,10 +58,8 @@ class Driver:
                 self._progress(item, done_before + number, len(items), started, number, len(todo))
                 self._attempt(item, crashes)
         finally:
-            for side, session in self.sessions.items():
-                if session is not None:
-                    session.close()
-                    self.sessions[side] = None
+            for side in matrix.SIDES:
+                self._retire(side, close=True)
 
     def _attempt(self, item: matrix.Item, crashes: Counter) -> None:
         while True:
@@ -69,7 +67,7 @@ class Driver:
                 self._run_item(item)
                 return
             except GuestDown as down:
-                self.sessions[item.side] = None
+                self._retire(item.side)
                 crashes[item.key] += 1
                 result = down.result
                 self.store.append(
@@ -200,12 +198,27 @@ class Driver:
         try:
             session.pause()
         except GuestDown as down:
-            self.sessions[side] = None
+            self._retire(side)
             result = down.result
             self.store.append({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
                                "outcome": result.outcome, "message": result.message,
                                "boot": result.run_dir.name})
             self._say(f"{side}: guest {result.outcome} while idle; it boots afresh for its next run")
+
+    def _retire(self, side: str, close: bool = False) -> None:
+        """Forget a guest (closing it when asked), recording what its invariant checks saw."""
+        session = self.sessions[side]
+        if session is None:
+            return
+        self.sessions[side] = None
+        if close:
+            session.close()
+        report = session.watch.report if session.watch else None
+        if report is not None and report.checks:
+            self.store.append({"kind": "checks", "side": side, "test": None, "slots": None, "run": None,
+                               "checks": report.checks, "checks_with_vms": report.checks_with_vms,
+                               "max_slots": report.max_slots, "violations": len(report.violations),
+                               "boot": session.run_dir.name})
 
     def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
         for splat in session.new_splats():

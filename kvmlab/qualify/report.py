@@ -31,7 +31,7 @@ def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -
     written = [
         directory / name for name in ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")
     ]
-    written[0].write_text(markdown(analysis) + "\n")
+    written[0].write_text(markdown(analysis, traced) + "\n")
     plots = plot(analysis, directory / "plots")
     if traced:
         plots += trace_plots(traced, directory / "plots")
@@ -43,7 +43,7 @@ def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -
 
 
 # -- Markdown --------------------------------------------------------------------------
-def markdown(analysis: Analysis) -> str:
+def markdown(analysis: Analysis, traced: list | None = None) -> str:
     config = analysis.config
     lines = [
         f"# kvmlab qualify: {config['patched']['spec']} against {config['base']['spec']}",
@@ -62,10 +62,21 @@ def markdown(analysis: Analysis) -> str:
             *[table_row(cell) for cell in analysis.cells if cell.slots == slots],
             "",
         ]
+    if traced:
+        lines += trace_markdown(traced)
     lines += complexity_markdown(analysis)
     lines += problems_markdown(analysis)
     lines += ["", verdict_line(analysis)]
     return "\n".join(lines)
+
+
+def trace_markdown(traced: list) -> list[str]:
+    """Per-function latencies of the traced runs, base against patched (traces.report's tables)."""
+    from traces import report as trace_report
+
+    summary, comparison = trace_report.summarize(traced), trace_report.compare(traced)
+    return ["Memslot work as ftrace timed it in these runs:", "",
+            trace_report.markdown(summary, comparison), ""]
 
 
 def table_header() -> str:
@@ -126,7 +137,16 @@ def problems_markdown(analysis: Analysis) -> list[str]:
         first = record["message"].splitlines()[0] if record["message"] else ""
         when = ("while idle" if record["run"] is None else
                 f"during {record['side']} {record['test']} @{record['slots']} run {record['run'] + 1}")
-        lines.append(f"- {record['side']} guest {record['outcome']} {when} (boot {record['boot']}): {first}")
+        idle = f" ({record['side']})" if record["run"] is None else ""
+        lines.append(f"- guest {record['outcome']}{idle} {when} (boot {record['boot']}): "
+                     f"{first.split('; console tail')[0]}")
+    checks = problems.get("checks", [])
+    if checks:
+        total = {side: sum(r["checks"] for r in checks if r["side"] == side) for side in matrix.SIDES}
+        seen = max(r["max_slots"] for r in checks)
+        lines.append(f"- memslot invariant checks: {total['base']} on base, {total['patched']} on patched "
+                     f"(VMs of up to {seen} slots), "
+                     f"{sum(r['violations'] for r in checks)} violations")
     if not lines:
         return ["Nothing went wrong: no n/a cells, failures, guest crashes or kernel reports."]
     return ["What else happened:", "", *dict.fromkeys(lines)]
@@ -226,13 +246,8 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
     ] or ["<li>nothing</li>"]
     body.append("</ul>")
     if traced:
-        from traces import report as trace_report
-
-        summary, comparison = trace_report.summarize(traced), trace_report.compare(traced)
-        body += [
-            "<h2>Memslot lookup latency (traced runs)</h2>",
-            f"<pre>{html.escape(trace_report.markdown(summary, comparison))}</pre>",
-        ]
+        body += ["<h2>Memslot lookup latency (traced runs)</h2>",
+                 f"<pre>{html.escape(chr(10).join(trace_markdown(traced)))}</pre>"]
     body.append("<h2>Plots</h2>")
     for path in plots:
         data = base64.b64encode(path.read_bytes()).decode()
