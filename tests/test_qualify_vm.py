@@ -38,37 +38,25 @@ def _run_keys(out) -> Counter:
 
 
 def test_bullseye_against_bookworm(tmp_path, no_leaked_qemu):
+    """The issue's small qualify, with 6 runs a side instead of 4: 4 reach p < 0.05 only
+    when no run of one kernel overlaps the other's, and under TCG a slow run broke that
+    for unmap chunked at 509 slots in 2 of 7 hand and CI runs; 6 tolerate a few."""
     out = tmp_path / "q"
-    done = kvmlab(
-        "qualify",
-        "--base",
-        "debian:bullseye",
-        "--patched",
-        "debian:bookworm",
-        "--tests",
-        "unmap,unmap-chunked",
-        "--slots",
-        "10,509",
-        "--runs",
-        "4",
-        "--seconds",
-        "2",
-        "-o",
-        str(out),
-        timeout=1200,
-    )
+    matrix = ["--tests", "unmap,unmap-chunked", "--slots", "10,509", "--runs", "6", "--seconds", "2"]
+    kernels = ["--base", "debian:bullseye", "--patched", "debian:bookworm"]
+    done = kvmlab("qualify", *kernels, *matrix, "-o", str(out), timeout=1500)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "plots").glob("*.png"))) == 3  # unmap, unmap chunked, slot setup
     keys = _run_keys(out)
-    assert len(keys) == 2 * 2 * 2 * 4 and set(keys.values()) == {1}
+    assert len(keys) == 2 * 2 * 2 * 6 and set(keys.values()) == {1}
 
     store = Store(out)
     result = analysis.analyse(store.config, store.records())
     cells = {(cell.test, cell.slots): cell for cell in result.cells}
-    # The seed's direction, which TCG reproduces reliably for the 2 MiB unmaps (25-45 %
-    # in every hand run); plain unmap at 509 slots stays within TCG's noise (README).
+    # The seed's direction, which TCG reproduces for the 2 MiB unmaps (25-45 % faster);
+    # plain unmap at 509 slots stays within TCG's noise (README).
     assert cells[("unmap chunked", 509)].verdict == stats.IMPROVED
     assert cells[("unmap", 509)].comparison is not None
     assert "509 slots in use:" in done.stdout and "| Unmap chunked |" in done.stdout
