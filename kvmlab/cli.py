@@ -17,7 +17,8 @@ def _kernel_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(kernel.to_json(), indent=2))
     else:
-        print(f"{kernel.spec}: {kernel.release} ({kernel.package} {kernel.version})")
+        origin = kernel.package or f"KVM modules rebuilt in {kernel.store}"
+        print(f"{kernel.spec}: {kernel.release} ({origin}, {kernel.version})")
         print(f"  vmlinuz  {kernel.vmlinuz}")
         if kernel.vmlinux:
             print(f"  vmlinux  {kernel.vmlinux}")

@@ -5,7 +5,9 @@ A spec is what a user types wherever kvmlab wants a kernel:
 - ``debian:<suite>``: the newest cloud kernel of that Debian suite
   (``debian:bullseye`` is 5.10, ``debian:bookworm`` 6.1);
 - ``debian:<package>``: an exact image package, e.g. ``debian:linux-image-5.10.0-32-cloud-amd64``;
-- ``local:<tree>[,modules=<INSTALL_MOD_PATH>]``: a kernel built from a source tree.
+- ``local:<tree>[,modules=<INSTALL_MOD_PATH>]``: a kernel built from a source tree;
+- ``kvm-modules:<debian spec>[+<patch, mbox or directory>]``: a Debian kernel with its
+  KVM modules rebuilt from its own source, patched or not (``kvmlab.kvm_modules``).
 
 Debian kernels land in the cache keyed by the package's sha256, with vmlinuz, config,
 System.map and the module tree; ``debuginfo`` adds the -dbg package's vmlinux and
@@ -21,7 +23,8 @@ from pathlib import Path
 from kvmlab import cache, debian
 from kvmlab.errors import KvmlabError, UnknownSpec
 
-SPEC_HELP = "debian:<suite> | debian:<linux-image package> | local:<tree>[,modules=<dir>]"
+SPEC_HELP = ("debian:<suite> | debian:<linux-image package> | local:<tree>[,modules=<dir>] | "
+             "kvm-modules:<debian spec>[+<patches>]")
 
 
 @dataclass
@@ -41,10 +44,14 @@ class Kernel:
     debug_modules: Path | None = None
     package: str | None = None
     version: str | None = None
+    exact: str | None = None
+    """A spec that pins this kernel where ``package`` cannot (kvm-modules: over a suite)."""
 
     @property
     def exact_spec(self) -> str:
         """A spec naming this very kernel, for later (``debian:<suite>`` moves on)."""
+        if self.exact:
+            return self.exact
         return f"debian:{self.package}" if self.package else self.spec
 
     def config_value(self, option: str) -> str | None:
@@ -70,6 +77,10 @@ def fetch(spec: str, debuginfo: bool = False) -> Kernel:
         from kvmlab import local_kernel
 
         return local_kernel.load(spec, rest, debuginfo)
+    if scheme == "kvm-modules" and rest:
+        from kvmlab import kvm_modules
+
+        return kvm_modules.load(spec, rest, debuginfo)
     raise UnknownSpec(f"unknown kernel spec {spec!r}; expected {SPEC_HELP}")
 
 

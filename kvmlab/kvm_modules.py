@@ -1,0 +1,272 @@
+"""``kvm-modules:`` specs: a Debian kernel booted with its KVM modules rebuilt from source.
+
+    kvm-modules:debian:bookworm                   the unmodified source, rebuilt
+    kvm-modules:debian:bookworm+fix.patch         ... with a patch, an mbox series,
+    kvm-modules:debian:bookworm+series/           ... or a directory of patches
+
+A patch qualification must compare base and base+patch with nothing else different,
+so both sides boot the same Debian kernel image and differ only in kvm.ko, kvm-amd.ko
+and kvm-intel.ko, built by the same compiler from the same source: Debian's
+linux-source package of the image's very version, with the series applied by ``git
+am`` (or ``git apply`` for a bare diff) on a scratch git tree, and ``virt/kvm`` +
+``arch/x86/kvm`` built as out-of-tree modules against Debian's matching
+linux-headers. A patch that reaches outside those two directories cannot be built
+this way and is refused, naming the file.
+
+Built modules are cached under ``kvm-modules/<key>``, keyed by the base package, the
+patches' bytes and the compiler, so a second request is instant. The guest gets them
+stripped (a smaller initramfs boots faster under TCG); drgn reads the copies with DWARF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from kvmlab import cache, debian, kernels
+from kvmlab.errors import KvmlabError, MissingTool
+
+SCHEME = "kvm-modules"
+KVM_DIRS = ("virt/kvm", "arch/x86/kvm")
+MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
+MODULE_DIR = "kernel/arch/x86/kvm"
+PATCH_SUFFIXES = (".patch", ".diff", ".mbox", ".eml")
+
+
+def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
+    """The kernel a ``kvm-modules:`` spec names, building its modules if not cached."""
+    base_spec, _, patch = rest.partition("+")
+    if not base_spec.startswith("debian:"):
+        raise KvmlabError(f"{spec}: kvm-modules: rebuilds the KVM modules of a debian: kernel, "
+                          f"not {base_spec!r}")
+    patches = series(Path(patch).expanduser()) if patch else []
+    base = kernels.fetch(base_spec, debuginfo=debuginfo)
+    compiler, compiler_version = _compiler(base)
+    key = _key(base, patches, compiler_version)
+    entry = cache.area(SCHEME) / key
+    if not (entry / "build.json").exists():
+        with cache.locked(cache.area(SCHEME) / f"{key}.lock"):
+            if not (entry / "build.json").exists():
+                _build(base, patches, compiler, compiler_version, entry)
+    exact = f"{SCHEME}:{base.exact_spec}" + (f"+{Path(patch).expanduser().resolve()}" if patch else "")
+    return kernels.Kernel(
+        spec=spec, release=base.release, vmlinuz=base.vmlinuz, config=base.config,
+        system_map=base.system_map, modules_root=entry / "root", store=entry, vmlinux=base.vmlinux,
+        debug_modules=entry / "build", version=base.version, exact=exact,
+    )
+
+
+def series(path: Path) -> list[Path]:
+    """The patch files ``path`` names: itself, or a directory's patches in name order."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PATCH_SUFFIXES)
+        if not found:
+            raise KvmlabError(f"{path}: no patches ({', '.join(PATCH_SUFFIXES)} files) in this directory")
+        return found
+    raise KvmlabError(f"patch {path} does not exist")
+
+
+def _key(base: kernels.Kernel, patches: list[Path], compiler: str) -> str:
+    digest = hashlib.sha256(f"{base.package} {base.version}\n{compiler}\n".encode())
+    for patch in patches:
+        digest.update(hashlib.sha256(patch.read_bytes()).digest())
+    return f"{base.release}-{digest.hexdigest()[:16]}"
+
+
+# -- the build ----------------------------------------------------------------------------
+def _build(base: kernels.Kernel, patches: list[Path], compiler: str, compiler_version: str,
+           entry: Path) -> None:
+    started = time.monotonic()
+    source, headers = _kvm_source(base), _headers(base)
+    with cache.building(entry) as scratch:
+        tree = scratch / "tree"
+        for part in KVM_DIRS:
+            shutil.copytree(source / part, tree / part)
+        _apply(tree, patches)
+        built = _compile(tree, headers, base, compiler)
+        _check_vermagic(built, base)
+        _install(built, base, scratch)
+        shutil.rmtree(tree)
+        record = {"base": base.exact_spec, "release": base.release, "compiler": compiler_version,
+                  "patches": [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                              for p in patches],
+                  "build_s": round(time.monotonic() - started, 1)}
+        (scratch / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _apply(tree: Path, patches: list[Path]) -> None:
+    """Commit the pristine source, then each patch on top, as ``git am`` would."""
+    _git(tree, "init", "-q")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-q", "-m", "Debian source")
+    inside = tuple(part + "/" for part in KVM_DIRS)
+    for patch in patches:
+        listed = _git(tree, "apply", "--numstat", str(patch.resolve()), check=False)
+        if listed.returncode != 0:
+            reason = _first_failure(listed.stderr)
+            raise KvmlabError(f"patch {patch.name} is not a patch git can read: {reason}")
+        outside = [line.split("\t")[-1] for line in listed.stdout.splitlines()
+                   if not line.split("\t")[-1].startswith(inside)]
+        if outside:
+            raise KvmlabError(f"patch {patch.name} changes {outside[0]}, outside {' and '.join(KVM_DIRS)}: "
+                              "the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
+        text = patch.read_text(errors="replace")
+        mail = text.startswith("From ") or "\nSubject:" in text[:2000]
+        argv = ["am", "-q", str(patch.resolve())] if mail else ["apply", "--index", str(patch.resolve())]
+        done = _git(tree, *argv, check=False)
+        if done.returncode != 0:
+            reason = _first_failure(done.stderr + done.stdout)
+            raise KvmlabError(f"patch {patch.name} does not apply: {reason}")
+        if not mail:
+            _git(tree, "commit", "-q", "-m", patch.name)
+
+
+def _first_failure(output: str) -> str:
+    """git's line naming the first hunk that failed (file:line), else its first error."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in ("patch failed:", "error:", "fatal:"):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[0].removeprefix("error: ")
+    return lines[0] if lines else "git gave no reason"
+
+
+def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> Path:
+    """make the two KVM directories as one external module against the headers."""
+    kvm = tree / "arch" / "x86" / "kvm"
+    makefile = kvm / "Makefile"
+    # The in-tree Makefile finds virt/kvm's list of objects and headers under
+    # $(srctree), which for an external build is the headers package: point it at ours.
+    text = makefile.read_text().replace("$(srctree)/virt/kvm", str(tree / "virt" / "kvm"))
+    makefile.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    argv = ["make", "-C", str(headers), f"M={kvm}", f"-j{os.cpu_count() or 1}", f"CC={compiler}",
+            f"KCFLAGS=-I{kvm} -I{tree / 'virt' / 'kvm'}", "modules"]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**env, "LC_ALL": "C"}, check=False)
+    (tree.parent / "build.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise KvmlabError(f"building the KVM modules of {base.release} failed: "
+                          f"{_compile_error(done.stdout + done.stderr)}")
+    return kvm
+
+
+def _compile_error(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in (" error: ", "ERROR: ", "*** "):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[0]
+    return lines[-1] if lines else "no output"
+
+
+def _check_vermagic(built: Path, base: kernels.Kernel) -> None:
+    """A module whose vermagic differs from the kernel's is refused at load: say so before boot."""
+    shipped = base.modules_root / "lib" / "modules" / base.release / MODULE_DIR / "kvm.ko"
+    want, got = _vermagic(shipped), _vermagic(built / "kvm.ko")
+    if want != got:
+        raise KvmlabError(f"rebuilt kvm.ko has vermagic {got!r}, the kernel {base.release} wants {want!r}")
+
+
+def _vermagic(module: Path) -> str:
+    done = subprocess.run(["modinfo", "-F", "vermagic", str(module)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KvmlabError(f"modinfo {module.name} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _install(built: Path, base: kernels.Kernel, scratch: Path) -> None:
+    """The base's module tree (hard links) with the three modules replaced, stripped; DWARF copies aside."""
+    source = base.modules_root / "lib" / "modules" / base.release
+    target = scratch / "root" / "lib" / "modules" / base.release
+    target.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(source), str(target)], check=True)
+    debug = scratch / "build" / "arch" / "x86" / "kvm"
+    debug.mkdir(parents=True)
+    for name in MODULES:
+        shutil.copy2(built / name, debug / name)
+        installed = target / MODULE_DIR / name
+        installed.unlink(missing_ok=True)
+        shutil.copy2(built / name, installed)
+        subprocess.run(["strip", "--strip-debug", str(installed)], check=True)
+    kernels.depmod(scratch / "root", base.release)
+
+
+# -- what the build needs, cached on their own ------------------------------------------------
+def _kvm_source(base: kernels.Kernel) -> Path:
+    """virt/kvm and arch/x86/kvm of Debian's linux-source of the base's very version."""
+    apt = debian.AptRoot(_suite(base))
+    name = "linux-source-" + ".".join(base.version.split(".")[:2])
+    package = apt.package(name)
+    if package is None or package.version != base.version:
+        found = package.version if package else "none"
+        raise KvmlabError(f"no {name} {base.version} in Debian {_suite(base)} (found: {found}): "
+                          f"the modules must be built from the kernel's own source")
+    entry = cache.area("kernel-source") / package.key
+    if not entry.is_dir():
+        with cache.building(entry) as scratch:
+            deb = apt.download(package, scratch / "deb")
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch / "deb")], check=True)
+            tarball = scratch / "deb" / "usr" / "src" / f"{name}.tar.xz"
+            subprocess.run(["tar", "-xJf", str(tarball), "-C", str(scratch), "--strip-components=1",
+                            *(f"{name}/{part}" for part in KVM_DIRS)], check=True)
+            shutil.rmtree(scratch / "deb")
+    return entry
+
+
+def _headers(base: kernels.Kernel) -> Path:
+    """Debian's linux-headers for the base kernel, with kbuild, usable from the cache."""
+    apt = debian.AptRoot(_suite(base))
+    headers = apt.package(f"linux-headers-{base.release}")
+    if headers is None or headers.version != base.version:
+        raise KvmlabError(f"no linux-headers-{base.release} {base.version} in Debian {_suite(base)}")
+    entry = cache.area("kernel-headers") / headers.key
+    tree = entry / "usr" / "src" / f"linux-headers-{base.release}"
+    if entry.is_dir():
+        return tree
+    depends = debian.depends_names(apt.show(headers.name).get("Depends", ""))
+    parts = [headers] + [p for name in depends if name.startswith(("linux-headers-", "linux-kbuild-"))
+                         if (p := apt.package(name)) is not None]
+    with cache.building(entry) as scratch:
+        for package in parts:
+            deb = apt.download(package, scratch / "debs")
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], check=True)
+        shutil.rmtree(scratch / "debs")
+        # Its Makefile includes the -common package's by absolute path: make it ours.
+        makefile = scratch / "usr" / "src" / f"linux-headers-{base.release}" / "Makefile"
+        makefile.write_text(makefile.read_text().replace("/usr/src/", f"{entry}/usr/src/"))
+    return tree
+
+
+def _compiler(base: kernels.Kernel) -> tuple[str, str]:
+    """The compiler Debian built the kernel with: its command (gcc-N) and its version line."""
+    text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
+    name = text.split(" ")[0] or "gcc"
+    if shutil.which(name) is None:
+        raise MissingTool(f"{name} not found: {base.release} was built with {text or 'an unknown compiler'}; "
+                          f"install {name} to rebuild its modules")
+    done = subprocess.run([name, "--version"], capture_output=True, text=True)
+    return name, done.stdout.splitlines()[0] if done.stdout else name
+
+
+def _suite(base: kernels.Kernel) -> str:
+    record = json.loads((base.store / "kernel.json").read_text()) if base.store else {}
+    return record.get("suite", "bookworm")
+
+
+def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "kvmlab", "GIT_AUTHOR_EMAIL": "kvmlab@localhost",
+           "GIT_COMMITTER_NAME": "kvmlab", "GIT_COMMITTER_EMAIL": "kvmlab@localhost"}
+    try:
+        done = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise MissingTool("git not found: kvm-modules: specs apply patches with git") from None
+    if check and done.returncode != 0:
+        raise KvmlabError(f"git {args[0]} failed: {done.stderr.strip()}")
+    return done

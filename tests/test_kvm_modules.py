@@ -1,0 +1,72 @@
+"""kvm-modules: specs: Debian's KVM modules rebuilt from Debian's source, with a patch or
+without, booted in the lab, read by drgn, refused clearly when they cannot be built."""
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, kvmlab, kvmlab_retrying
+from test_cli_errors import assert_one_line_error
+
+from kvmlab import inspect, kernels, kvm_modules, stats
+from kvmlab.errors import KvmlabError
+from kvmlab.qualify import analysis
+from kvmlab.qualify.store import Store
+
+DATA = REPO / "tests" / "data"
+HELLO = f"kvm-modules:debian:bookworm+{DATA / 'kvm-hello.patch'}"
+
+
+def test_a_patch_that_does_not_apply_names_its_first_failing_hunk():
+    done = kvmlab("kernel", "fetch", f"kvm-modules:debian:bookworm+{DATA / 'kvm-stale.patch'}")
+    assert_one_line_error(done, "patch kvm-stale.patch does not apply", "virt/kvm/kvm_main.c:5915")
+
+
+def test_a_patch_outside_the_kvm_directories_is_refused_by_name():
+    done = kvmlab("kernel", "fetch", f"kvm-modules:debian:bookworm+{DATA / 'kvm-outside.patch'}")
+    assert_one_line_error(done, "kvm-outside.patch changes include/linux/kvm_host.h", "whole kernel")
+
+
+def test_bad_kvm_modules_specs():
+    assert_one_line_error(kvmlab("kernel", "fetch", "kvm-modules:local:/tmp+x.patch"), "debian: kernel")
+    assert_one_line_error(kvmlab("kernel", "fetch", "kvm-modules:debian:bookworm+/nonexistent.patch"),
+                          "/nonexistent.patch does not exist")
+
+
+def test_a_module_for_another_kernel_is_caught_before_boot(tmp_path):
+    bookworm, bullseye = kernels.fetch("debian:bookworm"), kernels.fetch("debian:bullseye")
+    foreign = bullseye.modules_root / "lib" / "modules" / bullseye.release / kvm_modules.MODULE_DIR
+    with pytest.raises(KvmlabError, match=r"vermagic '5\.10\.0-\d+-cloud-amd64 SMP mod_unload"):
+        kvm_modules._check_vermagic(foreign, bookworm)
+
+
+@pytest.mark.vm
+def test_the_patched_module_runs_in_the_guest_and_drgn_reads_it(no_leaked_qemu):
+    kernel = kernels.fetch(HELLO, debuginfo=True)
+    rebuilt = Path(kernel.debug_modules) / "arch/x86/kvm/kvm.ko"
+    assert inspect.debug_files(kernel) == [kernel.vmlinux, rebuilt]
+    assert kernel.release == kernels.fetch("debian:bookworm").release
+
+    done = kvmlab("run", HELLO, "--", "sh", "-c", "dmesg | grep kvmlab:")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kvm.ko rebuilt with tests/data/kvm-hello.patch" in done.stdout
+
+    # drgn walks the memslots with the rebuilt kvm.ko's types while a test churns them.
+    checked = kvmlab_retrying("run", HELLO, "--check-invariants-every", "3", "--timeout", "150", "--",
+                              "python3", "-m", "kselftest_py.memslot_stress", "-v", "1", "-b", "4",
+                              "-s", "40", "-t", "12")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "no violations" in checked.stderr and " 0 saw a VM" not in checked.stderr
+
+
+@pytest.mark.vm
+def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qemu):
+    out = tmp_path / "q"
+    done = kvmlab("qualify", "--base", "kvm-modules:debian:bookworm",
+                  "--patched", f"kvm-modules:debian:bookworm+{DATA / 'kvm-comment.patch'}",
+                  "--tests", "unmap-chunked", "--slots", "10,509", "--runs", "4", "--seconds", "1",
+                  "-o", str(out), timeout=1500)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    store = Store(out)
+    assert store.config["base"]["release"] == store.config["patched"]["release"]
+    result = analysis.analyse(store.config, store.records())
+    assert [cell.verdict for cell in result.cells] == [stats.NO_CHANGE] * 4, done.stdout
