@@ -7,7 +7,8 @@ STAMP   := $(VENV)/.installed
 # Host tools the lab drives. debian-archive-keyring verifies the kernels kvmlab fetches.
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio zstd kmod \
                    dpkg apt debian-archive-keyring binutils procps trace-cmd busybox-static \
-                   gcc make libc6-dev xz-utils git
+                   gcc make libc6-dev xz-utils git \
+                   flex bison bc libelf-dev libssl-dev
 
 .PHONY: setup system-packages test unit demo qualify lint bench clean
 

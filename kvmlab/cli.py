@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,6 +36,17 @@ def _kernel_list(args: argparse.Namespace) -> int:
     for kernel in rows:
         debug = "debuginfo" if kernel.vmlinux else "no debuginfo"
         print(f"{kernel.release:32} {kernel.version or '':14} {debug:13} {kernel.vmlinuz.parent}")
+    return 0
+
+
+def _kernel_build(args: argparse.Namespace) -> int:
+    from kvmlab import kernel_build
+
+    patches = [p for path in args.patch for p in kernel_build.patch_series.series(path)]
+    options = kernel_build.BuildOptions(
+        tree=args.tree, out=args.out, patches=patches, fragments=args.config, base_config=args.base_config,
+        kasan=args.kasan, lockdep=args.lockdep, jobs=args.jobs)
+    print(kernel_build.build(options))
     return 0
 
 
@@ -209,6 +221,18 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("--debuginfo", action="store_true", help="also fetch vmlinux/modules with DWARF")
     fetch.add_argument("--json", action="store_true")
     fetch.set_defaults(func=_kernel_fetch)
+    kbuild = kernel.add_parser("build", help="build a lab kernel from a source tree (boot it as local:OUT)")
+    kbuild.add_argument("tree", type=Path, help="a Linux source tree (git checkout or unpacked linux-source)")
+    kbuild.add_argument("-o", "--out", type=Path, help="build directory (TREE/kvmlab-build)")
+    kbuild.add_argument("--patch", type=Path, action="append", default=[],
+                        help="a patch, mbox or directory of patches to apply to TREE first (git am)")
+    kbuild.add_argument("--config", type=Path, action="append", default=[], metavar="FRAGMENT",
+                        help="a config fragment merged last")
+    kbuild.add_argument("--base-config", type=Path, help="start from this .config, not x86_64_defconfig")
+    kbuild.add_argument("--kasan", action="store_true", help="with KASAN")
+    kbuild.add_argument("--lockdep", action="store_true", help="with lockdep (PROVE_LOCKING)")
+    kbuild.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    kbuild.set_defaults(func=_kernel_build)
     listing = kernel.add_parser("list", help="kernels in the cache")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_kernel_list)

@@ -29,13 +29,14 @@ import time
 from pathlib import Path
 
 from kvmlab import cache, debian, kernels
+from kvmlab import patches as patch_series
 from kvmlab.errors import KvmlabError, MissingTool
+from kvmlab.kernel_build import compile_error
 
 SCHEME = "kvm-modules"
 KVM_DIRS = ("virt/kvm", "arch/x86/kvm")
 MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
 MODULE_DIR = "kernel/arch/x86/kvm"
-PATCH_SUFFIXES = (".patch", ".diff", ".mbox", ".eml")
 
 
 def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
@@ -44,7 +45,7 @@ def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
     if not base_spec.startswith("debian:"):
         raise KvmlabError(f"{spec}: kvm-modules: rebuilds the KVM modules of a debian: kernel, "
                           f"not {base_spec!r}")
-    patches = series(Path(patch).expanduser()) if patch else []
+    patches = patch_series.series(Path(patch).expanduser()) if patch else []
     base = kernels.fetch(base_spec, debuginfo=debuginfo)
     compiler, compiler_version = _compiler(base)
     key = _key(base, patches, compiler_version)
@@ -59,18 +60,6 @@ def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
         system_map=base.system_map, modules_root=entry / "root", store=entry, vmlinux=base.vmlinux,
         debug_modules=entry / "build", version=base.version, exact=exact,
     )
-
-
-def series(path: Path) -> list[Path]:
-    """The patch files ``path`` names: itself, or a directory's patches in name order."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PATCH_SUFFIXES)
-        if not found:
-            raise KvmlabError(f"{path}: no patches ({', '.join(PATCH_SUFFIXES)} files) in this directory")
-        return found
-    raise KvmlabError(f"patch {path} does not exist")
 
 
 def _key(base: kernels.Kernel, patches: list[Path], compiler: str) -> str:
@@ -102,40 +91,17 @@ def _build(base: kernels.Kernel, patches: list[Path], compiler: str, compiler_ve
 
 
 def _apply(tree: Path, patches: list[Path]) -> None:
-    """Commit the pristine source, then each patch on top, as ``git am`` would."""
-    _git(tree, "init", "-q")
-    _git(tree, "add", "-A")
-    _git(tree, "commit", "-q", "-m", "Debian source")
+    """Commit the pristine source, then each patch on top; none may reach outside KVM_DIRS."""
+    patch_series.git(tree, "init", "-q")
+    patch_series.git(tree, "add", "-A")
+    patch_series.git(tree, "commit", "-q", "-m", "Debian source")
     inside = tuple(part + "/" for part in KVM_DIRS)
     for patch in patches:
-        listed = _git(tree, "apply", "--numstat", str(patch.resolve()), check=False)
-        if listed.returncode != 0:
-            reason = _first_failure(listed.stderr)
-            raise KvmlabError(f"patch {patch.name} is not a patch git can read: {reason}")
-        outside = [line.split("\t")[-1] for line in listed.stdout.splitlines()
-                   if not line.split("\t")[-1].startswith(inside)]
+        outside = [path for path in patch_series.files_touched(tree, patch) if not path.startswith(inside)]
         if outside:
             raise KvmlabError(f"patch {patch.name} changes {outside[0]}, outside {' and '.join(KVM_DIRS)}: "
                               "the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
-        text = patch.read_text(errors="replace")
-        mail = text.startswith("From ") or "\nSubject:" in text[:2000]
-        argv = ["am", "-q", str(patch.resolve())] if mail else ["apply", "--index", str(patch.resolve())]
-        done = _git(tree, *argv, check=False)
-        if done.returncode != 0:
-            reason = _first_failure(done.stderr + done.stdout)
-            raise KvmlabError(f"patch {patch.name} does not apply: {reason}")
-        if not mail:
-            _git(tree, "commit", "-q", "-m", patch.name)
-
-
-def _first_failure(output: str) -> str:
-    """git's line naming the first hunk that failed (file:line), else its first error."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for marker in ("patch failed:", "error:", "fatal:"):
-        found = [line for line in lines if marker in line]
-        if found:
-            return found[0].removeprefix("error: ")
-    return lines[0] if lines else "git gave no reason"
+        patch_series.apply(tree, patch)
 
 
 def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> Path:
@@ -153,17 +119,8 @@ def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> 
     (tree.parent / "build.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise KvmlabError(f"building the KVM modules of {base.release} failed: "
-                          f"{_compile_error(done.stdout + done.stderr)}")
+                          f"{compile_error((done.stdout + done.stderr).splitlines())}")
     return kvm
-
-
-def _compile_error(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for marker in (" error: ", "ERROR: ", "*** "):
-        found = [line for line in lines if marker in line]
-        if found:
-            return found[0]
-    return lines[-1] if lines else "no output"
 
 
 def _check_vermagic(built: Path, base: kernels.Kernel) -> None:
@@ -258,15 +215,3 @@ def _compiler(base: kernels.Kernel) -> tuple[str, str]:
 def _suite(base: kernels.Kernel) -> str:
     record = json.loads((base.store / "kernel.json").read_text()) if base.store else {}
     return record.get("suite", "bookworm")
-
-
-def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "kvmlab", "GIT_AUTHOR_EMAIL": "kvmlab@localhost",
-           "GIT_COMMITTER_NAME": "kvmlab", "GIT_COMMITTER_EMAIL": "kvmlab@localhost"}
-    try:
-        done = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, env=env)
-    except FileNotFoundError:
-        raise MissingTool("git not found: kvm-modules: specs apply patches with git") from None
-    if check and done.returncode != 0:
-        raise KvmlabError(f"git {args[0]} failed: {done.stderr.strip()}")
-    return done

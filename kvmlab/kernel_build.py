@@ -1,0 +1,176 @@
+"""``kvmlab kernel build TREE``: a kernel for the lab from a source tree, bootable as ``local:OUT``.
+
+For a patch that reaches beyond the KVM modules (the scalable-memslots series changes
+include/linux/kvm_host.h), or a kernel Debian does not package, the whole kernel is
+built: TREE (a git checkout, or Debian's linux-source unpacked) gets the patches
+(``git am``), the configuration is x86_64_defconfig + the kernel's own
+kvm_guest.config + kvmlab's kvm-testing.config (KVM, virtio-serial, fw_cfg, ftrace,
+kprobes, hist triggers, DWARF; all built in so the kernel needs no modules), or a
+given base config with those merged over it, plus ``--config`` fragments, KASAN or
+lockdep on request. The build goes to OUT (``make O=OUT``), so TREE stays clean, and
+prints its progress; OUT then holds what a ``local:`` spec reads.
+
+Options a fragment asks for but Kconfig refuses (an unmet dependency) are listed after
+configuring, since a silently missing CONFIG_KVM_AMD would only show as a guest
+without /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlab import patches as patch_series
+from kvmlab.errors import KvmlabError, MissingTool
+
+FRAGMENTS = Path(__file__).resolve().parent / "kernel_configs"
+KERNEL_FRAGMENTS = ("kernel/configs/kvm_guest.config",)
+PROGRESS_EVERY_S = 15.0
+TOOLS = ("make", "gcc", "flex", "bison", "bc")  # and libelf-dev, libssl-dev (make setup)
+
+
+@dataclass
+class BuildOptions:
+    tree: Path
+    out: Path | None = None
+    patches: list[Path] = field(default_factory=list)
+    fragments: list[Path] = field(default_factory=list)
+    base_config: Path | None = None
+    kasan: bool = False
+    lockdep: bool = False
+    jobs: int = os.cpu_count() or 1
+
+
+def build(options: BuildOptions, log=sys.stderr) -> Path:
+    """Patch, configure and build; returns OUT (``local:OUT`` boots it)."""
+    tree = options.tree.expanduser().resolve()
+    if not (tree / "Makefile").exists() or not (tree / "arch" / "x86").is_dir():
+        raise KvmlabError(f"{tree} is not a Linux source tree (no Makefile or arch/x86)")
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} not found: building a kernel needs {', '.join(TOOLS)} (make setup)")
+    out = (options.out or tree / "kvmlab-build").expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for patch in options.patches:
+        _apply(tree, patch)
+        print(f"kvmlab: applied {patch.name}", file=log)
+    fragments = [tree / name for name in KERNEL_FRAGMENTS] + [FRAGMENTS / "kvm-testing.config"]
+    fragments += [FRAGMENTS / "kasan.config"] * options.kasan
+    fragments += [FRAGMENTS / "lockdep.config"] * options.lockdep
+    fragments += options.fragments
+    refused = configure(tree, out, fragments, options.base_config)
+    for line in refused:
+        print(f"kvmlab: warning: the configuration refused {line}", file=log)
+    started = time.monotonic()
+    _make(tree, out, options.jobs, log)
+    release = (out / "include" / "config" / "kernel.release").read_text().strip()
+    took = _clock(time.monotonic() - started)
+    print(f"kvmlab: built {release} in {took}; boot it as local:{out}", file=log)
+    return out
+
+
+def configure(tree: Path, out: Path, fragments: list[Path], base_config: Path | None) -> list[str]:
+    """Write OUT/.config; returns the fragments' settings Kconfig did not keep."""
+    for fragment in fragments:
+        if not fragment.exists():
+            raise KvmlabError(f"config fragment {fragment} does not exist")
+    if base_config is not None:
+        shutil.copy(base_config.expanduser(), out / ".config")
+        run_make(tree, out, ["olddefconfig"], "make olddefconfig")
+    else:
+        run_make(tree, out, ["x86_64_defconfig"], "make x86_64_defconfig")
+    merge = tree / "scripts" / "kconfig" / "merge_config.sh"
+    argv = [str(merge), "-m", "-O", str(out), str(out / ".config"), *map(str, fragments)]
+    _run(argv, tree, "merge_config.sh")
+    run_make(tree, out, ["olddefconfig"], "make olddefconfig")
+    ours = [f for f in fragments if f not in [tree / name for name in KERNEL_FRAGMENTS]]  # theirs span arches
+    return refused(out / ".config", ours)
+
+
+def refused(config: Path, fragments: list[Path]) -> list[str]:
+    """``CONFIG_X=v (got: ...)`` for each fragment setting the final config lacks."""
+    final = _settings(config.read_text().splitlines())
+    missing = []
+    for fragment in fragments:
+        for name, value in _settings(fragment.read_text().splitlines()).items():
+            got = final.get(name, "n")
+            if got != value:
+                missing.append(f"{name}={value} (got {got}; from {fragment.name})")
+    return missing
+
+
+def _settings(lines: list[str]) -> dict[str, str]:
+    settings = {}
+    for line in lines:
+        line = line.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            name, value = line.split("=", 1)
+            settings[name] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            settings[line[2:].split()[0]] = "n"
+    return settings
+
+
+def _apply(tree: Path, patch: Path) -> None:
+    if (tree / ".git").exists():
+        patch_series.apply(tree, patch)
+        return
+    done = patch_series.git(tree, "apply", str(patch.resolve()), check=False)
+    if done.returncode != 0:
+        raise KvmlabError(f"patch {patch.name} does not apply: {patch_series.first_failure(done.stderr)}")
+
+
+def _make(tree: Path, out: Path, jobs: int, log) -> None:
+    """make bzImage (vmlinux with it), saying every few seconds how far it got."""
+    argv = ["make", "-C", str(tree), f"O={out}", f"-j{jobs}", "bzImage"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=_env(), errors="replace")
+    started = last = time.monotonic()
+    compiled, tail = 0, []
+    with open(out / "kvmlab-build.log", "w") as build_log:
+        for line in process.stdout:
+            build_log.write(line)
+            tail = (tail + [line.rstrip()])[-200:]
+            compiled += line.lstrip().startswith("CC ")
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                progress = f"{compiled} files compiled, {_clock(last - started)}"
+                print(f"kvmlab: building: {progress}", file=log, flush=True)
+    if process.wait() != 0:
+        raise KvmlabError(f"the kernel build failed: {compile_error(tail)} (log: {out / 'kvmlab-build.log'})")
+
+
+def compile_error(lines: list[str]) -> str:
+    """The first compiler error, else the first make error, else the last line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    for marker in (" error: ", "ERROR: ", "*** "):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[0]
+    return lines[-1] if lines else "no output"
+
+
+def run_make(tree: Path, out: Path, targets: list[str], what: str) -> None:
+    _run(["make", "-C", str(tree), f"O={out}", *targets], tree, what)
+
+
+def _run(argv: list[str], cwd: Path, what: str) -> None:
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=_env())
+    if done.returncode != 0:
+        raise KvmlabError(f"{what} failed: {compile_error((done.stdout + done.stderr).splitlines())}")
+
+
+def _env() -> dict[str, str]:
+    # A parent make (kvmlab's own Makefile) must not leak its jobserver into the kernel's.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return {**env, "LC_ALL": "C"}
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
