@@ -155,7 +155,11 @@ class GuestMemory:
     def __init__(self, size: int):
         self.size = size
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: a kernel without THP, where it is off anyway
+                raise
         view = ctypes.c_char.from_buffer(self._map)
         self.hva = ctypes.addressof(view)
         del view
