@@ -202,8 +202,10 @@ def _wait(process: subprocess.Popen, run_dir: Path, started: float, options: Run
         if time.monotonic() > deadline:
             status.timed_out = True
             return status
-        if options.stall_s and status.last_beat is not None and \
-                time.monotonic() - started - status.last_beat > options.stall_s:
+        # Before its first heartbeat the guest is still booting: QEMU's start counts as one,
+        # so a kernel that livelocks in boot is caught as soon as one that livelocks later.
+        last_sign = status.last_beat if status.last_beat is not None else 0.0
+        if options.stall_s and time.monotonic() - started - last_sign > options.stall_s:
             status.timed_out = status.stalled = True
             return status
         if watch is not None and status.ready_at is not None and watch.due(time.monotonic()):
@@ -275,8 +277,9 @@ def judge(status: Status, run_dir: Path, started: float, kept: bool,
         result.message = f"guest kernel reported a {worst.summary()}\n{worst.excerpt}"
     elif status.stalled:
         result.outcome, result.exit_code = "hang", EXIT_HANG
+        where = "stopped responding" if status.ready_at is not None else "never finished booting"
         result.message = (
-            f"guest hang: the guest stopped responding (no heartbeat for {stall_s:g} s; its kernel "
+            f"guest hang: the guest {where} (no heartbeat for {stall_s:g} s; its kernel "
             f"is frozen or livelocked); console tail:\n{console.tail(text)}"
         )
     elif status.timed_out:

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import built_tree, kvmlab, qemu_pids
+from conftest import built_tree, kvmlab, kvmlab_retrying, qemu_pids
 
 from kvmlab import kernels, qmp
 
@@ -21,7 +21,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("spec", EXPECTED)
 def test_uname_in_guest(spec):
-    done = kvmlab("run", spec, "--timeout", "300", "--", "uname", "-r")
+    done = kvmlab_retrying("run", spec, "--timeout", "300", "--", "uname", "-r")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith(EXPECTED[spec][0])
     assert re.search(r"accelerator (tcg|kvm)", done.stderr)
@@ -94,7 +94,7 @@ def test_local_tree_with_modules_in_tree(tmp_path):
     shutil.copytree(modules / "kernel", tree, dirs_exist_ok=True)
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         shutil.copy(modules / name, tree / name)
-    done = kvmlab("run", f"local:{tree}", "--", "sh", "-c", "uname -r; lsmod")
+    done = kvmlab_retrying("run", f"local:{tree}", "--", "sh", "-c", "uname -r; lsmod")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == real.release
     assert "kvm_amd" in done.stdout
@@ -195,3 +195,11 @@ def test_frozen_guest_is_a_hang_long_before_the_timeout():
     assert process.returncode == 124, stderr
     assert "stopped responding (no heartbeat for 10 s" in stderr
     assert time.monotonic() - paused < 60
+
+
+def test_a_guest_silent_since_boot_is_a_hang():
+    """The stall rule counts from QEMU's start until the first heartbeat: a boot that
+    takes longer than --stall-timeout (here made shorter than any boot) is a hang."""
+    done = kvmlab("run", "debian:bookworm", "--stall-timeout", "1.5", "--", "true")
+    assert done.returncode == 124, done.stderr
+    assert "never finished booting" in done.stderr
