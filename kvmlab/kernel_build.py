@@ -129,7 +129,7 @@ def _make(tree: Path, out: Path, jobs: int, log) -> None:
     """make bzImage (vmlinux with it), saying every few seconds how far it got."""
     argv = ["make", "-C", str(tree), f"O={out}", f"-j{jobs}", "bzImage"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=_env(), errors="replace")
+                               env=make_env(), errors="replace")
     started = last = time.monotonic()
     compiled, tail = 0, []
     with open(out / "kvmlab-build.log", "w") as build_log:
@@ -160,12 +160,12 @@ def run_make(tree: Path, out: Path, targets: list[str], what: str) -> None:
 
 
 def _run(argv: list[str], cwd: Path, what: str) -> None:
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=_env())
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=make_env())
     if done.returncode != 0:
         raise KvmlabError(f"{what} failed: {compile_error((done.stdout + done.stderr).splitlines())}")
 
 
-def _env() -> dict[str, str]:
+def make_env() -> dict[str, str]:
     # A parent make (kvmlab's own Makefile) must not leak its jobserver into the kernel's.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return {**env, "LC_ALL": "C"}

@@ -31,7 +31,7 @@ from pathlib import Path
 from kvmlab import cache, debian, kernels
 from kvmlab import patches as patch_series
 from kvmlab.errors import KvmlabError, MissingTool
-from kvmlab.kernel_build import compile_error
+from kvmlab.kernel_build import compile_error, make_env
 
 SCHEME = "kvm-modules"
 KVM_DIRS = ("virt/kvm", "arch/x86/kvm")
@@ -112,10 +112,9 @@ def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> 
     # $(srctree), which for an external build is the headers package: point it at ours.
     text = makefile.read_text().replace("$(srctree)/virt/kvm", str(tree / "virt" / "kvm"))
     makefile.write_text(text)
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     argv = ["make", "-C", str(headers), f"M={kvm}", f"-j{os.cpu_count() or 1}", f"CC={compiler}",
             f"KCFLAGS=-I{kvm} -I{tree / 'virt' / 'kvm'}", "modules"]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**env, "LC_ALL": "C"}, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, env=make_env(), check=False)
     (tree.parent / "build.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise KvmlabError(f"building the KVM modules of {base.release} failed: "

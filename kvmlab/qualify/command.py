@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,8 +73,6 @@ def qualify(args: argparse.Namespace) -> int:
     if config["check_invariants"]:
         options["check_every_s"] = CHECK_EVERY_S
     if config.get("trace"):
-        import json
-
         options["files"] = {"trace.json": json.dumps(config["trace"])}
     Driver(store, kernels_by_side, options).run()
     result = analysis.analyse(config, store.records())
@@ -89,8 +88,7 @@ def qualify(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> Store:
-    if Store(args.out).config_path.exists():
-        Store.create(args.out, {})  # says what to do instead, before anything is fetched
+    Store.refuse_existing(args.out)  # before anything is fetched
     if not args.base or not args.patched:
         raise KvmlabError("kvmlab qualify needs --base SPEC and --patched SPEC (or --resume -o DIR)")
     runs = matrix.DEFAULT_RUNS if args.runs is None else args.runs
@@ -159,9 +157,9 @@ def _traced_runs(store: Store) -> list:
     """Every traced run's calls, labelled base or patched (base first: it is the reference)."""
     from traces import report as trace_report
 
-    traced = []
+    traced, records = [], store.records()
     for side in matrix.SIDES:
-        for record in store.records():
+        for record in records:
             if record["kind"] == "run" and record["side"] == side and record.get("trace_dir"):
                 run = trace_report.load_run(store.directory / record["trace_dir"], partial=True)
                 run.kernel = f"{side} {run.kernel}"

@@ -34,12 +34,17 @@ class Store:
         self.runs_path = directory / RUNS
 
     @classmethod
-    def create(cls, directory: Path, config: dict) -> Store:
-        store = cls(directory)
-        if store.config_path.exists():
+    def refuse_existing(cls, directory: Path) -> None:
+        """A directory that already holds a qualification is never started over."""
+        if cls(directory).config_path.exists():
             raise KvmlabError(
                 f"{directory} already holds a qualification: add --resume to finish it, or give another -o"
             )
+
+    @classmethod
+    def create(cls, directory: Path, config: dict) -> Store:
+        cls.refuse_existing(directory)
+        store = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         store.config_path.write_text(json.dumps(config, indent=2) + "\n")
         store.runs_path.touch()
