@@ -13,6 +13,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio z
 .PHONY: setup system-packages test unit demo qualify lint bench clean
 
 setup: system-packages $(STAMP)
+	@$(BIN)/kvmlab qemu fetch
 
 # Installs what is missing with apt-get when root; otherwise prints the command to run.
 system-packages:

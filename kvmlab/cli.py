@@ -50,6 +50,17 @@ def _kernel_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qemu_fetch(args: argparse.Namespace) -> int:
+    from kvmlab import emulator
+
+    fetched = emulator.fetch()
+    if args.json:
+        print(json.dumps(fetched.to_json(), indent=2))
+    else:
+        print(f"{fetched.describe()}: {fetched.binary}")
+    return 0
+
+
 def _image_build(args: argparse.Namespace) -> int:
     path = image.build(image.recipe(args.recipe), force=args.force)
     print(path)
@@ -122,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     options = runner.RunOptions(
         argv=command, timeout_s=args.timeout, stall_s=args.stall_timeout,
         cpus=args.cpus, memory_mb=args.memory,
-        accel=args.accel, keep=args.keep, out=args.out, env=_parse_env(args.env),
+        accel=args.accel, clock=args.clock, keep=args.keep, out=args.out, env=_parse_env(args.env),
         append=args.append, recipe=args.recipe, added=_existing(args.add),
         check_every_s=args.check_invariants_every, trace=_trace_options(args),
     )
@@ -237,6 +248,13 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_kernel_list)
 
+    qemu_parser = sub.add_parser("qemu", help="kvmlab's pinned QEMU").add_subparsers(
+        dest="qemu_verb", required=True)
+    qemu_fetch = qemu_parser.add_parser(
+        "fetch", help="fetch kvmlab's QEMU (Debian bookworm-backports, verified by apt) into the cache")
+    qemu_fetch.add_argument("--json", action="store_true")
+    qemu_fetch.set_defaults(func=_qemu_fetch)
+
     img = sub.add_parser("image", help="guest images").add_subparsers(dest="image_verb", required=True)
     build = img.add_parser("build", help="build the guest image (cached by recipe hash)")
     build.add_argument("--recipe", default=image.DEFAULT_RECIPE)
@@ -253,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, default=4096, help="guest memory in MiB (4096)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None,
                      help="accelerator (auto: KVM only with nested virtualisation)")
+    run.add_argument("--clock", choices=["auto", "icount", "wall"], default=None,
+                     help="guest clock: wall (default: host time) or icount (TCG only: emulated "
+                          "instructions, reproducible timings)")
     run.add_argument("--keep", action="store_true", help="leave the VM running after CMD")
     run.add_argument("--out", type=Path, help="copy the guest's $KVMLAB_RESULTS here")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")

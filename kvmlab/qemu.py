@@ -8,15 +8,13 @@ attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU inst
 rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
 """
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlab.accel import Accel
-from kvmlab.errors import MissingTool
+from kvmlab.clock import Clock
+from kvmlab.emulator import Emulator
 
-QEMU = "qemu-system-x86_64"
 #: Port name in the guest → file name in the run directory.
 PORT_FILES = {
     "kvmlab.status": "status.jsonl",
@@ -26,8 +24,6 @@ PORT_FILES = {
 }
 #: Host → guest requests and their answers (a UNIX socket on the host), for the guest agent.
 CONTROL_PORT = "kvmlab.control"
-#: qboot starts a -kernel boot ~0.5 s sooner than SeaBIOS under TCG; used when installed.
-QBOOT = Path("/usr/share/qemu/qboot.rom")
 BASE_APPEND = "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/kvmlab/init"
 
 
@@ -37,10 +33,11 @@ class Machine:
     initrd: Path
     run_dir: Path
     accel: Accel
+    emulator: Emulator
+    clock: Clock
     cpus: int = 2
     memory_mb: int = 4096
     append: str = ""
-    qemu: str | None = None
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -63,22 +60,13 @@ class Machine:
         return self.run_dir / "console.log"
 
 
-def binary(name: str | None = None) -> str:
-    """The QEMU executable's path (``$KVMLAB_QEMU`` overrides), or a clear error."""
-    name = name or os.environ.get("KVMLAB_QEMU") or QEMU
-    path = shutil.which(name)
-    if path is None:
-        raise MissingTool(f"{name} not found: install qemu-system-x86 (make setup does)")
-    return path
-
-
 def command(machine: Machine) -> list[str]:
     """The full argv that boots ``machine``."""
     run = machine.run_dir
     argv = [
-        binary(machine.qemu), "-name", f"kvmlab-{run.name}",
+        machine.emulator.binary, "-name", f"kvmlab-{run.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", machine.accel.name, "-cpu", machine.accel.cpu,
+        "-accel", machine.accel.name, "-cpu", machine.accel.cpu, *machine.clock.qemu_args(),
         "-smp", str(machine.cpus), "-m", f"{machine.memory_mb}M",
         "-kernel", str(machine.vmlinuz), "-initrd", str(machine.initrd),
         "-append", f"{BASE_APPEND} {machine.append}".strip(),
@@ -90,8 +78,7 @@ def command(machine: Machine) -> list[str]:
         "-qmp", f"unix:{machine.debug_socket},server=on,wait=off",
         "-pidfile", str(run / "qemu.pid"),
     ]
-    if QBOOT.exists():
-        argv += ["-bios", str(QBOOT)]
+    argv += machine.emulator.firmware_args()
     for number, (port, filename) in enumerate(PORT_FILES.items()):
         chardev = f"port{number}"
         argv += [

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlab import accel as accel_mod
-from kvmlab import console, image, initramfs, invariant_watch, layer, modules_archive, qemu, runs
+from kvmlab import clock as clock_mod
+from kvmlab import console, emulator, image, initramfs, invariant_watch, layer, modules_archive, qemu, runs
 from kvmlab.errors import EXIT_HANG, EXIT_INVARIANT, EXIT_LOST, EXIT_SPLAT, KvmlabError
 from kvmlab.kernels import Kernel
 
@@ -37,6 +38,9 @@ class RunOptions:
     cpus: int = 2
     memory_mb: int = 4096
     accel: str | None = None
+    clock: str | None = None
+    """``icount``, ``wall`` or None/``auto``: ``clock_default`` where the accelerator allows it."""
+    clock_default: str = clock_mod.WALL
     keep: bool = False
     out: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -84,8 +88,10 @@ def require_kvm(kernel: Kernel) -> None:
 
 
 def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) -> qemu.Machine:
-    """Everything up to the QEMU command line: checks, archives, accelerator."""
-    qemu.binary()
+    """Everything up to the QEMU command line: checks, archives, accelerator, emulator, clock."""
+    chosen = accel_mod.choose(options.accel)
+    qemu_emulator = emulator.choose()
+    clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
     require_kvm(kernel)
     recipe = image.recipe(options.recipe)
     parts = [image.build(recipe, log=log)]
@@ -100,11 +106,12 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
                              options.added, files))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
-    chosen = accel_mod.choose(options.accel)
-    print(f"kvmlab: {chosen.describe()}", file=log)
+    print(f"kvmlab: {chosen.describe()}; {qemu_emulator.describe()}; {clock.describe()}", file=log)
+    runs.record(run_dir, qemu=qemu_emulator.to_json(), accel=chosen.name, cpu=chosen.cpu, clock=clock.name,
+                cpus=options.cpus)
     return qemu.Machine(
-        vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen,
-        cpus=options.cpus, memory_mb=options.memory_mb, append=options.append,
+        vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen, emulator=qemu_emulator,
+        clock=clock, cpus=options.cpus, memory_mb=options.memory_mb, append=options.append,
     )
 
 

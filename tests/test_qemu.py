@@ -1,14 +1,29 @@
 from pathlib import Path
 
 from kvmlab.accel import Accel
+from kvmlab.clock import Clock
+from kvmlab.emulator import Emulator
 from kvmlab.qemu import PORT_FILES, Machine, command
 
 
-def machine(tmp_path: Path) -> Machine:
+def machine(tmp_path: Path, clock: str = "wall") -> Machine:
+    data = tmp_path / "share"
+    data.mkdir(exist_ok=True)
+    (data / "qboot.rom").write_bytes(b"")
     return Machine(
         vmlinuz=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.cpio", run_dir=tmp_path,
-        accel=Accel("tcg", "EPYC,+svm", "test"), cpus=3, memory_mb=1234, append="nokaslr",
+        accel=Accel("tcg", "EPYC,+svm", "test"), emulator=Emulator("/x/qemu", "10.0.2", "p", str(data)),
+        clock=Clock(clock, "test"), cpus=3, memory_mb=1234, append="nokaslr",
     )
+
+
+def test_command_runs_the_chosen_emulator_with_its_firmware_and_clock(tmp_path):
+    wall = command(machine(tmp_path))
+    assert wall[0] == "/x/qemu" and "-icount" not in wall
+    assert option_values(wall, "-L") == [str(tmp_path / "share")]
+    assert option_values(wall, "-bios") == [str(tmp_path / "share" / "qboot.rom")]
+    icount = command(machine(tmp_path, "icount"))
+    assert option_values(icount, "-icount") == ["shift=0,sleep=off"]
 
 
 def option_values(argv: list[str], option: str) -> list[str]:

@@ -1,0 +1,68 @@
+"""The measurement clock of a guest: what a second means to the tests that run in it.
+
+``wall``: multi-threaded TCG (or KVM), where guest time is host time; one run can be
+several times another on a busy 2-core host, so an A/B needs many runs. ``icount``:
+QEMU counts emulated instructions and the guest clock advances 1 ns per instruction
+(``shift=0``), skipping idle time (``sleep=off``), so a guest measures work, not how
+fast or how loaded the host is. It runs the vCPUs round-robin on one host thread and
+is only possible under TCG, with a QEMU that boots SMP guests with it (≥ 10.0).
+What it cannot see: cache misses, memory latency and any cost that is not an
+instruction, so a patch that only changes locality shows no change under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmlab.accel import Accel
+from kvmlab.emulator import ICOUNT_MIN_VERSION, Emulator
+from kvmlab.errors import KvmlabError
+
+ICOUNT, WALL = "icount", "wall"
+CLOCKS = (ICOUNT, WALL)
+ICOUNT_ARGS = ("-icount", "shift=0,sleep=off")
+
+
+@dataclass(frozen=True)
+class Clock:
+    name: str
+    reason: str
+
+    def qemu_args(self) -> list[str]:
+        return list(ICOUNT_ARGS) if self.name == ICOUNT else []
+
+    def describe(self) -> str:
+        return f"clock {self.name}: {self.reason}"
+
+
+def choose(requested: str | None, accel: Accel, emulator: Emulator, default: str = ICOUNT) -> Clock:
+    """The clock for a guest: ``requested`` (``icount``/``wall``/``auto``), else ``default``
+    where the accelerator and emulator allow it, else wall. Refuses icount where it cannot run."""
+    if requested not in (None, "auto", *CLOCKS):
+        raise KvmlabError(f"unknown clock {requested!r}. Available: auto, {', '.join(CLOCKS)}")
+    if requested == ICOUNT:
+        if accel.name != "tcg":
+            raise KvmlabError(
+                "--clock icount counts TCG's emulated instructions; under --accel kvm the guest runs on "
+                "the host CPU: use --clock wall (or --accel tcg)"
+            )
+        _require_icount_emulator(emulator)
+        return Clock(ICOUNT, "requested: guest time counts emulated instructions (1 ns each)")
+    if requested == WALL:
+        return Clock(WALL, "requested: guest time is host time")
+    if accel.name != "tcg":
+        return Clock(WALL, f"{accel.name} runs the guest on the host CPU, where icount is impossible")
+    if default == WALL:
+        return Clock(WALL, "guest time is host time (--clock icount: reproducible timings)")
+    if emulator.version_tuple < ICOUNT_MIN_VERSION:
+        return Clock(WALL, f"QEMU {emulator.version} cannot run SMP guests with icount")
+    return Clock(ICOUNT, "guest time counts emulated instructions (1 ns each), whatever the host's load")
+
+
+def _require_icount_emulator(emulator: Emulator) -> None:
+    if emulator.version_tuple < ICOUNT_MIN_VERSION:
+        wanted = ".".join(map(str, ICOUNT_MIN_VERSION))
+        raise KvmlabError(
+            f"--clock icount needs QEMU >= {wanted}: {emulator.describe()} hangs SMP guests in early "
+            "boot with icount; unset KVMLAB_QEMU to use kvmlab's own QEMU (make setup fetches it)"
+        )

@@ -1,0 +1,147 @@
+"""The emulator: one exact QEMU, fetched from Debian into the cache the way kernels are.
+
+Instruction counts (``--clock icount``) are comparable only under the same emulator
+and CPU model, so kvmlab pins its QEMU like it pins a kernel: QEMU 10.0 from Debian's
+bookworm-backports, downloaded through kvmlab's private apt configuration (signatures
+checked, the system's apt sources untouched) and unpacked with ``dpkg -x`` into the
+cache; it runs with ``-L`` pointing at its own firmware. Bookworm's own QEMU 7.2 hangs
+in early boot with icount and two vCPUs and double-faults Debian's 6.12, which is why
+it is not the default. ``$KVMLAB_QEMU`` names another binary; its version is read from
+``--version`` and recorded like the pinned one's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvmlab import cache, debian
+from kvmlab.errors import KvmlabError, MissingTool
+
+SUITE = "bookworm-backports"
+PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
+BINARY = "usr/bin/qemu-system-x86_64"
+DATA = "usr/share/qemu"
+#: The oldest QEMU that boots 2-vCPU guests with ``-icount`` (7.2 hangs in early boot).
+ICOUNT_MIN_VERSION = (10, 0)
+#: qboot starts a -kernel boot ~0.5 s sooner than SeaBIOS under TCG; used when present.
+QBOOT = "qboot.rom"
+SYSTEM_DATA = Path("/usr/share/qemu")
+RECORD = "emulator.json"
+
+
+@dataclass(frozen=True)
+class Emulator:
+    binary: str
+    version: str
+    """QEMU's own version, e.g. ``10.0.2``, as ``--version`` prints it."""
+    package: str | None = None
+    """The Debian package and version it came from, when kvmlab fetched it."""
+    data_dir: str | None = None
+    """Its firmware directory (``-L``), for a QEMU unpacked outside /usr."""
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
+
+    def firmware_args(self) -> list[str]:
+        data = Path(self.data_dir) if self.data_dir else SYSTEM_DATA
+        argv = ["-L", self.data_dir] if self.data_dir else []
+        if (data / QBOOT).exists():
+            argv += ["-bios", str(data / QBOOT)]
+        return argv
+
+    def describe(self) -> str:
+        origin = self.package or self.binary
+        return f"QEMU {self.version} ({origin})"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def choose() -> Emulator:
+    """``$KVMLAB_QEMU`` when set, else kvmlab's pinned QEMU (fetched on first use)."""
+    if name := os.environ.get("KVMLAB_QEMU"):
+        path = shutil.which(name)
+        if path is None:
+            raise MissingTool(f"{name} not found ($KVMLAB_QEMU); unset it to use kvmlab's own QEMU")
+        return Emulator(path, probe_version(path))
+    return fetch()
+
+
+def fetch() -> Emulator:
+    """The pinned QEMU from the cache, downloading and unpacking it first if needed."""
+    root = debian.AptRoot(SUITE)
+    packages = []
+    for name in PACKAGES:
+        package = root.package(name)
+        if package is None:
+            raise KvmlabError(f"Debian {SUITE} has no {name}: cannot fetch kvmlab's QEMU")
+        packages.append(package)
+    # No epoch colon in the name: QEMU's -L and -bios paths are safer without one.
+    final = cache.area("qemu") / packages[0].key.replace(":", "_")
+    with cache.locked(final.with_suffix(".lock")):
+        if not (final / RECORD).exists():
+            with cache.building(final) as scratch:
+                _unpack(root, packages, scratch, final)
+    return load(final)
+
+
+def load(directory: Path) -> Emulator:
+    try:
+        return Emulator(**json.loads((directory / RECORD).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise KvmlabError(f"{directory / RECORD} is damaged ({err}); delete {directory} to fetch again") \
+            from None
+
+
+def _unpack(root: debian.AptRoot, packages: list[debian.Package], scratch: Path, final: Path) -> None:
+    """Unpack ``packages`` into ``scratch``, which becomes ``final``: paths are recorded as there."""
+    downloads = scratch / "debs"
+    for package in packages:
+        deb = root.download(package, downloads)
+        _checked(["dpkg-deb", "-x", str(deb), str(scratch)], f"unpacking {deb.name}")
+    shutil.rmtree(downloads)
+    binary = scratch / BINARY
+    missing = _missing_libraries(binary)
+    if missing:
+        raise KvmlabError(
+            f"{packages[0].name} {packages[0].version} needs libraries this host lacks: "
+            f"{', '.join(missing)} (apt-get install qemu-system-x86 brings most of them)"
+        )
+    record = Emulator(
+        binary=str(final / BINARY),
+        version=probe_version(str(binary)),
+        package=f"{packages[0].name} {packages[0].version}",
+        data_dir=str(final / DATA),
+    )
+    (scratch / RECORD).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+
+
+def _missing_libraries(binary: Path) -> list[str]:
+    done = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
+
+
+def probe_version(binary: str) -> str:
+    """QEMU's version from ``BINARY --version`` (``QEMU emulator version 10.0.2 (...)``)."""
+    done = _checked([binary, "--version"], f"{binary} --version")
+    match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", done.stdout)
+    if match is None:
+        raise KvmlabError(f"{binary} --version printed no QEMU version: {done.stdout.strip()[:200]!r}")
+    return match.group(1)
+
+
+def _checked(argv: list[str], what: str) -> subprocess.CompletedProcess:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise MissingTool(f"{what}: {err.strerror}") from None
+    if done.returncode != 0:
+        raise KvmlabError(f"{what} failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    return done
