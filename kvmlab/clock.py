@@ -21,6 +21,11 @@ from kvmlab.errors import KvmlabError
 ICOUNT, WALL = "icount", "wall"
 CLOCKS = (ICOUNT, WALL)
 ICOUNT_ARGS = ("-icount", "shift=0,sleep=off")
+#: Under icount the guest itself is the remaining source of run-to-run differences: fix
+#: what the kernel and Python randomise per boot (layout of the kernel, its stacks, the
+#: page allocator's free lists, userspace mappings, str hashing).
+QUIET_APPEND = "nokaslr page_alloc.shuffle=0 randomize_kstack_offset=off norandmaps"
+QUIET_ENV = {"PYTHONHASHSEED": "0"}
 
 
 @dataclass(frozen=True)

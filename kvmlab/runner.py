@@ -93,6 +93,10 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     qemu_emulator = emulator.choose()
     clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
     require_kvm(kernel)
+    append, env = options.append, options.env
+    if clock.name == clock_mod.ICOUNT:
+        append = f"{clock_mod.QUIET_APPEND} {append}".strip()
+        env = {**clock_mod.QUIET_ENV, **env}
     recipe = image.recipe(options.recipe)
     parts = [image.build(recipe, log=log)]
     modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
@@ -102,7 +106,7 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
     if options.trace:
         files["trace.json"] = json.dumps(options.trace)
         argv = ["python3", "-m", "traces.guest.capture", "/kvmlab/trace.json", "--", *argv]
-    parts.append(layer.build(run_dir, argv, options.env, recipe.modules, options.keep,
+    parts.append(layer.build(run_dir, argv, env, recipe.modules, options.keep,
                              options.added, files))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
@@ -111,7 +115,7 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
                 cpus=options.cpus)
     return qemu.Machine(
         vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen, emulator=qemu_emulator,
-        clock=clock, cpus=options.cpus, memory_mb=options.memory_mb, append=options.append,
+        clock=clock, cpus=options.cpus, memory_mb=options.memory_mb, append=append,
     )
 
 

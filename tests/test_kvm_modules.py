@@ -58,15 +58,47 @@ def test_the_patched_module_runs_in_the_guest_and_drgn_reads_it(no_leaked_qemu):
     assert "no violations" in checked.stderr and " 0 saw a VM" not in checked.stderr
 
 
-@pytest.mark.vm
-def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qemu):
-    out = tmp_path / "q"
-    done = kvmlab("qualify", "--base", "kvm-modules:debian:bookworm",
-                  "--patched", f"kvm-modules:debian:bookworm+{DATA / 'kvm-comment.patch'}",
-                  "--tests", "unmap-chunked", "--slots", "10,509", "--runs", "4", "--seconds", "1",
-                  "-o", str(out), timeout=1500)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+BASE = "kvm-modules:debian:bookworm"
+
+
+def _qualify(out, patch: str, tests: str, slots: str, expect_code: int):
+    done = kvmlab("qualify", "--base", BASE, "--patched", f"{BASE}+{DATA / patch}", "--tests", tests,
+                  "--slots", slots, "--seconds", "0.5", "-o", str(out), timeout=1500)
+    assert done.returncode == expect_code, done.stdout + done.stderr[-3000:]
     store = Store(out)
     assert store.config["base"]["release"] == store.config["patched"]["release"]
+    assert store.config["clock"] == "icount"
     result = analysis.analyse(store.config, store.records())
-    assert [cell.verdict for cell in result.cells] == [stats.NO_CHANGE] * 4, done.stdout
+    return {(cell.test, cell.slots): cell for cell in result.cells}, done
+
+
+@pytest.mark.vm
+def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qemu):
+    cells, done = _qualify(tmp_path / "q", "kvm-comment.patch", "unmap-chunked,move-inactive", "10,509", 0)
+    assert [cell.verdict for cell in cells.values()] == [stats.NO_CHANGE] * 6, done.stdout
+    assert all(abs(cell.comparison.change) <= 0.01 for cell in cells.values()), done.stdout
+
+
+@pytest.mark.vm
+def test_a_planted_linear_regression_is_caught_with_its_signature_and_twice_alike(tmp_path, no_leaked_qemu):
+    """kvm-planted-on.patch looks every slot up again on each memslot update: O(n) work
+    per update, so the change at 509 slots is several times the change at 10. Two
+    qualifications of the same pair give the same verdict in every cell."""
+    first, done = _qualify(tmp_path / "q1", "kvm-planted-on.patch", "move-active", "10,509", 1)
+    move, setup = first[("move active area", 509)], first[(analysis.SLOT_SETUP, 509)]
+    assert move.verdict == stats.REGRESSED and setup.verdict == stats.REGRESSED, done.stdout
+    small = first[("move active area", 10)].comparison.change
+    assert move.comparison.change > 3 * max(small, 0.01), done.stdout
+    second, again = _qualify(tmp_path / "q2", "kvm-planted-on.patch", "move-active", "10,509", 1)
+    assert {k: c.verdict for k, c in second.items()} == {k: c.verdict for k, c in first.items()}, (
+        done.stdout + again.stdout)
+
+
+@pytest.mark.vm
+def test_a_three_percent_regression_on_one_cell_is_caught(tmp_path, no_leaked_qemu):
+    """kvm-planted-small.patch spends 2 µs more per slot move: about 3 % of a move
+    iteration at 10 slots, nothing in slot setup (no moves there)."""
+    cells, done = _qualify(tmp_path / "q", "kvm-planted-small.patch", "move-inactive", "10", 1)
+    moved, setup = cells[("move inactive area", 10)], cells[(analysis.SLOT_SETUP, 10)]
+    assert moved.verdict == stats.REGRESSED and 0.015 < moved.comparison.change < 0.05, done.stdout
+    assert setup.verdict == stats.NO_CHANGE, done.stdout

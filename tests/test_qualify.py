@@ -222,3 +222,75 @@ def test_cli_refuses_bad_qualify_usage(tmp_path):
         kvmlab("qualify", "--resume", "--runs", "9", "-o", str(tmp_path / "done")), "--runs differ"
     )
     assert json.loads((tmp_path / "done" / "qualify.json").read_text()) == CONFIG
+
+
+def test_under_icount_the_matrix_runs_round_by_round():
+    items = matrix.plan(["unmap", "move active area"], [10, 509], 3, rounds_first=True)
+    assert len(items) == 2 * 2 * 3 * 2
+    rounds = [item.run for item in items]
+    assert rounds == sorted(rounds)  # every cell once per round, each round in its own boots
+    first_round = {(i.test, i.slots) for i in items if i.run == 0}
+    assert len(first_round) == 4
+    assert [i.side for i in items if i.run == 1][:2] == ["patched", "base"]
+
+
+ICOUNT_CONFIG = {
+    **CONFIG,
+    "clock": "icount",
+    "method": stats.WELCH_LOG,
+    "boot_per_round": True,
+    "emulator": {"version": "10.0.2", "package": "qemu-system-x86 1:10.0.2+ds-2+deb13u1~bpo12+1"},
+    "cpu": "EPYC,+svm",
+    "cpus": 1,
+    "threshold": 0.02,
+    "runs": 3,
+}
+
+
+def test_an_icount_report_names_its_clock_emulator_and_statistic(tmp_path):
+    tight = [1.0, 1.002, 0.998]
+    values = _matrix(lambda n: [1e6 * s for s in tight], lambda n: [1e6 * s for s in tight])
+    values[("patched", "unmap", 509)] = [1.03e6 * s for s in tight]  # 3 %: over the 2 % threshold
+    result = analysis.analyse(ICOUNT_CONFIG, _records(values))
+    cells = {(c.test, c.slots): c for c in result.cells}
+    assert cells[("unmap", 509)].verdict == stats.REGRESSED
+    assert cells[("unmap", 509)].comparison.method == stats.WELCH_LOG
+    assert cells[("unmap", 10)].verdict == stats.NO_CHANGE
+    report.write_all(result, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Clock: icount" in markdown and "QEMU 10.0.2" in markdown and "Welch's t-test" in markdown
+    properties = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "junit.xml").iter("property")}
+    assert properties["clock"] == "icount" and properties["qemu"] == "10.0.2"
+    assert "# Clock: icount" in (tmp_path / "report.ktap").read_text()
+
+
+def test_resume_refuses_another_clock_or_emulator(tmp_path):
+    Store.create(tmp_path / "q", ICOUNT_CONFIG)
+    assert_one_line_error(
+        kvmlab("qualify", "--resume", "--clock", "wall", "-o", str(tmp_path / "q")), "--clock differ"
+    )
+    other = {**ICOUNT_CONFIG, "emulator": {"version": "9.2.0", "package": "qemu-system-x86 1:9.2"}}
+    Store.create(tmp_path / "old-qemu", other)
+    assert_one_line_error(
+        kvmlab("qualify", "--resume", "-o", str(tmp_path / "old-qemu")), "measured under QEMU 9.2.0"
+    )
+    Store.create(tmp_path / "unrecorded", CONFIG)  # made before clocks were recorded
+    done = kvmlab("qualify", "--resume", "-o", str(tmp_path / "unrecorded"))
+    assert_one_line_error(done, "records no clock")
+
+
+def test_icount_with_kvm_or_an_old_qemu_is_refused_before_anything_boots(tmp_path):
+    kernels = ["--base", "debian:bookworm", "--patched", "debian:bookworm"]
+    assert_one_line_error(
+        kvmlab("qualify", *kernels, "--clock", "icount", "--accel", "kvm", "-o", str(tmp_path / "a")),
+        "--accel kvm",
+    )
+    old = tmp_path / "qemu-7.2"
+    old.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)'\n")
+    old.chmod(0o755)
+    done = kvmlab("qualify", *kernels, "--clock", "icount", "-o", str(tmp_path / "b"),
+                  env={"KVMLAB_QEMU": str(old)})
+    assert_one_line_error(done, "--clock icount needs QEMU >= 10.0", "7.2.19")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    done = kvmlab("run", "debian:bookworm", "--clock", "icount", "--", "true", env={"KVMLAB_QEMU": str(old)})
+    assert_one_line_error(done, "--clock icount needs QEMU >= 10.0")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvmlab.stats import IMPROVED, NO_CHANGE, REGRESSED, compare_cell, complexity_fit
+from kvmlab.stats import IMPROVED, NO_CHANGE, REGRESSED, WELCH_LOG, compare_cell, complexity_fit
 
 
 def runs(median: float, spread: float, count: int, seed: int) -> np.ndarray:
@@ -52,3 +52,31 @@ def test_complexity_fit_finds_the_growth_class(truth, times):
     fit = complexity_fit(SLOTS, noisy)
     assert fit.best == truth
     assert truth == "constant" or fit.r_squared > 0.99
+
+
+# -- the instruction clock's comparison: Welch's t on log times ----------------------------
+def test_welch_log_calls_a_large_tight_change_with_three_runs_where_the_rank_test_cannot():
+    base, patched = [150.6, 152.4, 153.9], [311.0, 312.5, 314.2]  # +106 %, as measured by hand
+    assert compare_cell(base, patched).verdict == NO_CHANGE  # U's floor with 3 a side is p = 0.1
+    cell = compare_cell(base, patched, threshold=0.02, method=WELCH_LOG)
+    assert cell.verdict == REGRESSED and cell.p_value < 1e-4
+    assert 1.0 < cell.ci_low < cell.change < cell.ci_high < 1.12
+
+
+def test_welch_log_catches_three_percent_over_half_a_percent_of_noise():
+    base, patched = runs(1.0, 0.005, 3, 1), runs(1.03, 0.005, 3, 2)
+    cell = compare_cell(base, patched, threshold=0.02, method=WELCH_LOG)
+    assert cell.verdict == REGRESSED and 0.015 < cell.change < 0.045
+
+
+def test_welch_log_keeps_a_bimodal_cell_honest():
+    base, patched = [4.0, 2.0, 4.0], [4.0, 4.0, 2.1]  # modes, not a change
+    cell = compare_cell(base, patched, threshold=0.02, method=WELCH_LOG)
+    assert cell.verdict == NO_CHANGE and cell.ci_low < 0 < cell.ci_high
+
+
+def test_welch_log_on_identical_runs():
+    same = compare_cell([5.0, 5.0], [5.0, 5.0], method=WELCH_LOG)
+    assert same.verdict == NO_CHANGE and same.p_value == 1.0
+    apart = compare_cell([5.0, 5.0], [5.5, 5.5], threshold=0.02, method=WELCH_LOG)
+    assert apart.verdict == REGRESSED and apart.ci_low == pytest.approx(0.1)

@@ -128,7 +128,12 @@ def _cell(runs, test, slots, column, not_applicable, failed, config, tests=None)
     if any((side, t, slots) in failed for side in matrix.SIDES for t in tests):
         cell.note = "test failed (see below)"
     elif len(cell.base) >= 2 and len(cell.patched) >= 2:
-        cell.comparison = stats.compare_cell(cell.base, cell.patched, threshold=config["threshold"])
+        cell.comparison = stats.compare_cell(
+            cell.base,
+            cell.patched,
+            threshold=config["threshold"],
+            method=config.get("method", stats.MANN_WHITNEY),
+        )
     elif reasons:
         cell.note = "n/a: " + "; ".join(dict.fromkeys(reasons))
     else:

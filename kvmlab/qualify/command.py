@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvmlab import kernels
+from kvmlab import accel, clock, emulator, kernels, stats
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, matrix, report
 from kvmlab.qualify.driver import CHECK_EVERY_S, Driver
@@ -31,12 +31,26 @@ def add_parser(sub) -> None:
     parser.add_argument(
         "--runs",
         type=int,
-        help=f"runs per kernel and cell ({matrix.DEFAULT_RUNS}; at least "
-        f"{matrix.MIN_RUNS} for Mann-Whitney U to reach p < 0.05)",
+        help=f"runs per kernel and cell (icount: {matrix.DEFAULTS[clock.ICOUNT]['runs']}, each round in "
+        f"fresh boots; wall: {matrix.DEFAULTS[clock.WALL]['runs']}, at least {matrix.MIN_RUNS} for "
+        "Mann-Whitney U to reach p < 0.05)",
     )
     parser.add_argument("--seconds", type=float, help="seconds per run (1: enough iterations under TCG)")
     parser.add_argument(
-        "--threshold", type=float, default=0.05, help="smallest change that counts, as a fraction (0.05)"
+        "--threshold",
+        type=float,
+        help="smallest change that counts, as a fraction "
+        f"(icount: {matrix.DEFAULTS[clock.ICOUNT]['threshold']}, "
+        f"wall: {matrix.DEFAULTS[clock.WALL]['threshold']})",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["auto", *clock.CLOCKS],
+        default=None,
+        help="measurement clock (auto: icount under TCG, wall under KVM); see the README",
+    )
+    parser.add_argument(
+        "--cpus", type=int, help="L1 guest vCPUs (icount: 1, which runs repeat within 1 %%; wall: 2)"
     )
     parser.add_argument(
         "--trace", metavar="SET", help="trace every run with probe set SET; latency CDFs in the report"
@@ -69,7 +83,12 @@ def qualify(args: argparse.Namespace) -> int:
         side: kernels.fetch(config[side]["exact"], debuginfo=config["check_invariants"])
         for side in matrix.SIDES
     }
-    options = {"accel": config.get("accel"), "append": config.get("append", "")}
+    options = {
+        "accel": config.get("accel"),
+        "append": config.get("append", ""),
+        "clock": config["clock"],
+        "cpus": config["cpus"],
+    }
     if config["check_invariants"]:
         options["check_every_s"] = CHECK_EVERY_S
     if config.get("trace"):
@@ -91,15 +110,21 @@ def _create(args: argparse.Namespace) -> Store:
     Store.refuse_existing(args.out)  # before anything is fetched
     if not args.base or not args.patched:
         raise KvmlabError("kvmlab qualify needs --base SPEC and --patched SPEC (or --resume -o DIR)")
-    runs = matrix.DEFAULT_RUNS if args.runs is None else args.runs
+    measured = _measurement(args)
+    defaults = matrix.DEFAULTS[measured["clock"]]
+    runs = defaults["runs"] if args.runs is None else args.runs
     seconds = 1.0 if args.seconds is None else args.seconds
+    threshold = defaults["threshold"] if args.threshold is None else args.threshold
+    cpus = defaults["cpus"] if args.cpus is None else args.cpus
     if runs < 2:
         raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
-    if seconds <= 0 or not 0 <= args.threshold < 1:
+    if seconds <= 0 or not 0 <= threshold < 1:
         raise KvmlabError("--seconds wants a positive time and --threshold a fraction in [0, 1)")
+    if cpus < 1:
+        raise KvmlabError("--cpus wants at least 1 vCPU")
     tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
     trace = _trace_spec(args.trace)
-    if runs < matrix.MIN_RUNS:
+    if runs < matrix.MIN_RUNS and measured["method"] == stats.MANN_WHITNEY:
         print(
             f"kvmlab qualify: warning: with {runs} runs per kernel Mann-Whitney U cannot reach p < 0.05; "
             "every cell will read 'no significant change'",
@@ -115,7 +140,9 @@ def _create(args: argparse.Namespace) -> Store:
         "slots": slots,
         "runs": runs,
         "seconds": seconds,
-        "threshold": args.threshold,
+        "threshold": threshold,
+        "cpus": cpus,
+        **measured,
         "trace": trace,
         "check_invariants": args.check_invariants,
         "accel": args.accel,
@@ -123,6 +150,25 @@ def _create(args: argparse.Namespace) -> Store:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return Store.create(args.out, config)
+
+
+def _measurement(args: argparse.Namespace) -> dict:
+    """The clock, emulator and CPU model a qualification measures with, and its statistic.
+
+    Instruction counts compare only under the same QEMU and CPU model, so all three
+    are recorded; icount's repeatable runs are compared by Welch's t on log times, wall
+    clock runs by Mann-Whitney U (kvmlab.stats says why)."""
+    chosen = accel.choose(args.accel)
+    qemu = emulator.choose()
+    measuring = clock.choose(args.clock, chosen, qemu, default=clock.ICOUNT)
+    print(f"kvmlab qualify: {chosen.describe()}; {qemu.describe()}; {measuring.describe()}", file=sys.stderr)
+    return {
+        "clock": measuring.name,
+        "method": stats.WELCH_LOG if measuring.name == clock.ICOUNT else stats.MANN_WHITNEY,
+        "boot_per_round": measuring.name == clock.ICOUNT,
+        "emulator": {"version": qemu.version, "package": qemu.package},
+        "cpu": chosen.cpu,
+    }
 
 
 def _resume(args: argparse.Namespace) -> Store:
@@ -135,12 +181,28 @@ def _resume(args: argparse.Namespace) -> Store:
         "slots": args.slots and matrix.parse_slots(args.slots) != config["slots"],
         "runs": args.runs is not None and args.runs != config["runs"],
         "seconds": args.seconds is not None and args.seconds != config["seconds"],
+        "clock": args.clock not in (None, "auto") and args.clock != config.get("clock"),
+        "cpus": args.cpus is not None and args.cpus != config.get("cpus"),
     }
     changed = [name for name, differs in given.items() if differs]
     if changed:
         raise KvmlabError(
             f"--resume: {', '.join('--' + n for n in changed)} differ from the qualification in "
             f"{args.out}; resume it as it was started, or give another -o"
+        )
+    recorded = config.get("emulator") or {}
+    if "clock" not in config or not recorded.get("version"):
+        raise KvmlabError(
+            f"--resume: {args.out} records no clock or QEMU (made by an older kvmlab); "
+            "its runs cannot be combined with new ones: start a new qualification"
+        )
+    qemu = emulator.choose()
+    other_package = recorded.get("package") and qemu.package != recorded["package"]
+    if qemu.version != recorded["version"] or other_package:
+        raise KvmlabError(
+            f"--resume: {args.out} was measured under QEMU {recorded['version']} "
+            f"({recorded.get('package') or 'KVMLAB_QEMU'}), this host would use {qemu.describe()}; "
+            "runs of two emulators do not combine: resume with the same QEMU, or start anew"
         )
     return store
 

@@ -42,7 +42,8 @@ class Driver:
     # -- the matrix -------------------------------------------------------------------
     def run(self) -> None:
         config = self.config
-        items = matrix.plan(config["tests"], config["slots"], config["runs"])
+        per_round = bool(config.get("boot_per_round"))
+        items = matrix.plan(config["tests"], config["slots"], config["runs"], rounds_first=per_round)
         records = self.store.records()
         crashes = Counter(_key(r) for r in records if r["kind"] == "crash")
         self._not_applicable = {_key(r)[:3] for r in records if r["kind"] == "skip"}
@@ -51,15 +52,24 @@ class Driver:
         if done_before:
             self._say(f"resuming: {done_before} of {len(items)} runs already in {self.store.runs_path}")
         started = time.monotonic()
+        current_round = None
         try:
             for number, item in enumerate(todo):
                 if item.key[:3] in self._not_applicable:
                     continue
+                if per_round and item.run != current_round:
+                    for side in matrix.SIDES:  # a round's runs come from boots of their own
+                        self._retire(side, close=True)
+                    current_round = item.run
                 self._progress(item, done_before + number, len(items), started, number, len(todo))
                 self._attempt(item, crashes)
         finally:
             for side in matrix.SIDES:
                 self._retire(side, close=True)
+
+    def _record(self, record: dict) -> None:
+        """Append to the store, stamped with the clock the run was measured by."""
+        self.store.append({**record, "clock": self.config.get("clock", "wall")})
 
     def _attempt(self, item: matrix.Item, crashes: Counter) -> None:
         while True:
@@ -70,7 +80,7 @@ class Driver:
                 self._retire(item.side)
                 crashes[item.key] += 1
                 result = down.result
-                self.store.append(
+                self._record(
                     {
                         "kind": "crash",
                         **_fields(item),
@@ -87,7 +97,7 @@ class Driver:
                     f"(console: {result.run_dir / 'console.log'})"
                 )
                 if not again:
-                    self.store.append(
+                    self._record(
                         {
                             "kind": "fail",
                             **_fields(item),
@@ -104,7 +114,7 @@ class Driver:
         record = _json_file(reply.files.get(RESULT_JSON))
         tests = record.get("tests", []) if record else []
         if reply.code == EXIT_SKIP and tests and tests[0].get("result") == "skip":
-            self.store.append({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
+            self._record({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
             self._not_applicable.add(item.key[:3])
             self._say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
             return
@@ -112,12 +122,12 @@ class Driver:
             reason = (
                 tests[0].get("reason") if tests else None
             ) or f"exit {reply.code}: {reply.stderr.strip()[-500:] or reply.stdout.strip()[-500:]}"
-            self.store.append({"kind": "fail", **_fields(item), "reason": reason})
+            self._record({"kind": "fail", **_fields(item), "reason": reason})
             self._say(f"{item.describe()}: FAILED: {reason}")
             return
         run = record["runs"][0]
         extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.get("trace") else {}
-        self.store.append(
+        self._record(
             {
                 "kind": "run",
                 **_fields(item),
@@ -200,7 +210,7 @@ class Driver:
         except GuestDown as down:
             self._retire(side)
             result = down.result
-            self.store.append({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
+            self._record({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
                                "outcome": result.outcome, "message": result.message,
                                "boot": result.run_dir.name})
             self._say(f"{side}: guest {result.outcome} while idle; it boots afresh for its next run")
@@ -215,14 +225,14 @@ class Driver:
             session.close()
         report = session.watch.report if session.watch else None
         if report is not None and report.checks:
-            self.store.append({"kind": "checks", "side": side, "test": None, "slots": None, "run": None,
+            self._record({"kind": "checks", "side": side, "test": None, "slots": None, "run": None,
                                "checks": report.checks, "checks_with_vms": report.checks_with_vms,
                                "max_slots": report.max_slots, "violations": len(report.violations),
                                "boot": session.run_dir.name})
 
     def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
         for splat in session.new_splats():
-            self.store.append(
+            self._record(
                 {
                     "kind": "splat",
                     **_fields(item),
@@ -235,7 +245,7 @@ class Driver:
         watch = session.watch
         if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
             self._reported_watch.add(session.run_dir.name)
-            self.store.append(
+            self._record(
                 {
                     "kind": "invariant",
                     **_fields(item),

@@ -50,7 +50,8 @@ def markdown(analysis: Analysis, traced: list | None = None) -> str:
         "",
         f"Before: {_kernel(config['base'])}; after: {_kernel(config['patched'])}.",
         f"kselftest_py memslot_perf, {config['runs']} runs of {config['seconds']} s per kernel and cell, "
-        f"interleaved; time per iteration (slot setup: per VM). Verdicts: Mann-Whitney U at α = 0.05 and "
+        f"interleaved; time per iteration (slot setup: per VM). {measured_by(config)} "
+        f"Verdicts: {_method(config)} at α = 0.05 and "
         f'a {config["threshold"]:.0%} practical threshold; "None" is no significant change.',
         "",
     ]
@@ -68,6 +69,28 @@ def markdown(analysis: Analysis, traced: list | None = None) -> str:
     lines += problems_markdown(analysis)
     lines += ["", verdict_line(analysis)]
     return "\n".join(lines)
+
+
+def measured_by(config: dict) -> str:
+    """The clock, emulator and L1 CPU behind every figure, in one sentence."""
+    qemu = config.get("emulator") or {}
+    clock = config.get("clock", "wall")
+    meaning = (
+        "icount (guest time counts emulated instructions, 1 ns each; not cache or memory effects)"
+        if clock == "icount"
+        else "wall (guest time is host time)"
+    )
+    rounds = "; each round in fresh boots" if config.get("boot_per_round") else ""
+    return (
+        f"Clock: {meaning}; QEMU {qemu.get('version', '?')} ({qemu.get('package') or 'KVMLAB_QEMU'}), "
+        f"-cpu {config.get('cpu', '?')}, {config.get('cpus', 2)} L1 vCPU(s){rounds}."
+    )
+
+
+def _method(config: dict) -> str:
+    if config.get("method") == stats.WELCH_LOG:
+        return "Welch's t-test on log times (change: ratio of geometric means, t interval)"
+    return "Mann-Whitney U (change: ratio of medians, bootstrap interval)"
 
 
 def trace_markdown(traced: list) -> list[str]:
@@ -222,7 +245,8 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
         f"{html.escape(config['base']['spec'])}</h1>",
         f"<p>Before: {html.escape(_kernel(config['base']))}; "
         f"after: {html.escape(_kernel(config['patched']))}. "
-        f"{config['runs']} runs of {config['seconds']} s per kernel and cell, interleaved.</p>",
+        f"{config['runs']} runs of {config['seconds']} s per kernel and cell, interleaved. "
+        f"{html.escape(measured_by(config))}</p>",
         f"<p><b>{html.escape(verdict_line(analysis))}</b></p>",
     ]
     for slots in config["slots"]:
@@ -281,6 +305,17 @@ def _html_table(header: str, rows) -> str:
 def junit(analysis: Analysis) -> str:
     """One testcase per cell: a regression is a failure, a failed test an error, n/a skipped."""
     suite = ET.Element("testsuite", name="kvmlab.qualify")
+    properties = ET.SubElement(suite, "properties")
+    config = analysis.config
+    for name, value in (
+        ("clock", config.get("clock", "wall")),
+        ("qemu", (config.get("emulator") or {}).get("version", "?")),
+        ("cpu", config.get("cpu", "?")),
+        ("vcpus", config.get("cpus", 2)),
+        ("method", config.get("method", stats.MANN_WHITNEY)),
+        ("threshold", config["threshold"]),
+    ):
+        ET.SubElement(properties, "property", name=name, value=str(value))
     failed_cells = {(r["test"], r["slots"]): r for r in analysis.problems.get("fail", [])}
     for cell in analysis.cells:
         case = ET.SubElement(
@@ -320,7 +355,8 @@ def junit(analysis: Analysis) -> str:
 def ktap(analysis: Analysis) -> str:
     """KTAP: a test per cell, "not ok" on a regression or failure, SKIP for n/a."""
     guest_failures = [line for line in analysis.failures if "test failed" not in line]
-    lines = ["KTAP version 1", f"1..{len(analysis.cells) + bool(guest_failures)}"]
+    lines = ["KTAP version 1", f"1..{len(analysis.cells) + bool(guest_failures)}",
+             f"# {measured_by(analysis.config)}"]
     for number, cell in enumerate(analysis.cells, 1):
         name = f"{cell.test.replace(' ', '_')}@{cell.slots}"
         if cell.comparison is None:
