@@ -229,6 +229,7 @@ class GuestSession:
                 "lost",
                 f"guest agent ended (exit {result.job_code}); its stderr: {_tail(self.run_dir / 'stderr')}",
             )
+        runs.record(self.run_dir, outcome=result.outcome)
         raise GuestDown(result)
 
     def _shut(self, state: str) -> None:

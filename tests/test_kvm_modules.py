@@ -82,22 +82,25 @@ def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qem
 @pytest.mark.vm
 def test_a_planted_linear_regression_is_caught_with_its_signature_and_twice_alike(tmp_path, no_leaked_qemu):
     """kvm-planted-on.patch looks every slot up again on each memslot update: O(n) work
-    per update, so the change at 509 slots is several times the change at 10. Two
-    qualifications of the same pair give the same verdict in every cell."""
-    first, done = _qualify(tmp_path / "q1", "kvm-planted-on.patch", "move-active", "10,509", 1)
-    move, setup = first[("move active area", 509)], first[(analysis.SLOT_SETUP, 509)]
+    per update, so the change at 509 slots is several times the change at 10 (where its
+    fixed cost still shows under icount). Two qualifications of the same pair give the
+    same verdict in every cell. Move inactive, not move active: move active at 10 slots
+    spreads 1.5-2.4 % between boots (README), so a ~4 % change there sits at p = 0.02-0.05
+    and may flip; the README says so."""
+    first, done = _qualify(tmp_path / "q1", "kvm-planted-on.patch", "move-inactive", "10,509", 1)
+    move, setup = first[("move inactive area", 509)], first[(analysis.SLOT_SETUP, 509)]
     assert move.verdict == stats.REGRESSED and setup.verdict == stats.REGRESSED, done.stdout
-    small = first[("move active area", 10)].comparison.change
+    small = first[("move inactive area", 10)].comparison.change
     assert move.comparison.change > 3 * max(small, 0.01), done.stdout
-    second, again = _qualify(tmp_path / "q2", "kvm-planted-on.patch", "move-active", "10,509", 1)
+    second, again = _qualify(tmp_path / "q2", "kvm-planted-on.patch", "move-inactive", "10,509", 1)
     assert {k: c.verdict for k, c in second.items()} == {k: c.verdict for k, c in first.items()}, (
         done.stdout + again.stdout)
 
 
 @pytest.mark.vm
 def test_a_three_percent_regression_on_one_cell_is_caught(tmp_path, no_leaked_qemu):
-    """kvm-planted-small.patch spends 2 µs more per slot move: about 3 % of a move
-    iteration at 10 slots, nothing in slot setup (no moves there)."""
+    """kvm-planted-small.patch adds a fixed ~2,400 instructions to each slot move: about
+    3 % of a move iteration at 10 slots, nothing in slot setup (no moves there)."""
     cells, done = _qualify(tmp_path / "q", "kvm-planted-small.patch", "move-inactive", "10", 1)
     moved, setup = cells[("move inactive area", 10)], cells[(analysis.SLOT_SETUP, 10)]
     assert moved.verdict == stats.REGRESSED and 0.015 < moved.comparison.change < 0.05, done.stdout
