@@ -99,7 +99,7 @@ def test_a_planted_linear_regression_is_caught_with_its_signature_and_twice_alik
 
 @pytest.mark.vm
 def test_a_three_percent_regression_on_one_cell_is_caught(tmp_path, no_leaked_qemu):
-    """kvm-planted-small.patch adds a fixed ~2,400 instructions to each slot move: about
+    """kvm-planted-small.patch adds a fixed 300 rounds of cpu_relax() to each slot move: about
     3 % of a move iteration at 10 slots, nothing in slot setup (no moves there)."""
     cells, done = _qualify(tmp_path / "q", "kvm-planted-small.patch", "move-inactive", "10", 1)
     moved, setup = cells[("move inactive area", 10)], cells[(analysis.SLOT_SETUP, 10)]
