@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmlab import accel, initramfs, kernels
+from kvmlab import accel, emulator, initramfs, kernels
 from kvmlab.runner import RunOptions, run
 
 SPEC = "debian:bookworm"
@@ -52,10 +52,10 @@ def bare_initrd(scratch: Path) -> Path:
 
 
 def bare_boot(kernel: kernels.Kernel, initrd: Path) -> float:
-    """Bare QEMU, same kernel and CPU model and size: the floor of any QEMU-based lab."""
-    chosen = accel.choose()
+    """Bare QEMU, the same binary, kernel, CPU model and size: the floor of any QEMU-based lab."""
+    chosen, qemu = accel.choose(), emulator.choose()
     return timed([
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot",
+        qemu.binary, *qemu.firmware_args(), "-nodefaults", "-display", "none", "-no-reboot",
         "-accel", chosen.name, "-cpu", chosen.cpu, "-smp", "2", "-m", "4096M",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
         "-append", "console=ttyS0 loglevel=5 panic=-1", "-serial", "null",

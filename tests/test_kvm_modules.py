@@ -74,9 +74,15 @@ def _qualify(out, patch: str, tests: str, slots: str, expect_code: int):
 
 @pytest.mark.vm
 def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qemu):
+    """The same code rebuilt twice is the same kernel: no significant change, and no change
+    above 1 % where the cell repeats within 0.5 % across boots (unmap chunked, slot
+    setup); move inactive spreads up to ~1 % a run between boots, and 3 runs a side have
+    shown +1.3 % there, so it is held to the threshold (README, repeatability)."""
     cells, done = _qualify(tmp_path / "q", "kvm-comment.patch", "unmap-chunked,move-inactive", "10,509", 0)
     assert [cell.verdict for cell in cells.values()] == [stats.NO_CHANGE] * 6, done.stdout
-    assert all(abs(cell.comparison.change) <= 0.01 for cell in cells.values()), done.stdout
+    for (test, _), cell in cells.items():
+        bound = 0.02 if test == "move inactive area" else 0.01
+        assert abs(cell.comparison.change) <= bound, done.stdout
 
 
 @pytest.mark.vm
