@@ -15,7 +15,7 @@ reported and booted again (never silently): the hang counts are the livelock cen
 
     python bench/repeatability.py [--kernels debian:bullseye,debian:bookworm] [--boots 3]
         [--clocks icount,wall] [--slots 10,100,509] [--runs 2] [--seconds 0.5] [--jobs 2]
-        [--json FILE]
+        [--first 0] [--last 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ EXIT_HANG = 124
 ATTEMPTS = 3
 
 
-def guest_job(slots: list[int], runs: int, seconds: float) -> str:
+def guest_job(slots: list[int], runs: int, seconds: float, first: int, last: int) -> str:
     counts = " ".join(map(str, slots))
-    return (f"for s in {counts}; do python3 -m kselftest_py.memslot_perf -s $s -r {runs} -l {seconds} "
-            f"--json $KVMLAB_RESULTS/s$s.json > /dev/null || exit 1; done")
+    return (f"for s in {counts}; do python3 -m kselftest_py.memslot_perf -s $s -f {first} -e {last} "
+            f"-r {runs} -l {seconds} --json $KVMLAB_RESULTS/s$s.json > /dev/null || exit 1; done")
 
 
 def one_boot(kernel: str, clock: str, cpus: int, args, out: Path) -> dict:
@@ -50,7 +50,7 @@ def one_boot(kernel: str, clock: str, cpus: int, args, out: Path) -> dict:
                 "--out", str(target), "--timeout", "3000"]
         if args.append:
             argv += ["--append", args.append]
-        argv += ["--", "sh", "-c", guest_job(args.slots, args.runs, args.seconds)]
+        argv += ["--", "sh", "-c", guest_job(args.slots, args.runs, args.seconds, args.first, args.last)]
         started = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         wall = time.monotonic() - started
@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--boots", type=int, default=3)
     parser.add_argument("--slots", default="10,100,509")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--first", type=int, default=0, help="first memslot_perf test (0: map)")
+    parser.add_argument("--last", type=int, default=5, help="last memslot_perf test (5: RW)")
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--icount-cpus", type=int, default=1, help="L1 vCPUs under icount (1)")
     parser.add_argument("--wall-cpus", type=int, default=2, help="L1 vCPUs under wall (2)")
