@@ -34,6 +34,9 @@ def census(runs: Path, since: str) -> tuple[Counter, Counter, list[str]]:
             continue
         if "qemu_pid" not in record or record.get("state") not in ENDED:
             continue
+        job = " ".join(map(str, record.get("argv", [])))
+        if "memslot" not in job and "agent.py" not in job:
+            continue
         qemu = (record.get("qemu") or {}).get("version", "7.2 (system)")
         key = (qemu, record.get("clock", "wall"), record.get("cpus", 2))
         boots[key] += 1
