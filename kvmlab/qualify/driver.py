@@ -132,6 +132,7 @@ class Driver:
                 "kind": "run",
                 **_fields(item),
                 "iteration_ns": run["iteration_ns"],
+                "iteration_cpu_ns": run.get("iteration_cpu_ns"),
                 "iterations": run["iterations"],
                 "slot_setup_ns": run["slot_setup_ns"],
                 "guest_runtime_ns": run["guest_runtime_ns"],
