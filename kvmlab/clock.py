@@ -51,7 +51,12 @@ def choose(requested: str | None, accel: Accel, emulator: Emulator, default: str
                 "--clock icount counts TCG's emulated instructions; under --accel kvm the guest runs on "
                 "the host CPU: use --clock wall (or --accel tcg)"
             )
-        _require_icount_emulator(emulator)
+        if not _runs_icount(emulator):
+            wanted = ".".join(map(str, ICOUNT_MIN_VERSION))
+            raise KvmlabError(
+                f"--clock icount needs QEMU >= {wanted}: {emulator.describe()} hangs SMP guests in early "
+                "boot with icount; unset KVMLAB_QEMU to use kvmlab's own QEMU (make setup fetches it)"
+            )
         return Clock(ICOUNT, "requested: guest time counts emulated instructions (1 ns each)")
     if requested == WALL:
         return Clock(WALL, "requested: guest time is host time")
@@ -59,15 +64,10 @@ def choose(requested: str | None, accel: Accel, emulator: Emulator, default: str
         return Clock(WALL, f"{accel.name} runs the guest on the host CPU, where icount is impossible")
     if default == WALL:
         return Clock(WALL, "guest time is host time (--clock icount: reproducible timings)")
-    if emulator.version_tuple < ICOUNT_MIN_VERSION:
+    if not _runs_icount(emulator):
         return Clock(WALL, f"QEMU {emulator.version} cannot run SMP guests with icount")
     return Clock(ICOUNT, "guest time counts emulated instructions (1 ns each), whatever the host's load")
 
 
-def _require_icount_emulator(emulator: Emulator) -> None:
-    if emulator.version_tuple < ICOUNT_MIN_VERSION:
-        wanted = ".".join(map(str, ICOUNT_MIN_VERSION))
-        raise KvmlabError(
-            f"--clock icount needs QEMU >= {wanted}: {emulator.describe()} hangs SMP guests in early "
-            "boot with icount; unset KVMLAB_QEMU to use kvmlab's own QEMU (make setup fetches it)"
-        )
+def _runs_icount(emulator: Emulator) -> bool:
+    return emulator.version_tuple >= ICOUNT_MIN_VERSION
