@@ -23,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmlab import accel, emulator, initramfs, kernels
-from kvmlab.runner import RunOptions, run
+from kvmlab import kernels
+from kvmlab.kernels.model import Kernel
+from kvmlab.vm import accel, emulator, initramfs
+from kvmlab.vm.boot import RunOptions
+from kvmlab.vm.runner import run
 
 SPEC = "debian:bookworm"
 
@@ -51,7 +54,7 @@ def bare_initrd(scratch: Path) -> Path:
     return initrd
 
 
-def bare_boot(kernel: kernels.Kernel, initrd: Path) -> float:
+def bare_boot(kernel: Kernel, initrd: Path) -> float:
     """Bare QEMU, the same binary, kernel, CPU model and size: the floor of any QEMU-based lab."""
     chosen, qemu = accel.choose(), emulator.choose()
     return timed([

@@ -2,7 +2,7 @@
 (target: <= 3 s for 32764 slots on debian:bookworm).
 
 Boots the kernel with ``--keep``, has kselftest_py.hold_memslots create a VM with every
-slot the kernel allows, then times ``kvmlab.inspect.Inspector.snapshot(check=True)``,
+slot the kernel allows, then times ``kvmlab.inspect.attach.Inspector.snapshot(check=True)``,
 which is what ``kvmlab inspect --check`` and each ``--check-invariants-every`` check do:
 QMP stop, the drgn read of every VM, cont, and the checks. drgn's one-time attach
 (loading the DWARF) is timed apart.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvmlab import inspect  # noqa: E402
+from kvmlab.inspect import attach  # noqa: E402
 
 
 def kept_vm(kernel: str) -> tuple[str, int]:
@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     run, slots = kept_vm(args.kernel)
     try:
-        inspector = inspect.Inspector(inspect.target(run))
+        inspector = attach.Inspector(attach.target(run))
         started = time.monotonic()
         inspector.attach()
         attach_s = time.monotonic() - started

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmlab import cache, debian
+from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool
 
 SUITE = "bookworm"
@@ -45,7 +45,7 @@ def build(names: tuple[str, ...] = DEFAULT_NAMES) -> dict[str, Path]:
     for name in names:
         if not re.fullmatch(r"[a-z0-9_]+", name):
             raise KvmlabError(f"not a kvm selftest name: {name!r}")
-    package = debian.AptRoot(SUITE).package(SOURCE_PACKAGE)
+    package = apt.AptRoot(SUITE).package(SOURCE_PACKAGE)
     if package is None:
         raise KvmlabError(f"Debian {SUITE} has no {SOURCE_PACKAGE} package")
     area = cache.area("upstream-selftests")
@@ -73,9 +73,9 @@ def _check_host() -> None:
             raise MissingTool(f"{tool} not found: building upstream kvm selftests needs {', '.join(TOOLS)}")
 
 
-def _build_in(work: Path, package: debian.Package, names: list[str]) -> dict[str, Path]:
+def _build_in(work: Path, package: apt.Package, names: list[str]) -> dict[str, Path]:
     """Fetch, unpack and build in ``work``; return where each binary was made."""
-    deb = debian.AptRoot(SUITE).download(package, work / "deb")
+    deb = apt.AptRoot(SUITE).download(package, work / "deb")
     _run(["dpkg-deb", "-x", str(deb), str(work / "deb")], "unpacking the .deb")
     tarball = work / "deb" / "usr" / "src" / f"{package.name}.tar.xz"
     src = work / "src"

@@ -1,7 +1,7 @@
 import pytest
 
-from kvmlab.accel import TCG_CPU, decide, host_virt_flag
 from kvmlab.errors import KvmlabError
+from kvmlab.vm.accel import TCG_CPU, decide, host_virt_flag
 
 INTEL = "processor : 0\nflags\t\t: fpu vme de pse vmx ept\n"
 AMD = "processor : 0\nflags\t\t: fpu vme svm npt\n"

@@ -3,7 +3,7 @@
 import pytest
 from conftest import built_tree, kvmlab
 
-from kvmlab import debian, kernels
+from kvmlab import apt, kernels
 from kvmlab.errors import KvmlabError
 
 
@@ -31,9 +31,9 @@ def test_unknown_debian_package():
 
 
 def test_missing_debuginfo_package():
-    image = debian.Package("linux-image-0.0.0-0-cloud-amd64", "0", "0" * 64, 0, "bookworm")
+    image = apt.Package("linux-image-0.0.0-0-cloud-amd64", "0", "0" * 64, 0, "bookworm")
     with pytest.raises(KvmlabError, match="no debuginfo package linux-image-0.0.0-0-cloud-amd64-dbg"):
-        debian.debuginfo_package(image)
+        apt.debuginfo_package(image)
 
 
 def test_run_without_command():

@@ -2,10 +2,10 @@
 
 import pytest
 
-from kvmlab.accel import TCG_CPU, Accel
-from kvmlab.clock import ICOUNT, WALL, choose
-from kvmlab.emulator import Emulator, probe_version
 from kvmlab.errors import KvmlabError
+from kvmlab.vm.accel import TCG_CPU, Accel
+from kvmlab.vm.clock import ICOUNT, WALL, choose
+from kvmlab.vm.emulator import Emulator, probe_version
 
 TCG = Accel("tcg", TCG_CPU, "test")
 KVM = Accel("kvm", "host", "test")

@@ -1,4 +1,4 @@
-from kvmlab.console import find_splats, worst
+from kvmlab.vm.console import find_splats, worst
 
 BOOT = """[    0.6] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/srso.html for more.
 [    1.2] mtrr: your CPUs had inconsistent fixed MTRR settings

@@ -1,4 +1,4 @@
-from kvmlab.debian import Package, _control_fields, depends_names, source_uris
+from kvmlab.apt import Package, _control_fields, depends_names, source_uris
 
 DEB822 = """Types: deb
 # a comment

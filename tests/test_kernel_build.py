@@ -9,16 +9,17 @@ import pytest
 from conftest import kvmlab
 from test_cli_errors import assert_one_line_error
 
-from kvmlab import debian, kernel_build
+from kvmlab import apt
+from kvmlab.kernels import build as kernel_build
 
 
 @pytest.fixture(scope="module")
 def linux_tree(tmp_path_factory) -> Path:
     """Debian bookworm's linux-source-6.1, unpacked whole."""
     work = tmp_path_factory.mktemp("linux")
-    apt = debian.AptRoot("bookworm")
-    package = apt.package("linux-source-6.1")
-    deb = apt.download(package, work / "deb")
+    root = apt.AptRoot("bookworm")
+    package = root.package("linux-source-6.1")
+    deb = root.download(package, work / "deb")
     tree = work / "tree"
     tree.mkdir()
     tarball = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout

@@ -1,14 +1,15 @@
 """kvm-modules: specs: Debian's KVM modules rebuilt from Debian's source, with a patch or
 without, booted in the lab, read by drgn, refused clearly when they cannot be built."""
 
-from pathlib import Path
 
 import pytest
 from conftest import REPO, kvmlab, kvmlab_retrying
 from test_cli_errors import assert_one_line_error
 
-from kvmlab import inspect, kernels, kvm_modules, stats
+from kvmlab import kernels, stats
 from kvmlab.errors import KvmlabError
+from kvmlab.inspect import attach
+from kvmlab.kernels import kvm_modules
 from kvmlab.qualify import analysis
 from kvmlab.qualify.store import Store
 
@@ -42,8 +43,8 @@ def test_a_module_for_another_kernel_is_caught_before_boot(tmp_path):
 @pytest.mark.vm
 def test_the_patched_module_runs_in_the_guest_and_drgn_reads_it(no_leaked_qemu):
     kernel = kernels.fetch(HELLO, debuginfo=True)
-    rebuilt = Path(kernel.debug_modules) / "arch/x86/kvm/kvm.ko"
-    assert inspect.debug_files(kernel) == [kernel.vmlinux, rebuilt]
+    rebuilt = kernel.store / "build" / "arch/x86/kvm/kvm.ko"
+    assert attach.debug_files(kernel) == [kernel.vmlinux, rebuilt]
     assert kernel.release == kernels.fetch("debian:bookworm").release
 
     done = kvmlab("run", HELLO, "--", "sh", "-c", "dmesg | grep kvmlab:")

@@ -1,9 +1,10 @@
 from pathlib import Path
 
-from kvmlab.accel import Accel
-from kvmlab.clock import Clock
-from kvmlab.emulator import Emulator
-from kvmlab.qemu import PORT_FILES, Machine, command
+from kvmlab.vm.accel import Accel
+from kvmlab.vm.clock import Clock
+from kvmlab.vm.emulator import Emulator
+from kvmlab.vm.qemu import PORT_FILES, Machine, command
+from kvmlab_guest import protocol
 
 
 def machine(tmp_path: Path, clock: str = "wall") -> Machine:
@@ -40,7 +41,7 @@ def test_command_carries_the_guest_contract(tmp_path):
                                            for name in ("qmp.sock", "drgn.sock")]
     assert "-no-reboot" in argv
     (append,) = option_values(argv, "-append")
-    assert {"panic=-1", "oops=panic", "rdinit=/kvmlab/init", "nokaslr"} <= set(append.split())
+    assert {"panic=-1", "oops=panic", f"rdinit={protocol.INIT}", "nokaslr"} <= set(append.split())
 
 
 def test_every_port_is_a_named_virtserialport_writing_a_file(tmp_path):

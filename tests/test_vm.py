@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import built_tree, kvmlab, kvmlab_retrying, qemu_pids
 
-from kvmlab import kernels, qmp
+from kvmlab import kernels
+from kvmlab.vm import qmp
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 

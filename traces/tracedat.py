@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kvmlab.errors import KvmlabError
+from traces.errors import TraceError
 
 __all__ = ["EventFormat", "FormatField", "TraceFile", "TraceFileError", "parse_format", "read_events"]
 
@@ -78,7 +78,7 @@ BASE_COLUMNS = ("ts", "cpu", "pid", "comm", "system", "event")
 HIDDEN_COMMON = ("common_type", "common_pid")
 
 
-class TraceFileError(KvmlabError):
+class TraceFileError(TraceError):
     """A trace.dat that cannot be read in full: truncated or corrupt at a byte offset.
 
     ``partial`` holds the events read before the damage (a DataFrame; None when the

@@ -4,7 +4,7 @@
 The job of a long-lived lab guest (``kvmlab qualify`` keeps one per kernel and runs its
 whole matrix inside it). Runs on the image's python3 with the standard library only.
 
-The host talks to it over the virtio-serial port ``kvmlab.control`` in JSON lines:
+The host talks to it over the virtio-serial port ``protocol.PORT_CONTROL`` in JSON lines:
 
 - the agent says ``{"event": "agent-ready"}`` once, when it has the port;
 - a request ``{"id": N, "argv": [...], "timeout_s": S, "files": [PATH, ...]}`` runs
@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-PORT = "kvmlab.control"
+from kvmlab_guest import protocol
+
 STREAM_TAIL = 64 * 1024
 
 
@@ -76,9 +77,10 @@ def run(request: dict) -> dict:
         )
         code, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as expired:
-        code, stdout, stderr = "timeout", expired.stdout or b"", expired.stderr or b""
+        code, stdout, stderr = protocol.AGENT_TIMEOUT, expired.stdout or b"", expired.stderr or b""
     except OSError as err:
-        code, stdout, stderr = 127, b"", f"cannot run {request['argv'][0]}: {err}".encode()
+        message = f"cannot run {request['argv'][0]}: {err}".encode()
+        code, stdout, stderr = protocol.EXIT_NOT_FOUND, b"", message
     return {
         "id": request.get("id"),
         "code": code,
@@ -100,8 +102,8 @@ def _take(path: str) -> str | None:
 
 
 def main() -> int:
-    port = open_port(PORT)
-    send(port, {"event": "agent-ready", "release": os.uname().release})
+    port = open_port(protocol.PORT_CONTROL)
+    send(port, {"event": protocol.EVENT_AGENT_READY, "release": os.uname().release})
     for request in requests(port):
         if request.get("quit"):
             break

@@ -1,16 +1,11 @@
 #!/usr/bin/python3
 """kvmlab's guest init: set up the guest, run the job, report back, power off.
 
-Runs as PID 1 from the per-run initramfs layer (``rdinit=/kvmlab/init``) on the
-image's python3 with the standard library only. The host↔guest contract:
-
-- the job is /kvmlab/job.json: ``argv``, ``env``, ``modules`` to load, ``keep``;
-- the job's stdout and stderr go to the virtio-serial ports ``kvmlab.stdout`` and
-  ``kvmlab.stderr``; whatever the job wrote under $KVMLAB_RESULTS (/results) goes to
-  ``kvmlab.results`` as a tar stream when it ends;
-- ``kvmlab.status`` carries JSON lines: ``{"event": "ready"}`` when userspace is up,
-  then ``{"event": "exit", "code": N}`` (or ``{"event": "init-error", ...}``);
-- then the guest powers off, or with ``keep`` stays up for drgn or a person.
+Runs as PID 1 from the per-run initramfs layer (``rdinit=``, ``protocol.INIT``) on the
+image's python3 with the standard library only. What it tells the host, and how, is
+``protocol``: the job's streams and results on virtio-serial ports, ``ready``, a
+heartbeat and ``exit`` on the status port. Then the guest powers off, or with ``keep``
+stays up for drgn or a person.
 
 A kernel crash never reaches this code: the host reads it from the serial console.
 """
@@ -24,10 +19,11 @@ import tarfile
 import threading
 import time
 
-JOB = "/kvmlab/job.json"
-USERSPACE_MARK = "userspace reached"  # the host times the boot by this console line
-RESULTS = "/results"
-PORTS = ("kvmlab.status", "kvmlab.stdout", "kvmlab.stderr", "kvmlab.results")
+if not __package__:  # run by path as PID 1: the package's parent holds kvmlab_guest
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+from kvmlab_guest import protocol  # noqa: E402
+
+PORTS = protocol.OUTPUT_PORTS
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIBC = ctypes.CDLL(None, use_errno=True)
 RB_POWER_OFF = 0x4321FEDC
@@ -99,10 +95,7 @@ def status(ports: dict[str, int], **record) -> None:
     """One JSON line on the status port; whole lines only, whichever thread writes."""
     line = (json.dumps(record) + "\n").encode()
     with _STATUS_LOCK:
-        os.write(ports["kvmlab.status"], line)
-
-
-HEARTBEAT_S = 2.0
+        os.write(ports[protocol.PORT_STATUS], line)
 
 
 def heartbeat(ports: dict[str, int]) -> None:
@@ -114,40 +107,40 @@ def heartbeat(ports: dict[str, int]) -> None:
 
     def beat() -> None:
         while True:
-            time.sleep(HEARTBEAT_S)
-            status(ports, event="heartbeat")
+            time.sleep(protocol.HEARTBEAT_S)
+            status(ports, event=protocol.EVENT_HEARTBEAT)
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
-def run_job(job: dict, ports: dict[str, int]) -> int:
-    os.makedirs(RESULTS, exist_ok=True)
+def run_job(job: protocol.Job, ports: dict[str, int]) -> int:
+    os.makedirs(protocol.RESULTS, exist_ok=True)
     env = {
         "PATH": PATH,
         "HOME": "/root",
         "TERM": "dumb",
-        "PYTHONPATH": "/opt/kvmlab",
+        "PYTHONPATH": protocol.GUEST_CODE,
         "PYTHONDONTWRITEBYTECODE": "1",
-        "KVMLAB_RESULTS": RESULTS,
-        **job.get("env", {}),
+        "KVMLAB_RESULTS": protocol.RESULTS,
+        **job.env,
     }
     os.makedirs("/root", exist_ok=True)
     try:
         child = subprocess.Popen(
-            job["argv"], env=env, cwd="/root", stdin=subprocess.DEVNULL,
-            stdout=ports["kvmlab.stdout"], stderr=ports["kvmlab.stderr"],
+            job.argv, env=env, cwd="/root", stdin=subprocess.DEVNULL,
+            stdout=ports[protocol.PORT_STDOUT], stderr=ports[protocol.PORT_STDERR],
         )
     except OSError as err:
-        os.write(ports["kvmlab.stderr"], f"kvmlab: cannot run {job['argv'][0]}: {err}\n".encode())
-        return 127 if isinstance(err, FileNotFoundError) else 126
+        os.write(ports[protocol.PORT_STDERR], f"kvmlab: cannot run {job.argv[0]}: {err}\n".encode())
+        return protocol.EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else protocol.EXIT_NOT_RUNNABLE
     code = child.wait()
     return code if code >= 0 else 128 - code
 
 
 def send_results(ports: dict[str, int]) -> None:
-    with os.fdopen(os.dup(ports["kvmlab.results"]), "wb") as stream:
+    with os.fdopen(os.dup(ports[protocol.PORT_RESULTS]), "wb") as stream:
         with tarfile.open(fileobj=stream, mode="w|") as tar:
-            tar.add(RESULTS, arcname=".")
+            tar.add(protocol.RESULTS, arcname=".")
 
 
 def power_off() -> None:
@@ -166,22 +159,22 @@ def stay_up() -> None:
 
 
 def main() -> None:
-    log(USERSPACE_MARK)
+    print(protocol.USERSPACE_MARK, file=sys.stderr, flush=True)
     os.environ["PATH"] = PATH
     mount_all()
-    with open(JOB) as handle:
-        job = json.load(handle)
+    with open(protocol.JOB) as handle:
+        job = protocol.Job.from_json(json.load(handle))
     with open("/proc/sys/kernel/hostname", "w") as handle:
         handle.write("kvmlab")
-    failed = load_modules(job.get("modules", []))
+    failed = load_modules(job.modules)
     ports = open_ports()
-    status(ports, event="ready", uptime=float(open("/proc/uptime").read().split()[0]),
+    status(ports, event=protocol.EVENT_READY, uptime=float(open("/proc/uptime").read().split()[0]),
            failed_modules=failed)
     heartbeat(ports)
     code = run_job(job, ports)
     send_results(ports)
-    status(ports, event="exit", code=code, keep=bool(job.get("keep")))
-    if job.get("keep"):
+    status(ports, event=protocol.EVENT_EXIT, code=code, keep=job.keep)
+    if job.keep:
         stay_up()
     power_off()
 

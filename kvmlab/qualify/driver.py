@@ -15,11 +15,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kvmlab import runner
-from kvmlab.guest_session import GuestDown, GuestSession
-from kvmlab.kernels import Kernel
+from kselftest_py.ktap import KSFT_SKIP
+from kvmlab.inspect.watch import InvariantWatch
+from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix
 from kvmlab.qualify.store import Store
+from kvmlab.vm import boot
+from kvmlab.vm.session import GuestDown, GuestSession
 
 RESULT_JSON = "/tmp/kvmlab-qualify-run.json"
 TRACE_OUT = "/tmp/kvmlab-qualify-trace"
@@ -27,14 +29,15 @@ TRACE_FILES = ("trace.dat", "capture.json", "latency_hist.json")
 ATTEMPTS = 2
 """Tries of one run before it counts as failed: one fresh boot after a guest went down."""
 CHECK_EVERY_S = 5.0
-EXIT_SKIP = 4
 
 
 class Driver:
-    def __init__(self, store: Store, kernels: dict[str, Kernel], session_options: dict, log=sys.stderr):
+    def __init__(self, store: Store, kernels: dict[str, Kernel], session_options: dict,
+                 check_invariants: bool = False, log=sys.stderr):
         self.store, self.kernels, self.log = store, kernels, log
         self.config = store.config
         self.session_options = session_options
+        self.check_invariants = check_invariants
         self.sessions: dict[str, GuestSession | None] = dict.fromkeys(matrix.SIDES)
         self._reported_watch: set[str] = set()
         self._not_applicable: set[tuple] = set()
@@ -113,7 +116,7 @@ class Driver:
         self._note_kernel_reports(item, session)
         record = _json_file(reply.files.get(RESULT_JSON))
         tests = record.get("tests", []) if record else []
-        if reply.code == EXIT_SKIP and tests and tests[0].get("result") == "skip":
+        if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
             self._record({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
             self._not_applicable.add(item.key[:3])
             self._say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
@@ -165,16 +168,7 @@ class Driver:
         ]
         files = (RESULT_JSON,)
         if self.config.get("trace"):
-            argv = [
-                "python3",
-                "-m",
-                "traces.guest.capture",
-                "/kvmlab/trace.json",
-                "--out",
-                TRACE_OUT,
-                "--",
-                *argv,
-            ]
+            argv = boot.traced(argv, out=TRACE_OUT)
             files += tuple(f"{TRACE_OUT}/{name}" for name in TRACE_FILES)
         return argv, files
 
@@ -191,7 +185,9 @@ class Driver:
                 self._pause_idle(other, session)
         session = self.sessions[side]
         if session is None:
-            options = runner.RunOptions(argv=[], **self.session_options)
+            options = boot.RunOptions(argv=[], **self.session_options)
+            if self.check_invariants:
+                options.checker = InvariantWatch.every(self.kernels[side], CHECK_EVERY_S)
             session = GuestSession(self.kernels[side], options, self.log)
             self.sessions[side] = session
             try:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmlab.clock import ICOUNT, WALL
+from kselftest_py import memslot_perf
 from kvmlab.errors import KvmlabError
+from kvmlab.vm.clock import ICOUNT, WALL
 
-#: CLI name → memslot_perf's test number and name (which the seed's tables call them by).
-TESTS = {
-    "map": (0, "map"),
-    "unmap": (1, "unmap"),
-    "unmap-chunked": (2, "unmap chunked"),
-    "move-active": (3, "move active area"),
-    "move-inactive": (4, "move inactive area"),
-    "rw": (5, "RW"),
-}
+
+def _option(name: str) -> str:
+    """The CLI word for a memslot_perf test: "move active area" → "move-active"."""
+    return name.lower().removesuffix(" area").replace(" ", "-")
+
+
+#: CLI name → memslot_perf's test number and name (as the scalable-memslots tables call them).
+TESTS = {_option(test.name): (number, test.name) for number, test in enumerate(memslot_perf.TESTS)}
 #: memslot_perf's tests whose runs give upstream's "slot setup time for the whole test area".
 WHOLE_AREA = ("move active area", "move inactive area", "RW")
 SIDES = ("base", "patched")

@@ -94,8 +94,8 @@ def _method(config: dict) -> str:
 
 
 def trace_markdown(traced: list) -> list[str]:
-    """Per-function latencies of the traced runs, base against patched (traces.report's tables)."""
-    from traces import report as trace_report
+    """Per-function latencies of the traced runs, base against patched (kvmlab.trace_report's tables)."""
+    from kvmlab import trace_report
 
     summary, comparison = trace_report.summarize(traced), trace_report.compare(traced)
     return ["Memslot work as ftrace timed it in these runs:", "",
@@ -231,7 +231,7 @@ def plot(analysis: Analysis, directory: Path) -> list[Path]:
 
 
 def trace_plots(traced: list, directory: Path) -> list[Path]:
-    from traces import report as trace_report
+    from kvmlab import trace_report
 
     directory.mkdir(parents=True, exist_ok=True)
     return trace_report.plot(traced, directory)

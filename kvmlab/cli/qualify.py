@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from kvmlab import accel, clock, emulator, kernels, stats
+from kvmlab import kernels, stats
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, matrix, report
 from kvmlab.qualify.driver import CHECK_EVERY_S, Driver
 from kvmlab.qualify.store import Store
+from kvmlab.vm import accel, boot, clock, emulator
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     parser = sub.add_parser(
         "qualify",
         help="A/B: is the patched kernel faster or slower than its base at memslot work?",
@@ -89,11 +89,9 @@ def qualify(args: argparse.Namespace) -> int:
         "clock": config["clock"],
         "cpus": config["cpus"],
     }
-    if config["check_invariants"]:
-        options["check_every_s"] = CHECK_EVERY_S
     if config.get("trace"):
-        options["files"] = {"trace.json": json.dumps(config["trace"])}
-    Driver(store, kernels_by_side, options).run()
+        options["files"] = boot.trace_files(config["trace"])
+    Driver(store, kernels_by_side, options, check_invariants=config["check_invariants"]).run()
     result = analysis.analyse(config, store.records())
     traced = _traced_runs(store) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
@@ -133,7 +131,7 @@ def _create(args: argparse.Namespace) -> Store:
     sides = {}
     for side, spec in (("base", args.base), ("patched", args.patched)):
         kernel = kernels.fetch(spec, debuginfo=args.check_invariants)
-        sides[side] = {"spec": spec, "exact": kernel.exact_spec, "release": kernel.release}
+        sides[side] = {"spec": spec, "exact": kernel.pinned, "release": kernel.release}
     config = {
         **sides,
         "tests": tests,
@@ -217,7 +215,7 @@ def _trace_spec(name: str | None) -> dict | None:
 
 def _traced_runs(store: Store) -> list:
     """Every traced run's calls, labelled base or patched (base first: it is the reference)."""
-    from traces import report as trace_report
+    from kvmlab import trace_report
 
     traced, records = [], store.records()
     for side in matrix.SIDES:

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlab import cache, qmp
+from kvmlab import cache
 from kvmlab.errors import KvmlabError
+from kvmlab.vm import qmp
 
 SOCKET_PATH_MAX = 107
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmlab.accel import Accel
-from kvmlab.emulator import ICOUNT_MIN_VERSION, Emulator
 from kvmlab.errors import KvmlabError
+from kvmlab.vm.accel import Accel
+from kvmlab.vm.emulator import ICOUNT_MIN_VERSION, Emulator
 
 ICOUNT, WALL = "icount", "wall"
 CLOCKS = (ICOUNT, WALL)

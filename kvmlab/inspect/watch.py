@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab import inspect
 from kvmlab.errors import KvmlabError
-from kvmlab.kernels import Kernel
+from kvmlab.inspect import attach
+from kvmlab.kernels.model import Kernel
 
 
 @dataclass
@@ -48,10 +48,17 @@ class WatchReport:
 
 
 class InvariantWatch:
+    """A ``kvmlab.vm.lifecycle.Checker``: the memslot invariants, checked with drgn."""
+
+    @classmethod
+    def every(cls, kernel: Kernel, every_s: float):
+        """What ``RunOptions.checker`` wants: a watch for the machine once it is booted."""
+        return lambda machine: cls(kernel, machine.debug_socket, machine.qmp_socket, machine.run_dir, every_s)
+
     def __init__(self, kernel: Kernel, debug_socket: Path, control_socket: Path, run_dir: Path,
                  every_s: float):
-        target = inspect.Target(debug_socket, control_socket, kernel.exact_spec, run_dir.name)
-        self.inspector = inspect.Inspector(target)
+        target = attach.Target(debug_socket, control_socket, kernel.pinned, run_dir.name)
+        self.inspector = attach.Inspector(target)
         self.every_s = every_s
         self.journal = run_dir / "invariants.jsonl"
         self.report = WatchReport()

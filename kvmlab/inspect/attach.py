@@ -15,15 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab import kernels, qmp, runs
+from kvmlab import kernels
 from kvmlab.errors import KvmlabError
-from kvmlab.kernels import Kernel
+from kvmlab.kernels.model import Kernel
+from kvmlab.vm import qmp, runs
+
 
 #: Where kvm.ko sits under a -dbg package's modules or a build tree. The memslot types
 #: and vm_list are all in kvm.ko; the vendor modules (kvm-amd, kvm-intel) are not needed.
-KVM_MODULE_PATHS = ("kernel/arch/x86/kvm/kvm.ko", "arch/x86/kvm/kvm.ko")
-
-
 @dataclass
 class Target:
     """A VM to inspect: the socket drgn reads through, the one to pause it through (None
@@ -79,10 +78,7 @@ def debug_files(kernel: Kernel) -> list[Path]:
     """vmlinux and kvm.ko with DWARF (no kvm.ko: KVM is built in)."""
     if kernel.vmlinux is None:
         raise KvmlabError(f"no debuginfo for {kernel.spec}")
-    files = [kernel.vmlinux]
-    if kernel.debug_modules is not None:
-        files += [p for path in KVM_MODULE_PATHS if (p := kernel.debug_modules / path).exists()]
-    return files
+    return [kernel.vmlinux] + ([kernel.kvm_debug] if kernel.kvm_debug is not None else [])
 
 
 class Inspector:

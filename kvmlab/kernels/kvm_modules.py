@@ -28,25 +28,27 @@ import subprocess
 import time
 from pathlib import Path
 
-from kvmlab import cache, debian, kernels
-from kvmlab import patches as patch_series
+from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool
-from kvmlab.kernel_build import compile_error, make_env
+from kvmlab.kernels import debian
+from kvmlab.kernels import patches as patch_series
+from kvmlab.kernels.build import compile_error, make_env
+from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
 
 SCHEME = "kvm-modules"
 KVM_DIRS = ("virt/kvm", "arch/x86/kvm")
 MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
-MODULE_DIR = "kernel/arch/x86/kvm"
+MODULE_DIR = str(Path(KVM_MODULE).parent)
 
 
-def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
+def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
     """The kernel a ``kvm-modules:`` spec names, building its modules if not cached."""
     base_spec, _, patch = rest.partition("+")
     if not base_spec.startswith("debian:"):
         raise KvmlabError(f"{spec}: kvm-modules: rebuilds the KVM modules of a debian: kernel, "
                           f"not {base_spec!r}")
     patches = patch_series.series(Path(patch).expanduser()) if patch else []
-    base = kernels.fetch(base_spec, debuginfo=debuginfo)
+    base = debian.fetch(base_spec, base_spec.removeprefix("debian:"), debuginfo)
     compiler, compiler_version = _compiler(base)
     key = _key(base, patches, compiler_version)
     entry = cache.area(SCHEME) / key
@@ -54,15 +56,17 @@ def load(spec: str, rest: str, debuginfo: bool) -> kernels.Kernel:
         with cache.locked(cache.area(SCHEME) / f"{key}.lock"):
             if not (entry / "build.json").exists():
                 _build(base, patches, compiler, compiler_version, entry)
-    exact = f"{SCHEME}:{base.exact_spec}" + (f"+{Path(patch).expanduser().resolve()}" if patch else "")
-    return kernels.Kernel(
-        spec=spec, release=base.release, vmlinuz=base.vmlinuz, config=base.config,
+    pinned = f"{SCHEME}:{base.pinned}" + (f"+{Path(patch).expanduser().resolve()}" if patch else "")
+    kvm_debug = entry / "build" / KVM_MODULE.removeprefix("kernel/")
+    return Kernel(
+        spec=spec, pinned=pinned, release=base.release, vmlinuz=base.vmlinuz, config=base.config,
         system_map=base.system_map, modules_root=entry / "root", store=entry, vmlinux=base.vmlinux,
-        debug_modules=entry / "build", version=base.version, exact=exact,
+        kvm_debug=kvm_debug if kvm_debug.exists() else None, package=base.package,
+        version=base.version, suite=base.suite,
     )
 
 
-def _key(base: kernels.Kernel, patches: list[Path], compiler: str) -> str:
+def _key(base: Kernel, patches: list[Path], compiler: str) -> str:
     digest = hashlib.sha256(f"{base.package} {base.version}\n{compiler}\n".encode())
     for patch in patches:
         digest.update(hashlib.sha256(patch.read_bytes()).digest())
@@ -70,7 +74,7 @@ def _key(base: kernels.Kernel, patches: list[Path], compiler: str) -> str:
 
 
 # -- the build ----------------------------------------------------------------------------
-def _build(base: kernels.Kernel, patches: list[Path], compiler: str, compiler_version: str,
+def _build(base: Kernel, patches: list[Path], compiler: str, compiler_version: str,
            entry: Path) -> None:
     started = time.monotonic()
     source, headers = _kvm_source(base), _headers(base)
@@ -83,7 +87,7 @@ def _build(base: kernels.Kernel, patches: list[Path], compiler: str, compiler_ve
         _check_vermagic(built, base)
         _install(built, base, scratch)
         shutil.rmtree(tree)
-        record = {"base": base.exact_spec, "release": base.release, "compiler": compiler_version,
+        record = {"base": base.pinned, "release": base.release, "compiler": compiler_version,
                   "patches": [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
                               for p in patches],
                   "build_s": round(time.monotonic() - started, 1)}
@@ -104,7 +108,7 @@ def _apply(tree: Path, patches: list[Path]) -> None:
         patch_series.apply(tree, patch)
 
 
-def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> Path:
+def _compile(tree: Path, headers: Path, base: Kernel, compiler: str) -> Path:
     """make the two KVM directories as one external module against the headers."""
     kvm = tree / "arch" / "x86" / "kvm"
     makefile = kvm / "Makefile"
@@ -122,7 +126,7 @@ def _compile(tree: Path, headers: Path, base: kernels.Kernel, compiler: str) -> 
     return kvm
 
 
-def _check_vermagic(built: Path, base: kernels.Kernel) -> None:
+def _check_vermagic(built: Path, base: Kernel) -> None:
     """A module whose vermagic differs from the kernel's is refused at load: say so before boot."""
     shipped = base.modules_root / "lib" / "modules" / base.release / MODULE_DIR / "kvm.ko"
     want, got = _vermagic(shipped), _vermagic(built / "kvm.ko")
@@ -137,7 +141,7 @@ def _vermagic(module: Path) -> str:
     return done.stdout.strip()
 
 
-def _install(built: Path, base: kernels.Kernel, scratch: Path) -> None:
+def _install(built: Path, base: Kernel, scratch: Path) -> None:
     """The base's module tree (hard links) with the three modules replaced, stripped; DWARF copies aside."""
     source = base.modules_root / "lib" / "modules" / base.release
     target = scratch / "root" / "lib" / "modules" / base.release
@@ -151,15 +155,15 @@ def _install(built: Path, base: kernels.Kernel, scratch: Path) -> None:
         installed.unlink(missing_ok=True)
         shutil.copy2(built / name, installed)
         subprocess.run(["strip", "--strip-debug", str(installed)], check=True)
-    kernels.depmod(scratch / "root", base.release)
+    depmod(scratch / "root", base.release)
 
 
 # -- what the build needs, cached on their own ------------------------------------------------
-def _kvm_source(base: kernels.Kernel) -> Path:
+def _kvm_source(base: Kernel) -> Path:
     """virt/kvm and arch/x86/kvm of Debian's linux-source of the base's very version."""
-    apt = debian.AptRoot(_suite(base))
+    root = apt.AptRoot(_suite(base))
     name = "linux-source-" + ".".join(base.version.split(".")[:2])
-    package = apt.package(name)
+    package = root.package(name)
     if package is None or package.version != base.version:
         found = package.version if package else "none"
         raise KvmlabError(f"no {name} {base.version} in Debian {_suite(base)} (found: {found}): "
@@ -167,7 +171,7 @@ def _kvm_source(base: kernels.Kernel) -> Path:
     entry = cache.area("kernel-source") / package.key
     if not entry.is_dir():
         with cache.building(entry) as scratch:
-            deb = apt.download(package, scratch / "deb")
+            deb = root.download(package, scratch / "deb")
             subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch / "deb")], check=True)
             tarball = scratch / "deb" / "usr" / "src" / f"{name}.tar.xz"
             subprocess.run(["tar", "-xJf", str(tarball), "-C", str(scratch), "--strip-components=1",
@@ -176,22 +180,22 @@ def _kvm_source(base: kernels.Kernel) -> Path:
     return entry
 
 
-def _headers(base: kernels.Kernel) -> Path:
+def _headers(base: Kernel) -> Path:
     """Debian's linux-headers for the base kernel, with kbuild, usable from the cache."""
-    apt = debian.AptRoot(_suite(base))
-    headers = apt.package(f"linux-headers-{base.release}")
+    root = apt.AptRoot(_suite(base))
+    headers = root.package(f"linux-headers-{base.release}")
     if headers is None or headers.version != base.version:
         raise KvmlabError(f"no linux-headers-{base.release} {base.version} in Debian {_suite(base)}")
     entry = cache.area("kernel-headers") / headers.key
     tree = entry / "usr" / "src" / f"linux-headers-{base.release}"
     if entry.is_dir():
         return tree
-    depends = debian.depends_names(apt.show(headers.name).get("Depends", ""))
+    depends = apt.depends_names(root.show(headers.name).get("Depends", ""))
     parts = [headers] + [p for name in depends if name.startswith(("linux-headers-", "linux-kbuild-"))
-                         if (p := apt.package(name)) is not None]
+                         if (p := root.package(name)) is not None]
     with cache.building(entry) as scratch:
         for package in parts:
-            deb = apt.download(package, scratch / "debs")
+            deb = root.download(package, scratch / "debs")
             subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], check=True)
         shutil.rmtree(scratch / "debs")
         # Its Makefile includes the -common package's by absolute path: make it ours.
@@ -200,7 +204,7 @@ def _headers(base: kernels.Kernel) -> Path:
     return tree
 
 
-def _compiler(base: kernels.Kernel) -> tuple[str, str]:
+def _compiler(base: Kernel) -> tuple[str, str]:
     """The compiler Debian built the kernel with: its command (gcc-N) and its version line."""
     text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
     name = text.split(" ")[0] or "gcc"
@@ -211,6 +215,7 @@ def _compiler(base: kernels.Kernel) -> tuple[str, str]:
     return name, done.stdout.splitlines()[0] if done.stdout else name
 
 
-def _suite(base: kernels.Kernel) -> str:
-    record = json.loads((base.store / "kernel.json").read_text()) if base.store else {}
-    return record.get("suite", "bookworm")
+def _suite(base: Kernel) -> str:
+    if base.suite is None:
+        raise KvmlabError(f"{base.pinned}: no Debian suite recorded, so no source or headers to build from")
+    return base.suite

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab import patches as patch_series
 from kvmlab.errors import KvmlabError, MissingTool
+from kvmlab.kernels import patches as patch_series
 
-FRAGMENTS = Path(__file__).resolve().parent / "kernel_configs"
+FRAGMENTS = Path(__file__).resolve().parent / "configs"
 KERNEL_FRAGMENTS = ("kernel/configs/kvm_guest.config",)
 PROGRESS_EVERY_S = 15.0
 TOOLS = ("make", "gcc", "flex", "bison", "bc")  # and libelf-dev, libssl-dev (make setup)

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmlab import cache, debian
+from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool
 
 SUITE = "bookworm-backports"
@@ -76,7 +76,7 @@ def choose() -> Emulator:
 
 def fetch() -> Emulator:
     """The pinned QEMU from the cache, downloading and unpacking it first if needed."""
-    root = debian.AptRoot(SUITE)
+    root = apt.AptRoot(SUITE)
     packages = []
     for name in PACKAGES:
         package = root.package(name)
@@ -100,7 +100,7 @@ def load(directory: Path) -> Emulator:
             from None
 
 
-def _unpack(root: debian.AptRoot, packages: list[debian.Package], scratch: Path, final: Path) -> None:
+def _unpack(root: apt.AptRoot, packages: list[apt.Package], scratch: Path, final: Path) -> None:
     """Unpack ``packages`` into ``scratch``, which becomes ``final``: paths are recorded as there."""
     downloads = scratch / "debs"
     for package in packages:

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from kvmlab import cache
 from kvmlab.errors import KvmlabError, UnknownSpec
-from kvmlab.kernels import Kernel, depmod
-
-MODULE_INDEXES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+from kvmlab.kernels.model import KVM_MODULE, MODULE_INDEXES, Kernel, depmod
 
 
 def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
@@ -32,13 +30,14 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
     vmlinux = tree / "vmlinux"
     if debuginfo and not vmlinux.exists():
         raise KvmlabError(f"{spec}: no vmlinux in {tree}, so no debuginfo")
+    kvm_debug = tree / KVM_MODULE.removeprefix("kernel/")
     return Kernel(
-        spec=spec, release=release, vmlinuz=bzimage,
+        spec=spec, pinned=spec, release=release, vmlinuz=bzimage,
         config=tree / ".config", system_map=tree / "System.map",
         modules_root=_modules_root(spec, tree, release, settings.get("modules"), store),
         store=store,
         vmlinux=vmlinux if vmlinux.exists() else None,
-        debug_modules=tree if vmlinux.exists() else None,
+        kvm_debug=kvm_debug if vmlinux.exists() and kvm_debug.exists() else None,
     )
 
 

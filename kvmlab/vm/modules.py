@@ -11,9 +11,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kvmlab import cache, initramfs
+from kvmlab import cache
 from kvmlab.errors import KvmlabError
-from kvmlab.kernels import Kernel, depmod
+from kvmlab.kernels.model import Kernel, depmod
+from kvmlab.vm import initramfs
 
 MODULE_INDEXES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 

@@ -1,8 +1,8 @@
 """The QEMU command line for a lab VM, built from plain settings.
 
-Fixed parts of the contract with the guest init (vm-images/init.py): the serial
-console goes to ``console.log``; four virtio-serial ports, each written by QEMU to a
-file in the run directory, and a fifth, ``kvmlab.control``, on a UNIX socket for a guest
+Fixed parts of the contract with the guest (``kvmlab_guest.protocol``): the serial
+console goes to ``console.log``; four virtio-serial output ports, each written by QEMU
+to a file in the run directory, and the control port on a UNIX socket for the guest
 agent; ``-device vmcoreinfo`` and a QMP socket so that drgn can
 attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU instead of
 rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
@@ -11,20 +11,21 @@ rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab.accel import Accel
-from kvmlab.clock import Clock
-from kvmlab.emulator import Emulator
+from kvmlab_guest import protocol
+
+from kvmlab.vm.accel import Accel
+from kvmlab.vm.clock import Clock
+from kvmlab.vm.emulator import Emulator
 
 #: Port name in the guest → file name in the run directory.
 PORT_FILES = {
-    "kvmlab.status": "status.jsonl",
-    "kvmlab.stdout": "stdout",
-    "kvmlab.stderr": "stderr",
-    "kvmlab.results": "results.tar",
+    protocol.PORT_STATUS: "status.jsonl",
+    protocol.PORT_STDOUT: "stdout",
+    protocol.PORT_STDERR: "stderr",
+    protocol.PORT_RESULTS: "results.tar",
 }
-#: Host → guest requests and their answers (a UNIX socket on the host), for the guest agent.
-CONTROL_PORT = "kvmlab.control"
-BASE_APPEND = "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/kvmlab/init"
+assert set(PORT_FILES) == set(protocol.OUTPUT_PORTS)
+BASE_APPEND = f"console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit={protocol.INIT}"
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Machine:
 
     @property
     def control_socket(self) -> Path:
-        """The host end of the ``kvmlab.control`` port, for a guest agent (vm-images/agent.py)."""
+        """The host end of the control port, for the guest agent (``kvmlab_guest.agent``)."""
         return self.run_dir / "control.sock"
 
     @property
@@ -87,6 +88,6 @@ def command(machine: Machine) -> list[str]:
         ]
     argv += [
         "-chardev", f"socket,id=control,path={machine.control_socket},server=on,wait=off",
-        "-device", f"virtserialport,bus=vser.0,chardev=control,name={CONTROL_PORT}",
+        "-device", f"virtserialport,bus=vser.0,chardev=control,name={protocol.PORT_CONTROL}",
     ]
     return argv + machine.extra

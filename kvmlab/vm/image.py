@@ -15,8 +15,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlab import cache, debian, initramfs
+from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
+from kvmlab.vm import initramfs
 
 RECIPES = Path(__file__).resolve().parent.parent / "vm-images"
 DEFAULT_RECIPE = "bookworm"
@@ -88,7 +89,7 @@ def _mmdebstrap(rec: Recipe, tar: Path) -> None:
         *(f"--dpkgopt=path-exclude={pattern}" for pattern in rec.exclude),
         f'--customize-hook=cd "$1" && rm -rf {removal}',
         rec.suite, str(tar),
-        f"deb [signed-by={debian.KEYRING}] {debian.mirror()} {rec.suite} main",
+        f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {rec.suite} main",
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -1,0 +1,41 @@
+"""``kvmlab inspect``: dump or check a lab VM's KVM memslots with drgn."""
+
+import argparse
+import json
+import sys
+
+from drgn_scripts import memslot_invariants, memslots
+from kvmlab.inspect import attach
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    where = attach.target(args.target, args.kernel)
+    snapshot = attach.Inspector(where).snapshot(check=args.check, pid=args.pid)
+    paused = "paused" if where.control_socket else "NOT paused (not a kvmlab run): may be inconsistent"
+    if args.json:
+        record = {"target": where.name, "read_s": snapshot.read_s, "paused_s": snapshot.paused_s,
+                  "vms": [vm.to_json() for vm in snapshot.vms]}
+        if args.check:
+            record["violations"] = memslot_invariants.to_json(snapshot.violations)
+        print(json.dumps(record))
+    elif args.check:
+        print(memslot_invariants.render(snapshot.violations) if snapshot.violations else
+              f"{len(snapshot.vms)} VMs checked, no violations")
+    else:
+        print(memslots.render(snapshot.vms))
+    if not args.json:
+        print(f"kvmlab: read {where.name} in {snapshot.read_s:.2f} s, guest {paused}", file=sys.stderr)
+    return 1 if snapshot.violations else 0
+
+
+def add_parsers(sub) -> None:
+    attach_parser = sub.add_parser("inspect", help="dump or check a lab VM's KVM memslots with drgn")
+    attach_parser.add_argument("target", nargs="?",
+                         help="run name or directory, or a QMP socket (default: the newest kept VM)")
+    attach_parser.add_argument("--check", action="store_true",
+                         help="check the memslot invariants (exit 1 on a violation)")
+    attach_parser.add_argument("--json", action="store_true", help="one JSON record instead of tables")
+    attach_parser.add_argument("--pid", type=int, help="only the VMs of this guest process")
+    attach_parser.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
+    attach_parser.set_defaults(func=_inspect)
+

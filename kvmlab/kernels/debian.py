@@ -1,0 +1,112 @@
+"""Debian's kernel packages: fetched through kvmlab's apt root, unpacked and cached.
+
+Debian kernels land in the cache keyed by the package's sha256, with vmlinuz, config,
+System.map and the module tree; ``debuginfo`` adds the -dbg package's vmlinux and
+DWARF modules under ``debug/``.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from kvmlab import apt, cache
+from kvmlab.errors import KvmlabError
+from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
+
+
+def fetch(spec: str, what: str, debuginfo: bool) -> Kernel:
+    if what.startswith("linux-image-"):
+        image = apt.find_package(what)
+    else:
+        image = apt.newest_cloud_kernel(what)
+    entry = cache.area("kernels") / image.key
+    if not (entry / "kernel.json").exists():
+        _unpack_image(image, entry)
+    if debuginfo and not (entry / "debug").is_dir():
+        _unpack_debuginfo(image, entry)
+    kernel = load_entry(entry)
+    kernel.spec = spec
+    return kernel
+
+
+def _unpack_image(image: apt.Package, entry: Path) -> None:
+    with cache.building(entry) as scratch:
+        deb = apt.AptRoot(image.suite).download(image, scratch / "deb")
+        root = scratch / "root"
+        _extract_deb(deb, root)
+        shutil.rmtree(scratch / "deb")
+        boot = root / "boot"
+        vmlinuz = next(boot.glob("vmlinuz-*"), None)
+        if vmlinuz is None:
+            raise KvmlabError(f"{image.name} holds no /boot/vmlinuz-*: not a kernel image package")
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        for name, target in (("vmlinuz", "vmlinuz"), ("config", "config"), ("System.map", "System.map")):
+            source = boot / f"{name}-{release}"
+            if source.exists():
+                source.rename(scratch / target)
+        shutil.rmtree(boot)
+        shutil.rmtree(root / "usr" / "share", ignore_errors=True)
+        depmod(root, release)
+        record = {
+            "release": release, "package": image.name, "version": image.version,
+            "sha256": image.sha256, "suite": image.suite,
+        }
+        (scratch / "kernel.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
+    dbg = apt.debuginfo_package(image)
+    release = json.loads((entry / "kernel.json").read_text())["release"]
+    with cache.building(entry / "debug") as scratch:
+        deb = apt.AptRoot(dbg.suite).download(dbg, scratch / "deb")
+        unpacked = scratch / "root"
+        _extract_deb(deb, unpacked)
+        debug = unpacked / "usr" / "lib" / "debug"
+        vmlinux = debug / "boot" / f"vmlinux-{release}"
+        if not vmlinux.exists():
+            raise KvmlabError(f"{dbg.name} holds no vmlinux-{release}")
+        vmlinux.rename(scratch / "vmlinux")
+        modules = debug / "lib" / "modules" / release
+        if modules.is_dir():
+            modules.rename(scratch / "modules")
+        shutil.rmtree(scratch / "deb")
+        shutil.rmtree(unpacked)
+
+
+def _extract_deb(deb: Path, dest: Path) -> None:
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True, capture_output=True)
+    except FileNotFoundError:
+        raise KvmlabError("dpkg-deb not found: install dpkg to unpack Debian kernels") from None
+    except subprocess.CalledProcessError as err:
+        raise KvmlabError(f"dpkg-deb -x {deb.name} failed: {err.stderr.decode().strip()}") from None
+
+
+def load_entry(entry: Path) -> Kernel:
+    """The Kernel described by a cache entry written by ``_unpack_image``."""
+    record = json.loads((entry / "kernel.json").read_text())
+    debug = entry / "debug"
+    kvm_debug = debug / "modules" / KVM_MODULE
+    pinned = f"debian:{record['package']}"
+    return Kernel(
+        spec=pinned,
+        pinned=pinned,
+        release=record["release"],
+        vmlinuz=entry / "vmlinuz",
+        config=entry / "config",
+        system_map=entry / "System.map",
+        modules_root=entry / "root",
+        store=entry,
+        vmlinux=debug / "vmlinux" if (debug / "vmlinux").exists() else None,
+        kvm_debug=kvm_debug if kvm_debug.exists() else None,
+        package=record["package"],
+        version=record["version"],
+        suite=record.get("suite"),
+    )
+
+
+def cached() -> list[Kernel]:
+    """Every Debian kernel in the cache, oldest release first."""
+    entries = [p for p in cache.area("kernels").iterdir() if (p / "kernel.json").exists()]
+    return sorted((load_entry(p) for p in entries), key=lambda k: k.release)

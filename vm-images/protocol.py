@@ -1,0 +1,74 @@
+"""The host↔guest contract: the one copy of every name both sides must agree on.
+
+Imported by the host (``kvmlab.vm``) and by the guest (``init``, ``agent``, kselftest_py,
+``traces.guest``), so it is standard library only and holds data, not behaviour.
+
+How a lab VM talks to the host:
+
+- the kernel runs ``INIT`` as PID 1 (``rdinit=``), from the per-run initramfs layer;
+- the job is ``JOB`` (``Job``: ``argv``, ``env``, ``modules`` to load, ``keep``);
+- the guest's code lives under ``GUEST_CODE``, on the job's ``PYTHONPATH``;
+- the job's stdout and stderr go to the virtio-serial ports ``PORT_STDOUT`` and
+  ``PORT_STDERR``; what it wrote under ``RESULTS`` (``$KVMLAB_RESULTS``) goes to
+  ``PORT_RESULTS`` as a tar stream when it ends;
+- ``PORT_STATUS`` carries JSON lines: ``ready`` when the job starts, a ``heartbeat``
+  every ``HEARTBEAT_S``, ``exit`` with its code;
+- a guest that stays up runs the agent, which takes requests on ``PORT_CONTROL``;
+- the init's first console line is ``USERSPACE_MARK``: the host times the boot by it;
+- a job marks the phases of its work in ftrace's trace_marker with ``MARK_PREFIX``
+  and a JSON object, which the host's trace reader splits on.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+GUEST_ROOT = "/kvmlab"
+JOB = f"{GUEST_ROOT}/job.json"
+INIT = "/opt/kvmlab/kvmlab_guest/init.py"
+GUEST_CODE = "/opt/kvmlab"
+"""The guest's Python packages: kvmlab_guest, kselftest_py, traces (its guest half)."""
+ADDED = f"{GUEST_CODE}/add"
+"""Files and directories the user added with ``kvmlab run --add``."""
+RESULTS = "/results"
+
+PORT_STATUS = "kvmlab.status"
+PORT_STDOUT = "kvmlab.stdout"
+PORT_STDERR = "kvmlab.stderr"
+PORT_RESULTS = "kvmlab.results"
+OUTPUT_PORTS = (PORT_STATUS, PORT_STDOUT, PORT_STDERR, PORT_RESULTS)
+"""Guest → host streams, each written by QEMU to a file in the run directory."""
+PORT_CONTROL = "kvmlab.control"
+"""Host ↔ guest requests and answers for the agent (a UNIX socket on the host)."""
+
+EVENT_READY = "ready"
+EVENT_HEARTBEAT = "heartbeat"
+EVENT_EXIT = "exit"
+EVENT_AGENT_READY = "agent-ready"
+HEARTBEAT_S = 2.0
+
+USERSPACE_MARK = "kvmlab-init: userspace reached"
+MARK_PREFIX = "kvmlab "
+
+EXIT_NOT_FOUND = 127
+"""The job's program does not exist (as a shell says)."""
+EXIT_NOT_RUNNABLE = 126
+"""The job's program exists but cannot be run."""
+AGENT_TIMEOUT = "timeout"
+"""The agent's answer's ``code`` when it had to kill the command."""
+
+
+@dataclass
+class Job:
+    """What the guest init runs, as ``JOB`` holds it."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)
+    keep: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Job":
+        return cls(argv=list(record["argv"]), env=dict(record.get("env", {})),
+                   modules=list(record.get("modules", [])), keep=bool(record.get("keep")))
