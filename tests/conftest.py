@@ -19,6 +19,16 @@ def kvmlab(*args: str, env: dict[str, str] | None = None,
     )
 
 
+def assert_one_line_error(done, *fragments: str) -> None:
+    """kvmlab refused in one line (exit 2, no traceback) naming every fragment."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("kvmlab: error:")]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
 def hung(done: subprocess.CompletedProcess) -> bool:
     return done.returncode == 124
 
@@ -87,3 +97,17 @@ def built_tree(dest: Path, kernel, config: str | None = None) -> Path:
     (dest / "include/config/kernel.release").write_text(kernel.release + "\n")
     (dest / ".config").write_text(config if config is not None else kernel.config.read_text())
     return dest
+
+
+VM_TESTS = Path(__file__).resolve().parent / "vm"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A VM test is known by where it lives: everything under tests/vm/ is marked ``vm``,
+    and a ``vm`` mark anywhere else is a mistake."""
+    for item in items:
+        inside = VM_TESTS in Path(item.fspath).resolve().parents
+        if inside:
+            item.add_marker(pytest.mark.vm)
+        elif item.get_closest_marker("vm") is not None:
+            raise pytest.UsageError(f"{item.nodeid} is marked vm but lives outside tests/vm/")

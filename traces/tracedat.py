@@ -3,7 +3,7 @@
 kvmlab turns ftrace data into numbers, so it wants every event as a table row, the
 events the kernel lost counted per CPU, and speed on traces of millions of events.
 ``trace-cmd report`` gives text; this module reads the file itself (pure Python and
-numpy), and ``tests/test_tracedat.py`` checks it event for event against trace-cmd.
+numpy), and ``tests/unit/test_tracedat.py`` checks it event for event against trace-cmd.
 
 The file, briefly (see trace-cmd.dat.v6(5) and trace-cmd.dat.v7(5)):
 

@@ -1,7 +1,7 @@
 """The guest image: a Debian root filesystem built by mmdebstrap, cached by recipe hash.
 
-The recipe (vm-images/<name>.toml) lists the suite, packages, what to leave out and
-the kernel modules the guest needs. The built image is a newc cpio archive, the first
+The recipe (vm-images/<name>.toml, installed with the ``kvmlab_guest`` package) lists
+the suite, packages, what to leave out and the kernel modules the guest needs. The built image is a newc cpio archive, the first
 of the initramfs archives every lab kernel boots with.
 """
 
@@ -15,11 +15,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import kvmlab_guest
+
 from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
 from kvmlab.vm import initramfs
 
-RECIPES = Path(__file__).resolve().parent.parent / "vm-images"
+RECIPES = Path(kvmlab_guest.__file__).parent
 DEFAULT_RECIPE = "bookworm"
 #: Bump when the way an image is made changes in a way the recipe text does not show.
 BUILD_FORMAT = "1"

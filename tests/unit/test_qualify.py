@@ -4,8 +4,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import kvmlab
-from test_cli_errors import assert_one_line_error
+from conftest import assert_one_line_error, kvmlab
 
 from kvmlab import stats
 from kvmlab.errors import KvmlabError

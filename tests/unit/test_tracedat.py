@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from traces.calls import calls
 from traces.tracedat import TraceFile, TraceFileError, read_events
 
-SAMPLES = Path(__file__).resolve().parents[1] / "traces" / "samples"
+SAMPLES = REPO / "traces" / "samples"
 SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.dat.xz"))
 TRACE_CMD = shutil.which("trace-cmd")
 needs_trace_cmd = pytest.mark.skipif(TRACE_CMD is None, reason="trace-cmd is not installed")

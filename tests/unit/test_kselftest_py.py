@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from kselftest_py import ioctls, ktap
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "kselftest_py"
 
 # Values produced by the kernel headers (x86-64) for these requests.

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from kvmlab.inspect.watch import WatchReport
-
 from kvmlab.errors import EXIT_INVARIANT, EXIT_SPLAT
+from kvmlab.inspect.watch import WatchReport
 from kvmlab.vm.lifecycle import RunResult, judge_checks
 
 

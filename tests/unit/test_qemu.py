@@ -1,10 +1,11 @@
 from pathlib import Path
 
+from kvmlab_guest import protocol
+
 from kvmlab.vm.accel import Accel
 from kvmlab.vm.clock import Clock
 from kvmlab.vm.emulator import Emulator
 from kvmlab.vm.qemu import PORT_FILES, Machine, command
-from kvmlab_guest import protocol
 
 
 def machine(tmp_path: Path, clock: str = "wall") -> Machine:

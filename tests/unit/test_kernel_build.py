@@ -6,8 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import kvmlab
-from test_cli_errors import assert_one_line_error
+from conftest import assert_one_line_error, kvmlab
 
 from kvmlab import apt
 from kvmlab.kernels import build as kernel_build

@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "upstream_selftests.py"
+BENCH = REPO / "bench" / "upstream_selftests.py"
 PT_INTERP = 3
 
 

@@ -1,0 +1,17 @@
+"""Refusals that need a real kernel's files: a kernel without KVM is refused before boot."""
+
+import pytest
+from conftest import assert_one_line_error, built_tree, kvmlab
+
+from kvmlab import kernels
+
+
+@pytest.mark.vm
+def test_kernel_without_kvm(tmp_path):
+    """A real kernel whose config says KVM is off is refused before boot."""
+    real = kernels.fetch("debian:bookworm")
+    config = real.config.read_text().replace("CONFIG_KVM=m", "# CONFIG_KVM is not set")
+    tree = built_tree(tmp_path / "tree", real, config)
+    done = kvmlab("run", f"local:{tree}", "--", "true")
+    assert_one_line_error(done, "has no KVM support")
+
