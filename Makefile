@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Unit tests and VM tests (real kernels under QEMU). The first run fills the cache.
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
 
 unit: setup
@@ -55,8 +55,10 @@ qualify: setup
 	  --tests unmap,unmap-chunked,move-active,move-inactive --slots 10,100,300,509 --seconds 0.5 \
 	  -o $(QUALIFY_DIR) $(QUALIFY_ARGS)
 
+# Style, and the layering: imports run one way, guest-side code stays standard library only.
 lint: setup
 	$(BIN)/ruff check kvmlab kselftest_py drgn_scripts traces tests bench vm-images
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/boot.py

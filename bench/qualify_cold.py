@@ -1,4 +1,4 @@
-"""How long `make qualify` takes from an empty cache (issue 6's target: <= 15 min on 2 cores).
+"""How long `make qualify` takes from an empty cache (target: <= 15 min on 2 cores).
 
 Runs the Makefile's qualify matrix with KVMLAB_CACHE pointing at a fresh directory, so
 the kernels and kvmlab's QEMU are downloaded, the guest image built and both guests

@@ -16,7 +16,7 @@ freedom, and a cell whose runs fall into modes gets a wide interval and a high p
 it should. A run is a boot there (qualify boots afresh for each round), so the spread
 between boots is inside the statistics, not hidden from them.
 
-The complexity fit answers the seed's claim (O(n) memslot work before the trees, O(log
+The complexity fit answers the scalable-memslots series' claim (O(n) memslot work before the trees, O(log
 n) after): time against slot count is fitted as a + b·f(n) for f in constant, log n, n
 and n log n, and the model with the lowest AIC wins (the constant model has one
 parameter fewer, so it wins unless the slope explains enough).

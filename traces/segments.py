@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-
-from kselftest_py.trace_marker import PREFIX
+from kvmlab_guest.protocol import MARK_PREFIX as PREFIX
 
 LABELS = ["test", "slots", "run"]
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmlab import durations
 from kvmlab.errors import KvmlabError, MissingTool
 from kvmlab.kernels import patches as patch_series
 
@@ -69,7 +70,7 @@ def build(options: BuildOptions, log=sys.stderr) -> Path:
     started = time.monotonic()
     _make(tree, out, options.jobs, log)
     release = (out / "include" / "config" / "kernel.release").read_text().strip()
-    took = _clock(time.monotonic() - started)
+    took = durations.clock(time.monotonic() - started)
     print(f"kvmlab: built {release} in {took}; boot it as local:{out}", file=log)
     return out
 
@@ -139,7 +140,7 @@ def _make(tree: Path, out: Path, jobs: int, log) -> None:
             compiled += line.lstrip().startswith("CC ")
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
-                progress = f"{compiled} files compiled, {_clock(last - started)}"
+                progress = f"{compiled} files compiled, {durations.clock(last - started)}"
                 print(f"kvmlab: building: {progress}", file=log, flush=True)
     if process.wait() != 0:
         raise KvmlabError(f"the kernel build failed: {compile_error(tail)} (log: {out / 'kvmlab-build.log'})")
@@ -169,8 +170,3 @@ def make_env() -> dict[str, str]:
     # A parent make (kvmlab's own Makefile) must not leak its jobserver into the kernel's.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return {**env, "LC_ALL": "C"}
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}:{seconds:02d}"

@@ -8,12 +8,11 @@ cache. A kernel with KVM built in needs no modules at all.
 """
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from kvmlab import cache
 from kvmlab.errors import KvmlabError, UnknownSpec
-from kvmlab.kernels.model import KVM_MODULE, MODULE_INDEXES, Kernel, depmod
+from kvmlab.kernels.model import KVM_MODULE, Kernel, stage_modules
 
 
 def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
@@ -69,13 +68,6 @@ def _modules_root(spec: str, tree: Path, release: str, installed: str | None,
     root = store / "modules"
     if not (root / "lib" / "modules" / release / "modules.dep").exists():
         with cache.building(root) as scratch:
-            target = scratch / "lib" / "modules" / release
-            for ko in built:
-                dest = target / "kernel" / ko.relative_to(tree)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ko, dest)
-            for name in MODULE_INDEXES:
-                if (tree / name).exists():
-                    shutil.copy2(tree / name, target / name)
-            depmod(scratch, release)
+            placed = ((ko, Path("kernel") / ko.relative_to(tree)) for ko in built)
+            stage_modules(scratch, release, placed, tree)
     return root

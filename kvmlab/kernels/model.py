@@ -1,6 +1,8 @@
 """The Kernel: a bootable kernel and what kvmlab knows of it, whichever spec named it."""
 
+import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,3 +66,18 @@ def depmod(root: Path, release: str) -> None:
         raise KvmlabError(f"depmod {release} failed: {done.stderr.strip()}")
 
 
+
+
+def stage_modules(root: Path, release: str, modules: Iterable[tuple[Path, Path]], indexes_from: Path) -> None:
+    """Lay out ``root/lib/modules/<release>`` for modprobe: each ``(source .ko, path in the
+    tree)`` of ``modules``, the build's module indexes from ``indexes_from``, then depmod."""
+    target = root / "lib" / "modules" / release
+    target.mkdir(parents=True, exist_ok=True)
+    for source, relative in modules:
+        dest = target / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
+    for name in MODULE_INDEXES:
+        if (indexes_from / name).exists():
+            shutil.copy2(indexes_from / name, target / name)
+    depmod(root, release)

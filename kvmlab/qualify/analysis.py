@@ -7,7 +7,7 @@ every test when the matrix has none of them. The verdict statistics are
 ``kvmlab.stats.compare_cell``'s (benchstat's: medians, Mann-Whitney U, a threshold).
 
 The complexity fit of slot setup is of the time per slot: setting up n slots is n
-additions, each O(n) with the array and O(log n) with the trees, which is the seed's
+additions, each O(n) with the array and O(log n) with the trees, which is the scalable-memslots series'
 claim in the classes the fit knows.
 """
 

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from kselftest_py.ktap import KSFT_SKIP
+from kvmlab import durations
 from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix
@@ -267,8 +268,8 @@ class Driver:
     # -- telling the user ---------------------------------------------------------------
     def _progress(self, item, position: int, total: int, started: float, done_now: int, todo: int) -> None:
         elapsed = time.monotonic() - started
-        eta = f", ETA {_clock(elapsed / done_now * (todo - done_now))}" if done_now else ""
-        self._say(f"[{position + 1}/{total}] {item.describe()} (elapsed {_clock(elapsed)}{eta})")
+        eta = f", ETA {durations.clock(elapsed / done_now * (todo - done_now))}" if done_now else ""
+        self._say(f"[{position + 1}/{total}] {item.describe()} (elapsed {durations.clock(elapsed)}{eta})")
 
     def _say(self, text: str) -> None:
         print(f"kvmlab qualify: {text}", file=self.log, flush=True)
@@ -299,8 +300,3 @@ def _json_file(data: bytes | None) -> dict | None:
         return json.loads(data)
     except json.JSONDecodeError:
         return None
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}:{seconds:02d}"

@@ -1,4 +1,4 @@
-"""The qualification's report: Markdown in the shape of the seed's tables, HTML with plots,
+"""The qualification's report: Markdown in the shape of the scalable-memslots series' tables, HTML with plots,
 JUnit XML and KTAP for CI systems, and the raw store as CSV.
 
 The Markdown follows the tables kernel developers post (per slot count: Test, Before,
@@ -22,8 +22,8 @@ from kvmlab import stats
 from kvmlab.qualify import matrix
 from kvmlab.qualify.analysis import SLOT_SETUP, Analysis, Cell, setup_tests
 
-#: The growth the seed's cover letter claims, before (array) and after (trees).
-SEED_CLAIM = {"base": ("n", "n log n"), "patched": ("constant", "log n")}
+#: The growth the scalable-memslots cover letter (Linux 5.17) claims, before (array) and after (trees).
+SERIES_CLAIM = {"base": ("n", "n log n"), "patched": ("constant", "log n")}
 
 
 def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -> list[Path]:
@@ -131,9 +131,10 @@ def complexity_markdown(analysis: Analysis) -> list[str]:
         return ["Complexity fit: needs at least three slot counts per kernel.", ""]
     lines = [
         "Complexity (time against slot count, fitted as a + b·f(n), best by AIC; R² of the best; "
-        "slot setup per slot). The seed claims O(n) before and O(log n) after:",
+        "slot setup per slot). The scalable-memslots series (Linux 5.17) claims O(n) before and "
+        "O(log n) after:",
         "",
-        "| Test | Before | After | agrees with the seed |",
+        "| Test | Before | After | agrees with the series |",
         "|---|---|---|---|",
     ]
     by_test: dict[str, dict] = {}
@@ -144,7 +145,7 @@ def complexity_markdown(analysis: Analysis) -> list[str]:
             f"{sides[s].fit.best} (R² {sides[s].fit.r_squared:.2f})" if s in sides else "–"
             for s in matrix.SIDES
         ]
-        agree = all(sides[s].fit.best in SEED_CLAIM[s] for s in sides) and len(sides) == 2
+        agree = all(sides[s].fit.best in SERIES_CLAIM[s] for s in sides) and len(sides) == 2
         name = f"{test} (per slot)" if test == SLOT_SETUP else test
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {'yes' if agree else 'no'} |")
     return lines + [""]
@@ -376,7 +377,7 @@ def ktap(analysis: Analysis) -> str:
 
 # -- formatting -----------------------------------------------------------------------------
 def _seconds(ns: float) -> str:
-    """Seconds with three significant digits, the seed's style (0.0724s, 0.0000792s)."""
+    """Seconds with three significant digits, the style of the series' cover letter (0.0724s, 0.0000792s)."""
     if ns is None or not math.isfinite(ns):
         return "–"
     value = ns / 1e9

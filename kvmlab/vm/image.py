@@ -1,8 +1,9 @@
 """The guest image: a Debian root filesystem built by mmdebstrap, cached by recipe hash.
 
 The recipe (vm-images/<name>.toml, installed with the ``kvmlab_guest`` package) lists
-the suite, packages, what to leave out and the kernel modules the guest needs. The built image is a newc cpio archive, the first
-of the initramfs archives every lab kernel boots with.
+the suite, packages, what to leave out and the kernel modules the guest needs. The
+built image is a newc cpio archive, the first of the initramfs archives every lab
+kernel boots with.
 """
 
 import hashlib

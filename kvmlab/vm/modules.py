@@ -6,17 +6,14 @@ TCG boot. The archive is cached beside the kernel, keyed by the module list.
 """
 
 import hashlib
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from kvmlab import cache
 from kvmlab.errors import KvmlabError
-from kvmlab.kernels.model import Kernel, depmod
+from kvmlab.kernels.model import Kernel, stage_modules
 from kvmlab.vm import initramfs
-
-MODULE_INDEXES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 
 
 def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
@@ -34,16 +31,8 @@ def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
     source = kernel.modules_root / "lib" / "modules" / kernel.release
     files = _closure(kernel, modules)
     with tempfile.TemporaryDirectory(dir=store) as scratch:
-        staged = Path(scratch) / "lib" / "modules" / kernel.release
-        staged.mkdir(parents=True)
-        for path in files:
-            target = staged / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-        for name in MODULE_INDEXES:
-            if (source / name).exists():
-                shutil.copy2(source / name, staged / name)
-        depmod(Path(scratch), kernel.release)
+        placed = ((path, path.relative_to(source)) for path in files)
+        stage_modules(Path(scratch), kernel.release, placed, source)
         # The image is merged-/usr: /lib is a symlink the archive must not replace.
         (Path(scratch) / "usr").mkdir()
         (Path(scratch) / "lib").rename(Path(scratch) / "usr" / "lib")

@@ -47,9 +47,10 @@ def _boots_per_run(out) -> dict:
 
 
 def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
-    """The seed's A/B under the instruction clock (defaults: icount, 1 vCPU, 3 runs, each
-    round in fresh boots): the rows that never reproduced under multi-threaded TCG
-    (move active, slot setup) now show the seed's direction, as unmap chunked always did."""
+    """The scalable-memslots A/B (Linux 5.10 against 6.1) under the instruction clock
+    (defaults: icount, 1 vCPU, 3 runs, each round in fresh boots): the rows that never
+    reproduced under multi-threaded TCG (move active, slot setup) now show the series'
+    direction, as unmap chunked always did."""
     out = tmp_path / "q"
     matrix = ["--tests", "unmap-chunked,move-active", "--slots", "10,509", "--seconds", "0.5"]
     kernels = ["--base", "debian:bullseye", "--patched", "debian:bookworm"]
