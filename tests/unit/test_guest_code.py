@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvmlab.vm import layer
 from kvmlab_guest import protocol
+
+from kvmlab.vm import layer
 
 
 def guest_tree(tmp_path: Path) -> Path:

@@ -6,10 +6,10 @@ import subprocess
 import time
 
 import pytest
+from kvmlab_guest import protocol
 
 from kvmlab.errors import EXIT_HANG, EXIT_INVARIANT, EXIT_LOST, EXIT_SPLAT
 from kvmlab.vm import lifecycle
-from kvmlab_guest import protocol
 
 
 @pytest.fixture
