@@ -1,4 +1,4 @@
-"""Boot-speed benchmark for the issue's targets (numbers go in the README, not in tests).
+"""Boot-speed benchmark (its numbers are in docs/benchmarks.md, not in tests).
 
 Measures, on this machine, with the default accelerator:
 

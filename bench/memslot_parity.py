@@ -66,7 +66,7 @@ def guest_job(slots: int, test: int, runs: int, seconds: int) -> str:
 
 def run_block(kernel: str, binary: Path, slots: int, test: int, runs: int, seconds: int,
               machine: list[str]) -> list[dict]:
-    """One guest boot per (slots, test), so that a guest that livelocks (see the README)
+    """One guest boot per (slots, test), so that a guest that livelocks (docs/known-problems.md)
     costs one block, which is booted once more; finished runs of a stalled boot count."""
     records: list[dict] = []
     for attempt in (1, 2):

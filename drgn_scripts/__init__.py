@@ -1,1 +1,2 @@
-"""drgn scripts that read a running kernel's KVM structures (see the memslot issue)."""
+"""drgn helpers for a running kernel's KVM memslots: ``memslots`` walks them into the plain
+records of ``memslot_model``, ``memslot_invariants`` checks those records."""

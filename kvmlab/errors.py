@@ -1,6 +1,6 @@
 """The errors kvmlab reports to its user, and the exit codes that go with them.
 
-Exit codes (also in the README):
+Exit codes (also in the README's exit-code table):
 
 - the guest command's own exit code passes through unchanged when the run is clean;
 - 2: bad usage or setup — unknown kernel spec, missing package, QEMU missing, a

@@ -39,7 +39,7 @@ def kvmlab_retrying(*args: str, retry_if=hung, attempts: int = 3,
     failed it (default: a hung guest).
 
     Nested KVM under multi-threaded TCG occasionally wedges the L1 guest (see the
-    README's known problem): the whole kernel freezes, an L2 vCPU never exits, or an IPI
+    docs/known-problems.md): the whole kernel freezes, an L2 vCPU never exits, or an IPI
     is never answered. It is the emulator, not the code under test, and it hits
     upstream's C selftests too; a failure on the last attempt still fails the test.
     """

@@ -1,1 +1,2 @@
-"""ftrace capture recipes and trace.dat analysis (see the tracing issue)."""
+"""ftrace around KVM selftests: probe sets, the guest-side capture (``traces.guest``) and
+trace.dat reading (``tracedat``), standard library and pandas, nothing from kvmlab."""

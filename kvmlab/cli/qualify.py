@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
         "--clock",
         choices=["auto", *clock.CLOCKS],
         default=None,
-        help="measurement clock (auto: icount under TCG, wall under KVM); see the README",
+        help="measurement clock (auto: icount under TCG, wall under KVM); see docs/qualify.md",
     )
     parser.add_argument(
         "--cpus", type=int, help="L1 guest vCPUs (icount: 1, which runs repeat within 1 %%; wall: 2)"

@@ -20,7 +20,7 @@ from kvmlab import durations
 from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix
-from kvmlab.qualify.store import Store
+from kvmlab.qualify.store import CRASH, FAIL, RUN, SKIP, Cell, Store, record_key
 from kvmlab.vm import boot
 from kvmlab.vm.session import GuestDown, GuestSession
 
@@ -41,7 +41,7 @@ class Driver:
         self.check_invariants = check_invariants
         self.sessions: dict[str, GuestSession | None] = dict.fromkeys(matrix.SIDES)
         self._reported_watch: set[str] = set()
-        self._not_applicable: set[tuple] = set()
+        self._not_applicable: set[Cell] = set()
 
     # -- the matrix -------------------------------------------------------------------
     def run(self) -> None:
@@ -49,8 +49,8 @@ class Driver:
         per_round = bool(config.get("boot_per_round"))
         items = matrix.plan(config["tests"], config["slots"], config["runs"], rounds_first=per_round)
         records = self.store.records()
-        crashes = Counter(_key(r) for r in records if r["kind"] == "crash")
-        self._not_applicable = {_key(r)[:3] for r in records if r["kind"] == "skip"}
+        crashes = Counter(record_key(r) for r in records if r["kind"] == CRASH)
+        self._not_applicable = {record_key(r).cell for r in records if r["kind"] == SKIP}
         todo = [item for item in items if not _finished(item, records, crashes)]
         done_before = len(items) - len(todo)
         if done_before:
@@ -59,7 +59,7 @@ class Driver:
         current_round = None
         try:
             for number, item in enumerate(todo):
-                if item.key[:3] in self._not_applicable:
+                if item.key.cell in self._not_applicable:
                     continue
                 if per_round and item.run != current_round:
                     for side in matrix.SIDES:  # a round's runs come from boots of their own
@@ -119,7 +119,7 @@ class Driver:
         tests = record.get("tests", []) if record else []
         if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
             self._record({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
-            self._not_applicable.add(item.key[:3])
+            self._not_applicable.add(item.key.cell)
             self._say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
             return
         if reply.code != 0 or not record or not record.get("runs"):
@@ -279,16 +279,12 @@ def _fields(item: matrix.Item) -> dict:
     return {"side": item.side, "test": item.test, "slots": item.slots, "run": item.run}
 
 
-def _key(record: dict) -> tuple:
-    return (record["side"], record["test"], record["slots"], record.get("run"))
-
-
 def _finished(item: matrix.Item, records: list[dict], crashes: Counter) -> bool:
     """Measured, failed or n/a already; or tried in as many boots as a run gets."""
     for record in records:
-        if record["kind"] == "skip" and _key(record)[:3] == item.key[:3]:
+        if record["kind"] == SKIP and record_key(record).cell == item.key.cell:
             return True
-        if record["kind"] in ("run", "fail") and _key(record) == item.key:
+        if record["kind"] in (RUN, FAIL) and record_key(record) == item.key:
             return True
     return crashes[item.key] >= ATTEMPTS
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from kselftest_py import memslot_perf
 from kvmlab.errors import KvmlabError
+from kvmlab.qualify.store import RunKey
 from kvmlab.vm.clock import ICOUNT, WALL
 
 
@@ -33,8 +34,8 @@ MIN_RUNS = 4
 #: Per clock: runs per kernel and cell, the practical threshold and the L1 vCPUs. Under
 #: icount one vCPU repeats within 1 % across boots (two quantize at the 4 ms tick) and
 #: Welch's t on 3 runs, each in its own boot, resolves a 2 % change; the wall clock
-#: keeps the rank test's 5 runs and a threshold above its noise. The README's
-#: repeatability table is the evidence for both.
+#: keeps the rank test's 5 runs and a threshold above its noise. The
+#: repeatability tables in docs/benchmarks.md are the evidence for both.
 DEFAULTS = {
     ICOUNT: {"runs": 3, "threshold": 0.02, "cpus": 1},
     WALL: {"runs": 5, "threshold": 0.05, "cpus": 2},
@@ -51,8 +52,8 @@ class Item:
     run: int
 
     @property
-    def key(self) -> tuple:
-        return (self.side, self.test, self.slots, self.run)
+    def key(self) -> RunKey:
+        return RunKey(self.side, self.test, self.slots, self.run)
 
     def describe(self) -> str:
         return f"{self.side} {self.test} @{self.slots} slots run {self.run + 1}"

@@ -20,11 +20,41 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from kvmlab.errors import KvmlabError
 
 CONFIG = "qualify.json"
 RUNS = "runs.jsonl"
+
+#: Record kinds (above); ``checks`` is a guest's invariant-check summary when it shut down.
+RUN, SKIP, FAIL, CRASH = "run", "skip", "fail", "crash"
+SPLAT, INVARIANT, CHECKS = "splat", "invariant", "checks"
+
+
+class Cell(NamedTuple):
+    """One kernel's share of one cell of the matrix."""
+
+    side: str
+    test: str | None
+    slots: int | None
+
+
+class RunKey(NamedTuple):
+    """Which run a record is about: a cell and a run number (None: about a guest, not a run)."""
+
+    side: str
+    test: str | None
+    slots: int | None
+    run: int | None
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.side, self.test, self.slots)
+
+
+def record_key(record: dict) -> RunKey:
+    return RunKey(record["side"], record["test"], record["slots"], record.get("run"))
 
 
 class Store:

@@ -1,6 +1,6 @@
 """kvmlab kernel build: the lab's configuration on a real Linux tree (Debian's
-linux-source-6.1). The compile itself takes many minutes on 2 cores (README), too long for CI:
-it is measured and documented in the README; here the configuration step runs for real."""
+linux-source-6.1). The compile itself takes many minutes on 2 cores, too long for CI:
+it is measured and documented in docs/guide.md; here the configuration step runs for real."""
 
 import subprocess
 from pathlib import Path

@@ -44,7 +44,7 @@ def test_dump_equals_created_layout(spec, no_leaked_qemu):
     assert layout in table.stdout
 
 
-#: How the L2 side of nested TCG fails (README, known problem): a hang, or a vCPU that
+#: How the L2 side of nested TCG fails (docs/known-problems.md): a hang, or a vCPU that
 #: triple-faults. Neither is what this test is about, and neither is an invariant.
 EMULATOR_FAILURES = ("unexpected exit KVM_EXIT_SHUTDOWN",)
 

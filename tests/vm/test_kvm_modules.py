@@ -49,7 +49,7 @@ def test_a_comment_only_patch_changes_nothing_measurable(tmp_path, no_leaked_qem
     """The same code rebuilt twice is the same kernel: no significant change, and no change
     above 1 % where the cell repeats within 0.5 % across boots (unmap chunked, slot
     setup); move inactive spreads up to ~1 % a run between boots, and 3 runs a side have
-    shown +1.3 % there, so it is held to the threshold (README, repeatability)."""
+    shown +1.3 % there, so it is held to the threshold (docs/benchmarks.md, repeatability)."""
     cells, done = _qualify(tmp_path / "q", "kvm-comment.patch", "unmap-chunked,move-inactive", "10,509", 0)
     assert [cell.verdict for cell in cells.values()] == [stats.NO_CHANGE] * 6, done.stdout
     for (test, _), cell in cells.items():
@@ -63,8 +63,8 @@ def test_a_planted_linear_regression_is_caught_with_its_signature_and_twice_alik
     per update, so the change at 509 slots is several times the change at 10 (where its
     fixed cost still shows under icount). Two qualifications of the same pair give the
     same verdict in every cell. Move inactive, not move active: move active at 10 slots
-    spreads 1.5-2.4 % between boots (README), so a ~4 % change there sits at p = 0.02-0.05
-    and may flip; the README says so."""
+    spreads 1.5-2.4 % between boots (docs/benchmarks.md), so a ~4 % change there sits at p = 0.02-0.05
+    and may flip; docs/qualify.md says so."""
     first, done = _qualify(tmp_path / "q1", "kvm-planted-on.patch", "move-inactive", "10,509", 1)
     move, setup = first[("move inactive area", 509)], first[(analysis.SLOT_SETUP, 509)]
     assert move.verdict == stats.REGRESSED and setup.verdict == stats.REGRESSED, done.stdout

@@ -18,7 +18,7 @@ def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tupl
 
     Nested KVM under multi-threaded TCG occasionally freezes the whole L1 kernel (both
     vCPUs spinning in __schedule, jiffies stopped; seen with upstream's C test too, see
-    the README). kvmlab reports that as a stalled guest; a third stall fails the test.
+    docs/known-problems.md). kvmlab reports that as a stalled guest; a third stall fails the test.
     """
     done = kvmlab_retrying(
         "run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
