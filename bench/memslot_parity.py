@@ -27,8 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import upstream_selftests  # noqa: E402
+from kvmlab_guest import protocol  # noqa: E402
 
-TESTS = {1: "unmap", 2: "unmap chunked", 3: "move active area", 4: "move inactive area"}
+from kselftest_py import memslot_perf  # noqa: E402
+
+#: memslot_perf test number → name: the four tests upstream's C test has too (unmap .. move inactive).
+TESTS = {number: test.name for number, test in enumerate(memslot_perf.TESTS) if 1 <= number <= 4}
 SLOTS = (10, 509)
 TOOK = re.compile(r"Test took (\d+\.\d+)s for slot setup \+ (\d+\.\d+)s all iterations")
 DONE = re.compile(r"Done (\d+) iterations, avg (\d+\.\d+)s each")
@@ -55,7 +59,7 @@ def guest_job(slots: int, test: int, runs: int, seconds: int) -> str:
     deadline = 20 * seconds + 60
     for run in range(runs):
         for impl, command in (
-            ("upstream", "/opt/kvmlab/add/memslot_perf_test"),
+            ("upstream", f"{protocol.ADDED}/memslot_perf_test"),
             ("python", "python3 -m kselftest_py.memslot_perf"),
         ):
             lines.append(f"echo '=== {impl} slots={slots} test={test} run={run}'")

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kvmlab_guest import protocol
+
 HERE = Path(__file__).resolve().parent
 SLOTS = {"debian:bookworm": [10, 509, 32764], "debian:bullseye": [10, 509]}
 
@@ -25,7 +27,7 @@ def guest_job(slots: list[int], seconds: int) -> str:
         for n in slots
     )
     counts = " ".join(map(str, slots))
-    cost = f"python3 /opt/kvmlab/add/guest_python_cost.py --json /results/cost.json {counts}"
+    cost = f"python3 {protocol.ADDED}/guest_python_cost.py --json {protocol.RESULTS}/cost.json {counts}"
     return f"{perf} && {cost}"
 
 

@@ -8,6 +8,7 @@ report, the wall time and the verdict line.
     python bench/qualify_cold.py
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmlab-cold-") as scratch:
         env = {**os.environ, "KVMLAB_CACHE": f"{scratch}/cache"}
         started = time.monotonic()

@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-TESTS = ("map", "unmap", "unmap chunked", "move active area", "move inactive area", "RW")
+from kselftest_py import memslot_perf
+
+TESTS = tuple(test.name for test in memslot_perf.TESTS)
 EXIT_HANG = 124
 ATTEMPTS = 3
 

@@ -24,25 +24,14 @@ import subprocess
 import sys
 import time
 
-from kvmlab_guest import protocol
+from kvmlab_guest import ports, protocol
 
 STREAM_TAIL = 64 * 1024
 
 
-def open_port(name: str, timeout_s: float = 20.0) -> int:
+def open_port(name: str) -> int:
     """The port's fd; the host connects first, or a read here would see end of file."""
-    base = "/sys/class/virtio-ports"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for dev in os.listdir(base) if os.path.isdir(base) else []:
-            try:
-                with open(f"{base}/{dev}/name") as handle:
-                    if handle.read().strip() == name:
-                        return os.open(f"/dev/{dev}", os.O_RDWR)
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise RuntimeError(f"virtio-serial port {name} missing")
+    return os.open(ports.find((name,))[name], os.O_RDWR)
 
 
 def send(port: int, message: dict) -> None:

@@ -21,9 +21,8 @@ import time
 
 if not __package__:  # run by path as PID 1: the package's parent holds kvmlab_guest
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from kvmlab_guest import protocol  # noqa: E402
+from kvmlab_guest import ports, protocol  # noqa: E402
 
-PORTS = protocol.OUTPUT_PORTS
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIBC = ctypes.CDLL(None, use_errno=True)
 RB_POWER_OFF = 0x4321FEDC
@@ -69,23 +68,9 @@ def load_modules(names: list[str]) -> list[str]:
     return failed
 
 
-def open_ports(timeout: float = 20.0) -> dict[str, int]:
-    """Open the named virtio-serial ports (they appear a little after virtio_console loads)."""
-    found: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        base = "/sys/class/virtio-ports"
-        for dev in os.listdir(base) if os.path.isdir(base) else []:
-            try:
-                name = open(f"{base}/{dev}/name").read().strip()
-            except OSError:
-                continue
-            if name in PORTS and os.path.exists(f"/dev/{dev}"):
-                found[name] = f"/dev/{dev}"
-        if len(found) == len(PORTS):
-            return {name: os.open(path, os.O_WRONLY) for name, path in found.items()}
-        time.sleep(0.02)
-    raise RuntimeError(f"virtio-serial ports missing: {sorted(set(PORTS) - set(found))}")
+def open_ports() -> dict[str, int]:
+    """The host's output ports, open for writing."""
+    return {name: os.open(path, os.O_WRONLY) for name, path in ports.find(protocol.OUTPUT_PORTS).items()}
 
 
 _STATUS_LOCK = threading.Lock()
