@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from kvmlab_guest import protocol
+
 from kvmlab import kernels
 from kvmlab.errors import KvmlabError
 from kvmlab.inspect.watch import InvariantWatch
@@ -137,7 +139,7 @@ def add_parsers(sub) -> None:
     run.add_argument("--append", default="", help="extra kernel command-line arguments")
     run.add_argument("--recipe", default=image.DEFAULT_RECIPE, help="guest image recipe")
     run.add_argument("--add", type=Path, action="append", default=[], metavar="PATH",
-                     help="copy a host file or directory into the guest's /opt/kvmlab/add/")
+                     help=f"copy a host file or directory into the guest's {protocol.ADDED}/")
     run.add_argument("--check-invariants-every", type=float, metavar="SECONDS",
                      help="pause the guest this often, check its KVM memslot invariants with drgn, "
                           "resume (fetches the kernel's debuginfo)")
