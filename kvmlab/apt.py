@@ -112,6 +112,9 @@ class AptRoot:
         (self.dir / "sources.list").write_text(line)
 
     def _apt(self, tool: str, *args: str, cwd: Path | None = None) -> str:
+        return self._run(tool, *args, cwd=cwd).stdout
+
+    def _run(self, tool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         try:
             done = subprocess.run(
                 [tool, "-q", *self._options(), *args],
@@ -123,7 +126,7 @@ class AptRoot:
             errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "W:"))]
             reason = errors[0] if errors else done.stderr.strip()[-300:]
             raise KvmlabError(f"{tool} {args[0]} ({self.suite}) failed: {reason}")
-        return done.stdout
+        return done
 
     def update(self, force: bool = False) -> None:
         """Refresh the suite's signed package lists if older than a day (or ``force``)."""
@@ -133,7 +136,7 @@ class AptRoot:
                 return
             self._prepare()
             try:
-                self._apt("apt-get", "update")
+                done = self._run("apt-get", "update")
             except KvmlabError as err:
                 if "Release" in str(err) or "does not have" in str(err):
                     raise UnknownSpec(
@@ -141,6 +144,12 @@ class AptRoot:
                     ) from None
                 raise
             self._memo.unlink(missing_ok=True)
+            # apt-get exits 0 when it could not fetch: only a complete update counts as
+            # fresh, so the next request asks the mirror again.
+            failed = [ln for ln in done.stderr.splitlines() if ln.startswith("W: Failed to fetch")]
+            if failed:
+                raise KvmlabError(f"apt-get update ({self.suite}) could not fetch from {mirror()}: "
+                                  f"{failed[0].removeprefix('W: Failed to fetch ').strip()}")
             self._stamp.touch()
 
     def show(self, name: str) -> dict[str, str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def _create(args: argparse.Namespace) -> Store:
     cpus = defaults["cpus"] if args.cpus is None else args.cpus
     if runs < 2:
         raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
-    if seconds <= 0 or not 0 <= threshold < 1:
+    if not (math.isfinite(seconds) and seconds > 0) or not 0 <= threshold < 1:
         raise KvmlabError("--seconds wants a positive time and --threshold a fraction in [0, 1)")
     if cpus < 1:
         raise KvmlabError("--cpus wants at least 1 vCPU")
@@ -170,8 +171,8 @@ def _measurement(args: argparse.Namespace) -> dict:
 
 
 def _resume(args: argparse.Namespace) -> Store:
-    store = Store.open(args.out)
-    config = store.config
+    """The store to finish, once every check passed; a refused resume changes nothing."""
+    config = Store.read(args.out).config
     given = {
         "base": args.base and config["base"]["spec"] != args.base,
         "patched": args.patched and config["patched"]["spec"] != args.patched,
@@ -202,7 +203,7 @@ def _resume(args: argparse.Namespace) -> Store:
             f"({recorded.get('package') or 'KVMLAB_QEMU'}), this host would use {qemu.describe()}; "
             "runs of two emulators do not combine: resume with the same QEMU, or start anew"
         )
-    return store
+    return Store.open(args.out)
 
 
 def _trace_spec(name: str | None) -> dict | None:

@@ -5,7 +5,7 @@ once. ``DIR/runs.jsonl`` only ever grows: each record is written whole and fsync
 before the next run starts, so killing qualify at any moment loses at most the run in
 progress, and ``--resume`` reads back which runs are done. A line cut short by a kill
 during the write is the one exception: it was never a record, and reopening the store
-drops it.
+drops it. A last record that is whole but lacks only its newline is kept.
 
 Record kinds: ``run`` (a measured run), ``skip`` (the kernel or the test cannot take
 this cell: n/a, with the reason; covers every run of that kernel in the cell),
@@ -81,11 +81,18 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, directory: Path) -> Store:
+    def read(cls, directory: Path) -> Store:
+        """The store in ``directory``, as it is: for checks that must change nothing."""
         store = cls(directory)
         if not store.config_path.exists():
             raise KvmlabError(f"{directory} holds no qualification to resume ({CONFIG} missing)")
-        store._drop_torn_tail()
+        return store
+
+    @classmethod
+    def open(cls, directory: Path) -> Store:
+        """The store in ``directory``, ready to append to (a torn last line dropped)."""
+        store = cls.read(directory)
+        store._mend_tail()
         return store
 
     @property
@@ -112,10 +119,23 @@ class Store:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def _drop_torn_tail(self) -> None:
+    def _mend_tail(self) -> None:
+        """A last line without its newline: a whole record gets its newline, a torn one goes."""
         if not self.runs_path.exists():
             return
         data = self.runs_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.runs_path, "r+b") as handle:
-                handle.truncate(data.rfind(b"\n") + 1)
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            whole = isinstance(json.loads(data[start:]), dict)
+        except ValueError:
+            whole = False
+        with open(self.runs_path, "r+b") as handle:
+            if whole:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            else:
+                handle.truncate(start)
+            handle.flush()
+            os.fsync(handle.fileno())

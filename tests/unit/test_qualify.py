@@ -75,6 +75,29 @@ def test_store_appends_and_drops_a_torn_last_line(tmp_path):
         Store.open(tmp_path / "elsewhere")
 
 
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    """A kill between a record's bytes and its newline loses nothing: the record is whole."""
+    store = Store.create(tmp_path / "q", CONFIG)
+    store.append({"kind": "run", "n": 1})
+    with open(store.runs_path, "a") as handle:
+        handle.write('{"kind": "fail", "n": 2}')
+    reopened = Store.open(tmp_path / "q")
+    assert [r["n"] for r in reopened.records()] == [1, 2]
+    reopened.append({"kind": "run", "n": 3})
+    assert [r["n"] for r in reopened.records()] == [1, 2, 3]
+
+
+def test_a_refused_resume_changes_nothing(tmp_path):
+    store = Store.create(tmp_path / "q", CONFIG)
+    store.append({"kind": "run", "n": 1})
+    with open(store.runs_path, "a") as handle:
+        handle.write('{"kind": "run", "n": 2, "iterat')
+    before = store.runs_path.read_bytes()
+    done = kvmlab("qualify", "--resume", "--runs", "9", "-o", str(tmp_path / "q"))
+    assert_one_line_error(done, "--runs differ")
+    assert store.runs_path.read_bytes() == before
+
+
 def test_finished_runs_are_not_run_again():
     item = matrix.Item("base", "unmap", 10, 2)
     run = {"kind": "run", "side": "base", "test": "unmap", "slots": 10, "run": 2}
@@ -221,6 +244,14 @@ def test_cli_refuses_bad_qualify_usage(tmp_path):
         kvmlab("qualify", "--resume", "--runs", "9", "-o", str(tmp_path / "done")), "--runs differ"
     )
     assert json.loads((tmp_path / "done" / "qualify.json").read_text()) == CONFIG
+
+
+def test_a_run_length_or_threshold_that_is_not_a_number_is_refused(tmp_path):
+    for option, value in (("--seconds", "nan"), ("--seconds", "inf"), ("--threshold", "nan")):
+        done = kvmlab("qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", option, value,
+                      "-o", str(tmp_path / value))
+        assert_one_line_error(done, "--seconds wants a positive time")
+        assert not (tmp_path / value).exists()
 
 
 def test_under_icount_the_matrix_runs_round_by_round():
