@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from kvmlab_guest.protocol import MARK_PREFIX as PREFIX
-
 ENV = "KVMLAB_TRACE_MARKERS"
+PREFIX = "kvmlab "
 _PATH = "/sys/kernel/tracing/trace_marker"
 _handle = None
 _enabled = os.environ.get(ENV) == "1"

@@ -1,7 +1,9 @@
 """The host↔guest contract: the one copy of every name both sides must agree on.
 
-Imported by the host (``kvmlab.vm``) and by the guest (``init``, ``agent``, kselftest_py,
-``traces.guest``), so it is standard library only and holds data, not behaviour.
+Imported by the host (``kvmlab.vm``, ``traces``) and by the guest (``init``, ``agent``),
+so it is standard library only and holds data, not behaviour. The trace mark prefix
+belongs to kselftest_py, which writes the marks and stands alone on any host's python3;
+it is named here for the host.
 
 How a lab VM talks to the host:
 
@@ -20,6 +22,8 @@ How a lab VM talks to the host:
 """
 
 from dataclasses import asdict, dataclass, field
+
+from kselftest_py import trace_marker
 
 GUEST_ROOT = "/kvmlab"
 JOB = f"{GUEST_ROOT}/job.json"
@@ -46,7 +50,8 @@ EVENT_AGENT_READY = "agent-ready"
 HEARTBEAT_S = 2.0
 
 USERSPACE_MARK = "kvmlab-init: userspace reached"
-MARK_PREFIX = "kvmlab "
+MARK_PREFIX = trace_marker.PREFIX
+"""Written by kselftest_py itself, which stands alone; named here for the host's reader."""
 
 EXIT_NOT_FOUND = 127
 """The job's program does not exist (as a shell says)."""
