@@ -47,6 +47,7 @@ def _unpack_image(image: apt.Package, entry: Path) -> None:
                 source.rename(scratch / target)
         shutil.rmtree(boot)
         shutil.rmtree(root / "usr" / "share", ignore_errors=True)
+        _unmerge_usr(root, Path("lib", "modules"))
         depmod(root, release)
         record = {
             "release": release, "package": image.name, "version": image.version,
@@ -67,11 +68,23 @@ def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
         if not vmlinux.exists():
             raise KvmlabError(f"{dbg.name} holds no vmlinux-{release}")
         vmlinux.rename(scratch / "vmlinux")
+        _unmerge_usr(debug, Path("lib", "modules"))
         modules = debug / "lib" / "modules" / release
         if modules.is_dir():
             modules.rename(scratch / "modules")
         shutil.rmtree(scratch / "deb")
         shutil.rmtree(unpacked)
+
+
+def _unmerge_usr(root: Path, tree: Path) -> None:
+    """Move ``root/usr/<tree>`` to ``root/<tree>``: packages built for a merged /usr
+    (trixie's 6.12 and later) ship their modules under usr/lib/modules, while depmod,
+    modprobe and the initramfs expect the classic ``lib/modules`` of older suites."""
+    merged = root / "usr" / tree
+    if not merged.is_dir() or (root / tree).exists():
+        return
+    (root / tree).parent.mkdir(parents=True, exist_ok=True)
+    merged.rename(root / tree)
 
 
 def _extract_deb(deb: Path, dest: Path) -> None:

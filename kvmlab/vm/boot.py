@@ -7,6 +7,7 @@ per-run layer), write the command line and start QEMU, recording each step in ru
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -104,12 +105,24 @@ def require_kvm(kernel: Kernel) -> None:
         raise KvmlabError(f"kernel {kernel.release} has neither kvm_amd nor kvm_intel")
 
 
+def require_emulator(kernel: Kernel, qemu_emulator: emulator.Emulator) -> None:
+    """Refuse, before booting, a kernel known to crash under this QEMU's TCG."""
+    linux = tuple(int(part) for part in re.findall(r"\d+", kernel.release)[:2])
+    if linux >= (6, 12) and qemu_emulator.version_tuple < emulator.LINUX_6_12_MIN_VERSION:
+        wanted = ".".join(map(str, emulator.LINUX_6_12_MIN_VERSION))
+        raise KvmlabError(
+            f"kernel {kernel.release} double-faults while booting under QEMU {qemu_emulator.version}; "
+            f"it needs QEMU {wanted} or later (unset $KVMLAB_QEMU to use kvmlab's own QEMU)"
+        )
+
+
 def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) -> qemu.Machine:
     """Everything up to the QEMU command line: checks, archives, accelerator, emulator, clock."""
     chosen = accel_mod.choose(options.accel)
     qemu_emulator = emulator.choose()
     clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
     require_kvm(kernel)
+    require_emulator(kernel, qemu_emulator)
     append, env = options.append, options.env
     if clock.name == clock_mod.ICOUNT:
         append = f"{clock_mod.QUIET_APPEND} {append}".strip()

@@ -29,6 +29,9 @@ BINARY = "usr/bin/qemu-system-x86_64"
 DATA = "usr/share/qemu"
 #: The oldest QEMU that boots 2-vCPU guests with ``-icount`` (7.2 hangs in early boot).
 ICOUNT_MIN_VERSION = (10, 0)
+#: Linux 6.12 and later double-fault under QEMU 7.2's TCG while unpacking the initramfs
+#: (``traps: PANIC: double fault`` in kmem_cache_alloc_noprof); QEMU 10.0 boots them.
+LINUX_6_12_MIN_VERSION = (10, 0)
 #: qboot starts a -kernel boot ~0.5 s sooner than SeaBIOS under TCG; used when present.
 QBOOT = "qboot.rom"
 SYSTEM_DATA = Path("/usr/share/qemu")

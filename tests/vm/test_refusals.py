@@ -15,3 +15,10 @@ def test_kernel_without_kvm(tmp_path):
     done = kvmlab("run", f"local:{tree}", "--", "true")
     assert_one_line_error(done, "has no KVM support")
 
+
+
+@pytest.mark.vm
+def test_linux_6_12_under_qemu_7_2_is_refused_before_boot():
+    """Debian's 6.12 double-faults under bookworm's QEMU 7.2: kvmlab says so instead."""
+    done = kvmlab("run", "debian:trixie", "--", "true", env={"KVMLAB_QEMU": "/usr/bin/qemu-system-x86_64"})
+    assert_one_line_error(done, "6.12.", "double-faults", "QEMU 7.2", "needs QEMU 10.0")
