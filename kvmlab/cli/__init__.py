@@ -4,7 +4,7 @@ import argparse
 import signal
 import sys
 
-from kvmlab.cli import inspect, kernel, qualify, run, trace
+from kvmlab.cli import gc, inspect, kernel, qualify, run, trace
 from kvmlab.errors import EXIT_USAGE, KvmlabError
 from traces.errors import TraceError
 
@@ -14,7 +14,7 @@ EXIT_INTERRUPTED = 130
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kvmlab", description=__doc__)
     sub = top.add_subparsers(dest="verb", required=True)
-    for verb in (kernel, run, inspect, trace, qualify):
+    for verb in (kernel, run, inspect, trace, qualify, gc):
         verb.add_parsers(sub)
     return top
 

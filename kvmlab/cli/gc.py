@@ -1,0 +1,109 @@
+"""``kvmlab gc``: remove old run directories from the cache, never one that may be in use."""
+
+import argparse
+import math
+import sys
+from collections import Counter
+
+from kvmlab.errors import KvmlabError
+from kvmlab.vm import gc
+
+SECONDS_PER_DAY = 86400.0
+UNITS = ("KiB", "MiB", "GiB", "TiB")
+
+
+def _keep_count(text: str) -> int:
+    if not text.isdigit():
+        raise KvmlabError(f"--keep wants a whole number of run directories (0 or more), got {text!r}")
+    return int(text)
+
+
+def _older_than_s(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not math.isfinite(days) or days < 0:
+        raise KvmlabError(f"--older-than wants a number of days (0 or more), got {text!r}")
+    return days * SECONDS_PER_DAY
+
+
+def size(count: int) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 MiB."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in UNITS:
+        value /= 1024
+        if value < 1024 or unit == UNITS[-1]:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _directories(count: int) -> str:
+    return f"{count} run director{'y' if count == 1 else 'ies'}"
+
+
+def _why(reasons: Counter, older_than: str | None) -> str:
+    """The kept directories counted by reason, in ``gc.REASONS`` order."""
+    words = {
+        gc.NEWEST: "newest",
+        gc.KEPT_VM: "with a kept VM",
+        gc.RUNNING: "running",
+        gc.QUALIFYING: "of a qualification in progress",
+        gc.BOOTING: "booting",
+        gc.DAMAGED: "with a damaged run.json",
+        gc.RECENT: f"changed in the last {older_than} days",
+    }
+    return ", ".join(f"{reasons[reason]} {words[reason]}" for reason in gc.REASONS if reasons[reason])
+
+
+def _list_dry_run(plan: gc.Plan) -> int:
+    """Say what would go, and which damaged directories stay; returns the bytes that would go."""
+    total = 0
+    for run in plan.removable:
+        usage = gc.disk_usage(run.path)
+        total += usage
+        print(f"would remove {run.path.name} ({size(usage)}, {run.info.get('state', '?')})")
+    for run, reason in plan.kept:
+        if reason == gc.DAMAGED:
+            print(f"keeping {run.path.name}: {run.damage}")
+    return total
+
+
+def _gc(args: argparse.Namespace) -> int:
+    keep, older_than_s = _keep_count(args.keep), _older_than_s(args.older_than)
+    plan = gc.plan(keep=keep, older_than_s=older_than_s)
+    total = len(plan.kept) + len(plan.removable)
+    kept = f"{len(plan.kept)}" + (f" ({_why(plan.reasons(), args.older_than)})" if plan.kept else "")
+    where = f"of {_directories(total)} in {gc.area()}"
+    if args.dry_run:
+        freeing = _list_dry_run(plan)
+        print(f"kvmlab gc: would remove {len(plan.removable)} {where}, freeing {size(freeing)}; "
+              f"would keep {kept}")
+        return 0
+    removal = gc.remove(plan.removable)
+    for run, error in removal.failed:
+        print(f"kvmlab: gc: could not remove {run.path}: {error}", file=sys.stderr)
+    failed = f"; {len(removal.failed)} could not be removed" if removal.failed else ""
+    print(f"kvmlab gc: removed {len(removal.removed)} {where}, freed {size(removal.freed)}; "
+          f"kept {kept}{failed}")
+    return 1 if removal.failed else 0
+
+
+def add_parsers(sub) -> None:
+    parser = sub.add_parser(
+        "gc", help="remove old run directories from the cache (never a running VM's)",
+        description="Removes run directories beyond the newest N from the cache's runs area. It keeps, "
+        "whatever their age, a kept or running VM's, a boot in progress, the boots of a qualification in "
+        "progress, and any whose run.json is damaged.",
+    )
+    parser.add_argument("--keep", default=str(gc.DEFAULT_KEEP), metavar="N",
+                        help=f"keep the newest N run directories ({gc.DEFAULT_KEEP}), besides those in use")
+    parser.add_argument("--older-than", metavar="DAYS",
+                        help="remove only run directories whose run.json changed more than DAYS days ago")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would be removed and the space it would free; remove nothing")
+    parser.set_defaults(func=_gc)

@@ -1,0 +1,260 @@
+"""Pruning the cache's run directories: which ones may go, and removing them.
+
+Every boot leaves a run directory (``runs.new``) and nothing removed them. The boots of
+``kvmlab qualify`` are there too, in the same ``runs`` area: a qualification's output
+directory keeps only their names (``boot`` in its runs.jsonl). ``plan`` sorts every run
+directory into kept, with the reason, or removable; ``remove`` carries a plan out. The
+two are apart so that ``kvmlab gc --dry-run`` shows exactly what a real gc would do.
+
+Kept whatever their age, besides the newest ``keep``:
+
+- a run whose QEMU is alive: kept VMs and boots in progress. The pid in run.json only
+  counts while that process's command line names the run directory
+  (``runs.qemu_alive``), so a recycled pid keeps nothing;
+- a boot still assembling its initramfs (state ``preparing``, no QEMU yet) whose run.json
+  changed within ``BOOTING_S``. A boot refused at that point stays ``preparing`` for
+  ever, so after that it may go;
+- the boots of a qualification in progress: every guest-agent boot (``session``) that
+  started after the oldest running ``kvmlab qualify`` process. Its finished boots hold
+  the console logs that its crash records name;
+- a directory whose run.json is missing or damaged (not JSON, not an object, no
+  ``state`` or ``argv``, a ``qemu_pid`` that is no pid). Without it gc cannot tell
+  whether a QEMU of that run is alive. ``runs.record`` also rewrites run.json in place,
+  so a live run can look damaged for a moment. Keeping a few small directories is the
+  cheaper mistake, and ``kvmlab gc --dry-run`` names them for a person to look at.
+
+With ``older_than_s``, a run whose run.json changed more recently than that stays too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlab import cache
+from kvmlab.vm import runs
+from kvmlab.vm.session import AGENT
+
+DEFAULT_KEEP = 20
+BOOTING_S = 3600.0
+"""How long a ``preparing`` run counts as a boot in progress (a cold image build takes minutes)."""
+NAME_TIME = "%Y%m%d-%H%M%S"
+"""The start time at the head of a run directory's name (``runs.new``, local time)."""
+REQUIRED = ("state", "argv")
+"""Keys ``boot.start`` writes first; a run.json without them was never whole."""
+
+# Why a run directory stays, in the order the summary gives them.
+NEWEST = "newest"
+KEPT_VM = "kept VM"
+RUNNING = "running"
+QUALIFYING = "qualifying"
+BOOTING = "booting"
+DAMAGED = "damaged"
+RECENT = "recent"
+REASONS = (NEWEST, KEPT_VM, RUNNING, QUALIFYING, BOOTING, DAMAGED, RECENT)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory as gc sees it."""
+
+    path: Path
+    started: float
+    """Epoch seconds, from the directory's name."""
+    changed: float
+    """When run.json last changed (its state with it), epoch seconds."""
+    info: dict
+    damage: str | None = None
+    """Why run.json cannot be trusted, or None."""
+
+
+@dataclass
+class Plan:
+    kept: list[tuple[Run, str]] = field(default_factory=list)
+    removable: list[Run] = field(default_factory=list)
+
+    def reasons(self) -> Counter[str]:
+        return Counter(reason for _, reason in self.kept)
+
+
+@dataclass
+class Removal:
+    removed: list[Run] = field(default_factory=list)
+    freed: int = 0
+    """Bytes on disk of what was removed."""
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+
+
+def area() -> Path:
+    return cache.area("runs")
+
+
+def plan(keep: int = DEFAULT_KEEP, older_than_s: float | None = None) -> Plan:
+    """Which run directories stay (and why) and which may go; nothing is touched."""
+    now = time.time()
+    since = qualifying_since()
+    result = Plan()
+    for rank, run in enumerate(scan(area())):
+        reason = NEWEST if rank < keep else _reason_to_keep(run, since, now, older_than_s)
+        if reason is None:
+            result.removable.append(run)
+        else:
+            result.kept.append((run, reason))
+    return result
+
+
+def _reason_to_keep(run: Run, qualifying_since: float | None, now: float,
+                    older_than_s: float | None) -> str | None:
+    """Why ``run`` must stay although it is not among the newest; None: it may go."""
+    if run.damage:
+        return DAMAGED
+    pid = run.info.get("qemu_pid")
+    if pid is not None and runs.qemu_alive(run.path, pid):
+        return KEPT_VM if run.info.get("keep") else RUNNING
+    if _booting(run, now):
+        return BOOTING
+    if qualifying_since is not None and _qualify_boot(run, qualifying_since):
+        return QUALIFYING
+    if older_than_s is not None and now - run.changed < older_than_s:
+        return RECENT
+    return None
+
+
+def _booting(run: Run, now: float) -> bool:
+    return (run.info.get("state") == "preparing" and "qemu_pid" not in run.info
+            and now - run.changed < BOOTING_S)
+
+
+def _qualify_boot(run: Run, since: float) -> bool:
+    # Names count whole seconds and a process's start time is known to a tick: a second's slack.
+    return run.info.get("argv") == AGENT and run.started + 1 >= since
+
+
+def remove(doomed: list[Run]) -> Removal:
+    """Remove the run directories of a plan, measuring what each frees first."""
+    removal = Removal()
+    for run in doomed:
+        size = disk_usage(run.path)
+        try:
+            shutil.rmtree(run.path)
+        except FileNotFoundError:
+            continue  # removed meanwhile by someone else: not ours to count
+        except OSError as err:
+            removal.failed.append((run, str(err)))
+            continue
+        removal.removed.append(run)
+        removal.freed += size
+    return removal
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes ``path`` and everything under it take on disk (allocated blocks; links not followed)."""
+    total = _allocated(path)
+    for root, dirs, files in os.walk(path):
+        total += sum(_allocated(Path(root, name)) for name in dirs + files)
+    return total
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.lstat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+# -- reading the run directories --------------------------------------------------------
+def scan(directory: Path) -> list[Run]:
+    """Every run directory in ``directory``, newest first by the start time in its name."""
+    entries = os.scandir(directory)
+    found = [_load(Path(entry.path)) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    return sorted(found, key=lambda run: (run.started, run.path.name), reverse=True)
+
+
+def _load(path: Path) -> Run:
+    info, damage = _read_info(path / "run.json")
+    changed = _mtime(path / "run.json") or _mtime(path)
+    return Run(path, _started(path, changed), changed, info, damage)
+
+
+def _read_info(path: Path) -> tuple[dict, str | None]:
+    """run.json's fields, and what is wrong with it if gc cannot trust it."""
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, "no run.json"
+    except (OSError, ValueError) as err:
+        return {}, f"run.json unreadable: {err}"
+    if not isinstance(info, dict):
+        return {}, "run.json holds no JSON object"
+    missing = [key for key in REQUIRED if key not in info]
+    if missing:
+        return info, f"run.json lacks {', '.join(missing)}"
+    pid = info.get("qemu_pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+        return info, f"run.json's qemu_pid is no pid: {pid!r}"
+    return info, None
+
+
+def _started(path: Path, fallback: float) -> float:
+    try:
+        return time.mktime(time.strptime(path.name[:15], NAME_TIME))
+    except (ValueError, OverflowError):
+        return fallback  # not named by runs.new
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# -- qualifications in progress ---------------------------------------------------------
+def qualifying_since() -> float | None:
+    """When the oldest running ``kvmlab qualify`` process started (epoch seconds), or None."""
+    try:
+        boot_time = _boot_time()
+    except (OSError, ValueError):
+        return None
+    starts = [_process_started(pid, boot_time) for pid, argv in _processes() if runs_qualify(argv)]
+    return min((start for start in starts if start is not None), default=None)
+
+
+def runs_qualify(argv: list[str]) -> bool:
+    """``kvmlab qualify ...``, as the console script or ``python -m kvmlab.cli`` runs it."""
+    return any(os.path.basename(word) in ("kvmlab", "kvmlab.cli") and following == "qualify"
+               for word, following in zip(argv, argv[1:], strict=False))
+
+
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        yield int(entry.name), cmdline.decode(errors="replace").split("\0")
+
+
+def _process_started(pid: int, boot_time: float) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None  # ended meanwhile
+    # Field 22, starttime, counts clock ticks since boot; the name before it may hold spaces.
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return boot_time + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise ValueError("/proc/stat has no btime")
