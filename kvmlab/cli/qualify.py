@@ -80,6 +80,10 @@ def add_parsers(sub) -> None:
 def qualify(args: argparse.Namespace) -> int:
     store = _resume(args) if args.resume else _create(args)
     config = store.config
+    if args.resume and args.threshold is not None and args.threshold != config["threshold"]:
+        print(f"kvmlab qualify: judging with --threshold {args.threshold:g} (the qualification was started "
+              f"with {config['threshold']:g}; {store.config_path} keeps that)", file=sys.stderr)
+        config = {**config, "threshold": args.threshold}
     kernels_by_side = {
         side: kernels.fetch(config[side]["exact"], debuginfo=config["check_invariants"])
         for side in matrix.SIDES
@@ -106,6 +110,8 @@ def qualify(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> Store:
+    if args.out.exists() and not args.out.is_dir():
+        raise KvmlabError(f"-o {args.out}: not a directory")
     Store.refuse_existing(args.out)  # before anything is fetched
     if not args.base or not args.patched:
         raise KvmlabError("kvmlab qualify needs --base SPEC and --patched SPEC (or --resume -o DIR)")
@@ -117,8 +123,9 @@ def _create(args: argparse.Namespace) -> Store:
     cpus = defaults["cpus"] if args.cpus is None else args.cpus
     if runs < 2:
         raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
-    if not (math.isfinite(seconds) and seconds > 0) or not 0 <= threshold < 1:
-        raise KvmlabError("--seconds wants a positive time and --threshold a fraction in [0, 1)")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise KvmlabError("--seconds wants a positive time")
+    _check_threshold(threshold)
     if cpus < 1:
         raise KvmlabError("--cpus wants at least 1 vCPU")
     tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
@@ -170,9 +177,20 @@ def _measurement(args: argparse.Namespace) -> dict:
     }
 
 
+def _check_threshold(threshold: float) -> None:
+    if not 0 <= threshold < 1:  # also refuses nan
+        raise KvmlabError("--threshold wants a fraction in [0, 1)")
+
+
 def _resume(args: argparse.Namespace) -> Store:
-    """The store to finish, once every check passed; a refused resume changes nothing."""
-    config = Store.read(args.out).config
+    """The store to finish, once every check passed; a refused resume changes nothing.
+
+    Options that decide what is measured must be as the qualification was started;
+    ``--threshold`` only changes the judging, so it is honoured."""
+    store = Store.read(args.out)
+    config = store.config
+    if args.threshold is not None:
+        _check_threshold(args.threshold)
     given = {
         "base": args.base and config["base"]["spec"] != args.base,
         "patched": args.patched and config["patched"]["spec"] != args.patched,
@@ -182,6 +200,10 @@ def _resume(args: argparse.Namespace) -> Store:
         "seconds": args.seconds is not None and args.seconds != config["seconds"],
         "clock": args.clock not in (None, "auto") and args.clock != config.get("clock"),
         "cpus": args.cpus is not None and args.cpus != config.get("cpus"),
+        "trace": args.trace and _trace_spec(args.trace) != config.get("trace"),
+        "check-invariants": args.check_invariants and not config.get("check_invariants"),
+        "append": args.append and args.append != config.get("append", ""),
+        "accel": args.accel not in (None, "auto") and args.accel != config.get("accel"),
     }
     changed = [name for name, differs in given.items() if differs]
     if changed:
@@ -203,6 +225,7 @@ def _resume(args: argparse.Namespace) -> Store:
             f"({recorded.get('package') or 'KVMLAB_QEMU'}), this host would use {qemu.describe()}; "
             "runs of two emulators do not combine: resume with the same QEMU, or start anew"
         )
+    store.records()  # a damaged or doubled record refuses the resume before anything boots
     return Store.open(args.out)
 
 

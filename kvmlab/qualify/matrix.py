@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kselftest_py import memslot_perf
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify.store import RunKey
+from kvmlab.qualify.store import SIDES, RunKey
 from kvmlab.vm.clock import ICOUNT, WALL
 
 
@@ -26,7 +26,6 @@ def _option(name: str) -> str:
 TESTS = {_option(test.name): (number, test.name) for number, test in enumerate(memslot_perf.TESTS)}
 #: memslot_perf's tests whose runs give upstream's "slot setup time for the whole test area".
 WHOLE_AREA = ("move active area", "move inactive area", "RW")
-SIDES = ("base", "patched")
 DEFAULT_SLOTS = (10, 30, 50, 100, 509, 32764)
 #: Mann-Whitney U with 5 runs a side reaches p = 0.008 when the sides do not overlap and
 #: stays below 0.05 with up to two swapped pairs; 4 is the least that can reach 0.05 at all.

@@ -12,20 +12,29 @@ this cell: n/a, with the reason; covers every run of that kernel in the cell),
 ``fail`` (the test failed), ``crash`` (the guest hung, crashed or vanished during the
 run: outcome and console excerpt; the run is tried again in a fresh boot), ``splat`` (a
 kernel report on the console of a guest that went on), ``invariant`` (a memslot
-invariant violation or checks that could not run).
+invariant violation or checks that could not run), ``checks`` (a guest's invariant-check
+summary when it shut down).
+
+Reading validates every record, so a damaged or foreign line is named instead of
+crashing the analysis, and refuses a second ``run`` or ``fail`` for one run: only two
+writers could make one, and ``DIR/.lock`` lets one qualify process at a time write.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from kvmlab.errors import KvmlabError
 
 CONFIG = "qualify.json"
 RUNS = "runs.jsonl"
+LOCK = ".lock"
+SIDES = ("base", "patched")
 
 #: Record kinds (above); ``checks`` is a guest's invariant-check summary when it shut down.
 RUN, SKIP, FAIL, CRASH = "run", "skip", "fail", "crash"
@@ -57,6 +66,79 @@ def record_key(record: dict) -> RunKey:
     return RunKey(record["side"], record["test"], record["slots"], record.get("run"))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: What a field may hold, by the words an error message uses for it.
+_TYPES = {
+    "a number": _is_number,
+    "an integer": _is_int,
+    "a string": lambda value: isinstance(value, str),
+    "a string or null": lambda value: value is None or isinstance(value, str),
+    "an integer or null": lambda value: value is None or _is_int(value),
+    "a list of test names": lambda value: isinstance(value, list) and bool(value)
+    and all(isinstance(v, str) for v in value),
+    "a list of slot counts": lambda value: isinstance(value, list) and bool(value)
+    and all(map(_is_int, value)),
+}
+_KEY_FIELDS = {"test": "a string or null", "slots": "an integer or null", "run": "an integer or null"}
+#: Per kind, the fields beyond side/test/slots/run that readers of the store rely on.
+_KIND_FIELDS = {
+    RUN: {"test": "a string", "slots": "an integer", "run": "an integer", "iteration_ns": "a number",
+          "iterations": "an integer", "slot_setup_ns": "a number", "release": "a string"},
+    SKIP: {"test": "a string", "slots": "an integer", "reason": "a string"},
+    FAIL: {"test": "a string", "slots": "an integer", "reason": "a string"},
+    CRASH: {"outcome": "a string"},
+    SPLAT: {"summary": "a string"},
+    INVARIANT: {"summary": "a string"},
+    CHECKS: {"checks": "an integer"},
+}
+#: The store locks this process holds, open for as long as it lives.
+_HELD: dict[Path, IO] = {}
+_CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot counts", "runs": "an integer",
+                  "seconds": "a number", "threshold": "a number"}
+
+
+def record_problem(record) -> str | None:
+    """What is wrong with one store record, or None if it is one kvmlab wrote."""
+    if not isinstance(record, dict):
+        return f"a record is a JSON object, found {type(record).__name__}"
+    kind = record.get("kind")
+    if kind not in _KIND_FIELDS:
+        if "kind" not in record:
+            return "a record without 'kind'"
+        return f"unknown record kind {kind!r} (known: {', '.join(_KIND_FIELDS)})"
+    if record.get("side") not in SIDES:
+        return f"{kind} record: 'side' is {record.get('side')!r}, not base or patched"
+    for name, wanted in {**_KEY_FIELDS, **_KIND_FIELDS[kind]}.items():
+        if name not in record:
+            return f"{kind} record without {name!r}"
+        if not _TYPES[wanted](record[name]):
+            return f"{kind} record: {name!r} wants {wanted}, found {record[name]!r}"
+    return None
+
+
+def config_problem(config) -> str | None:
+    """What is wrong with a qualify.json, or None when the fields resume and analysis read are there."""
+    if not isinstance(config, dict):
+        return f"a JSON object is expected, found {type(config).__name__}"
+    for side in SIDES:
+        kernel = config.get(side)
+        if not isinstance(kernel, dict) or not all(isinstance(kernel.get(k), str) for k in ("spec", "exact")):
+            return f"{side!r} wants the kernel's spec and exact spec, found {kernel!r}"
+    for name, wanted in _CONFIG_FIELDS.items():
+        if name not in config:
+            return f"no {name!r}"
+        if not _TYPES[wanted](config[name]):
+            return f"{name!r} wants {wanted}, found {config[name]!r}"
+    return None
+
+
 class Store:
     def __init__(self, directory: Path):
         self.directory = directory
@@ -76,6 +158,8 @@ class Store:
         cls.refuse_existing(directory)
         store = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        store.claim()
+        cls.refuse_existing(directory)  # another process may have made it meanwhile
         store.config_path.write_text(json.dumps(config, indent=2) + "\n")
         store.runs_path.touch()
         return store
@@ -92,25 +176,76 @@ class Store:
     def open(cls, directory: Path) -> Store:
         """The store in ``directory``, ready to append to (a torn last line dropped)."""
         store = cls.read(directory)
+        store.claim()
         store._mend_tail()
         return store
+
+    def claim(self) -> None:
+        """Be the directory's one writer while this process lives: two processes appending
+        to one store would measure the same runs twice. The lock goes with the process."""
+        path = (self.directory / LOCK).resolve()
+        if path in _HELD:  # this process writes here already
+            return
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise KvmlabError(
+                f"{self.directory} is being written by another kvmlab qualify"
+                f"{f' (pid {holder})' if holder else ''}: wait for it to end, or give another -o"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD[path] = handle
+
+    def release(self) -> None:
+        """Stop being the directory's writer (the end of the process does the same)."""
+        handle = _HELD.pop((self.directory / LOCK).resolve(), None)
+        if handle is not None:
+            handle.close()
 
     @property
     def config(self) -> dict:
         try:
-            return json.loads(self.config_path.read_text())
+            config = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise KvmlabError(f"{self.config_path}: cannot read it: {_reason(err)}") from None
         except json.JSONDecodeError as err:
             raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
+        problem = config_problem(config)
+        if problem:
+            raise KvmlabError(f"{self.config_path} is damaged: {problem}")
+        return config
 
     def records(self) -> list[dict]:
+        """Every record, checked: a damaged, foreign or doubled one is named by its line."""
         if not self.runs_path.exists():
             return []
-        records = []
-        for number, line in enumerate(self.runs_path.read_text().splitlines(), 1):
+        try:
+            lines = self.runs_path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise KvmlabError(f"{self.runs_path}: cannot read it: {_reason(err)}") from None
+        records, final_at = [], {}
+        for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 raise KvmlabError(f"{self.runs_path}:{number}: not a JSON record") from None
+            problem = record_problem(record)
+            if problem is None and record["kind"] in (RUN, FAIL, SKIP):
+                key = record_key(record)
+                key = key.cell if record["kind"] == SKIP else key
+                if key in final_at:
+                    problem = (f"a second result for {_describe(key)} (the first is line {final_at[key]}): "
+                               "were two processes writing this store?")
+                final_at[key] = number
+            if problem:
+                raise KvmlabError(f"{self.runs_path}:{number}: {problem}")
+            records.append(record)
         return records
 
     def append(self, record: dict) -> None:
@@ -139,3 +274,12 @@ class Store:
                 handle.truncate(start)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _describe(key: RunKey | Cell) -> str:
+    where = f"{key.side} {key.test} @{key.slots}"
+    return f"{where} run {key.run}" if isinstance(key, RunKey) else f"{where} (n/a)"
+
+
+def _reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err)

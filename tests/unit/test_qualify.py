@@ -58,16 +58,22 @@ def test_test_and_slot_lists():
             matrix.parse_slots(bad)
 
 
+def _run(n: int, **fields) -> dict:
+    """A run record as the driver writes one (run number ``n``)."""
+    return {"kind": "run", "side": "base", "test": "unmap", "slots": 10, "run": n, "iteration_ns": 1000.0 + n,
+            "iterations": 10, "slot_setup_ns": 5000.0, "release": "5.10.0-32-cloud-amd64", **fields}
+
+
 def test_store_appends_and_drops_a_torn_last_line(tmp_path):
     store = Store.create(tmp_path / "q", CONFIG)
-    store.append({"kind": "run", "n": 1})
-    store.append({"kind": "run", "n": 2})
+    store.append(_run(1))
+    store.append(_run(2))
     with open(store.runs_path, "a") as handle:
-        handle.write('{"kind": "run", "n": 3, "iterat')  # killed mid-write
+        handle.write(json.dumps(_run(3))[:40])  # killed mid-write
     reopened = Store.open(tmp_path / "q")
-    assert [r["n"] for r in reopened.records()] == [1, 2]
-    reopened.append({"kind": "run", "n": 4})
-    assert [r["n"] for r in reopened.records()] == [1, 2, 4]
+    assert [r["run"] for r in reopened.records()] == [1, 2]
+    reopened.append(_run(4))
+    assert [r["run"] for r in reopened.records()] == [1, 2, 4]
     assert reopened.config == CONFIG
     with pytest.raises(KvmlabError, match="--resume"):
         Store.create(tmp_path / "q", CONFIG)
@@ -78,20 +84,20 @@ def test_store_appends_and_drops_a_torn_last_line(tmp_path):
 def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
     """A kill between a record's bytes and its newline loses nothing: the record is whole."""
     store = Store.create(tmp_path / "q", CONFIG)
-    store.append({"kind": "run", "n": 1})
+    store.append(_run(1))
     with open(store.runs_path, "a") as handle:
-        handle.write('{"kind": "fail", "n": 2}')
+        handle.write(json.dumps({**_run(2), "kind": "fail", "reason": "exit 1"}))
     reopened = Store.open(tmp_path / "q")
-    assert [r["n"] for r in reopened.records()] == [1, 2]
-    reopened.append({"kind": "run", "n": 3})
-    assert [r["n"] for r in reopened.records()] == [1, 2, 3]
+    assert [r["run"] for r in reopened.records()] == [1, 2]
+    reopened.append(_run(3))
+    assert [r["run"] for r in reopened.records()] == [1, 2, 3]
 
 
 def test_a_refused_resume_changes_nothing(tmp_path):
     store = Store.create(tmp_path / "q", CONFIG)
-    store.append({"kind": "run", "n": 1})
+    store.append(_run(1))
     with open(store.runs_path, "a") as handle:
-        handle.write('{"kind": "run", "n": 2, "iterat')
+        handle.write(json.dumps(_run(2))[:40])
     before = store.runs_path.read_bytes()
     done = kvmlab("qualify", "--resume", "--runs", "9", "-o", str(tmp_path / "q"))
     assert_one_line_error(done, "--runs differ")
