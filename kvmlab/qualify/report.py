@@ -6,40 +6,120 @@ After, Improvement, with "None" where nothing significant changed) and adds what
 reviewer needs to trust them: the 95 % confidence interval of the change, the
 Mann-Whitney p-value, the runs behind each cell, the complexity fits, and everything
 that went wrong on the way (n/a cells, failed runs, guest crashes, kernel reports).
+
+The reports name each side by its spec before its release (a kvm-modules A/B boots one
+release on both sides), report.html shades each cell's row by its verdict, and the
+files are written all or none, beside the store and never over it.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import math
+import os
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from kvmlab import stats
+from kvmlab.errors import KvmlabError
+from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
 from kvmlab.qualify import matrix
 from kvmlab.qualify.analysis import SLOT_SETUP, Analysis, Cell, setup_tests
 
 #: The growth the scalable-memslots cover letter (Linux 5.17) claims, before (array) and after (trees).
 SERIES_CLAIM = {"base": ("n", "n log n"), "patched": ("constant", "log n")}
+FAILED, NOT_APPLICABLE = "failed", "n/a"
+REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")
+PLOTS = "plots"
 
 
 def write_all(analysis: Analysis, directory: Path, traced: list | None = None) -> list[Path]:
-    """Every report file into ``directory``; returns their paths."""
-    written = [
-        directory / name for name in ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")
-    ]
-    written[0].write_text(markdown(analysis, traced) + "\n")
-    plots = plot(analysis, directory / "plots")
-    if traced:
-        plots += trace_plots(traced, directory / "plots")
-    written[1].write_text(html_report(analysis, plots, traced))
-    written[2].write_text(junit(analysis))
-    written[3].write_text(ktap(analysis))
-    analysis.runs.to_csv(written[4], index=False)
-    return written + plots
+    """Every report file into ``directory``; returns their paths (the reports, then the plots).
+
+    The files are made in a scratch directory inside ``directory`` and moved into place
+    only once every one of them is whole. A full disk, a read-only file system or a
+    ``plots`` that is not a directory thus ends in one KvmlabError naming the path, and
+    leaves the store and the reports of an earlier write as they were.
+    """
+    _make_plots_directory(directory / PLOTS)
+    with _scratch(directory) as scratch:
+        staged = _render(analysis, traced, scratch, directory)
+        return _publish(staged)
+
+
+def _render(analysis: Analysis, traced: list | None, scratch: Path, directory: Path) -> dict[Path, Path]:
+    """Every report file written into ``scratch``: final path → staged path."""
+    with _reporting_errors(directory / PLOTS):
+        plots = plot(analysis, scratch / PLOTS)
+        if traced:
+            plots += trace_plots(traced, scratch / PLOTS)
+    texts = (
+        markdown(analysis, traced) + "\n",
+        html_report(analysis, plots, traced),
+        junit(analysis),
+        ktap(analysis),
+        analysis.runs.to_csv(index=False),
+    )
+    staged = {}
+    for name, text in zip(REPORTS, texts, strict=True):
+        with _reporting_errors(directory / name):
+            _write_durably(scratch / name, text)
+        staged[directory / name] = scratch / name
+    return staged | {directory / PLOTS / path.name: path for path in plots}
+
+
+def _publish(staged: dict[Path, Path]) -> list[Path]:
+    """Rename the staged files over the old ones: a rename replaces a file whole or not at all."""
+    for final, path in staged.items():
+        with _reporting_errors(final):
+            os.replace(path, final)
+    return list(staged)
+
+
+def _make_plots_directory(plots: Path) -> None:
+    """``plots`` as a directory, made now so that a file of that name fails before any rendering."""
+    with _reporting_errors(plots):
+        if plots.exists() and not plots.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(plots))
+        plots.mkdir(exist_ok=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write and fsync, so that a full disk the page cache hid shows here, not after the rename."""
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def _scratch(directory: Path) -> Iterator[Path]:
+    """A private directory beside the reports (same file system: renames, no copies), removed after."""
+    with _reporting_errors(directory):
+        scratch = Path(tempfile.mkdtemp(prefix=".reports-", dir=directory))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _reporting_errors(path: Path) -> Iterator[None]:
+    """An OS error while writing ``path`` becomes one line: the path and what the OS said."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise KvmlabError(f"cannot write {path}: {reason} (the runs are kept; "
+                          "--resume writes the reports again)") from None
 
 
 # -- Markdown --------------------------------------------------------------------------
@@ -48,7 +128,7 @@ def markdown(analysis: Analysis, traced: list | None = None) -> str:
     lines = [
         f"# kvmlab qualify: {config['patched']['spec']} against {config['base']['spec']}",
         "",
-        f"Before: {_kernel(config['base'])}; after: {_kernel(config['patched'])}.",
+        f"Before: {kernel_label(config, 'base')}; after: {kernel_label(config, 'patched')}.",
         f"kselftest_py memslot_perf, {config['runs']} runs of {config['seconds']} s per kernel and cell, "
         f"interleaved; time per iteration (slot setup: per VM). {measured_by(config)} "
         f"Verdicts: {_method(config)} at α = 0.05 and "
@@ -207,28 +287,35 @@ def plot(analysis: Analysis, directory: Path) -> list[Path]:
     measures.append((SLOT_SETUP, setup_tests(analysis.config), "slot_setup_ns"))
     for name, tests, column in measures:
         figure, axes = plt.subplots(figsize=(6, 4))
-        for side, colour in zip(matrix.SIDES, ("tab:red", "tab:blue"), strict=True):
-            chosen = runs[(runs["side"] == side) & runs["test"].isin(tests)].dropna(subset=[column])
-            if chosen.empty:
-                continue
-            label = f"{'before' if side == 'base' else 'after'}: {analysis.config[side]['release']}"
-            axes.scatter(chosen["slots"], chosen[column] / 1e9, s=10, alpha=0.4, color=colour)
-            medians = chosen.groupby("slots")[column].median()
-            axes.plot(medians.index, medians.to_numpy() / 1e9, marker="o", color=colour, label=label)
-        axes.set(
-            xscale="log",
-            yscale="log",
-            xlabel="memslots",
-            ylabel="seconds",
-            title=f"{name} ({'per VM' if name == SLOT_SETUP else 'per iteration'})",
-        )
-        axes.legend(fontsize="small")
-        figure.tight_layout()
-        path = directory / f"{name.replace(' ', '-')}.png"
-        figure.savefig(path, dpi=90)
-        plt.close(figure)
+        try:
+            _draw_measure(axes, analysis, name, tests, column)
+            figure.tight_layout()
+            path = directory / f"{name.replace(' ', '-')}.png"
+            figure.savefig(path, dpi=90)
+        finally:
+            plt.close(figure)  # also when the disk is full: a failed report leaks no figures
         written.append(path)
     return written
+
+
+def _draw_measure(axes, analysis: Analysis, name: str, tests: list[str], column: str) -> None:
+    runs = analysis.runs
+    for side, colour in zip(matrix.SIDES, ("tab:red", "tab:blue"), strict=True):
+        chosen = runs[(runs["side"] == side) & runs["test"].isin(tests)].dropna(subset=[column])
+        if chosen.empty:
+            continue
+        axes.scatter(chosen["slots"], chosen[column] / 1e9, s=10, alpha=0.4, color=colour)
+        medians = chosen.groupby("slots")[column].median()
+        axes.plot(medians.index, medians.to_numpy() / 1e9, marker="o", color=colour,
+                  label=legend_label(analysis.config, side))
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="memslots",
+        ylabel="seconds",
+        title=f"{name} ({'per VM' if name == SLOT_SETUP else 'per iteration'})",
+    )
+    axes.legend(fontsize="small")
 
 
 def trace_plots(traced: list, directory: Path) -> list[Path]:
@@ -244,18 +331,17 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
     body = [
         f"<h1>kvmlab qualify: {html.escape(config['patched']['spec'])} against "
         f"{html.escape(config['base']['spec'])}</h1>",
-        f"<p>Before: {html.escape(_kernel(config['base']))}; "
-        f"after: {html.escape(_kernel(config['patched']))}. "
+        f"<p>Before: {html.escape(kernel_label(config, 'base'))}; "
+        f"after: {html.escape(kernel_label(config, 'patched'))}. "
         f"{config['runs']} runs of {config['seconds']} s per kernel and cell, interleaved. "
         f"{html.escape(measured_by(config))}</p>",
-        f"<p><b>{html.escape(verdict_line(analysis))}</b></p>",
+        f"<p class='{'fail' if analysis.exit_code else 'pass'}'>"
+        f"<b>{html.escape(verdict_line(analysis))}</b></p>",
+        _verdict_legend(),
     ]
     for slots in config["slots"]:
         rows = [c for c in analysis.cells if c.slots == slots]
-        body += [
-            f"<h2>{_slot_title(slots)} slots in use</h2>",
-            _html_table(table_header(), map(table_row, rows)),
-        ]
+        body += [f"<h2>{_slot_title(slots)} slots in use</h2>", _cell_table(rows)]
     complexity = complexity_markdown(analysis)
     if analysis.fits:
         body += [
@@ -283,6 +369,9 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
     style = (
         "body{font-family:sans-serif;max-width:70em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 8px}"
+        + "".join(f".{css}{{background:{colour}}}" for css, colour in VERDICT_COLOURS.values())
+        + f".fail{{background:{VERDICT_COLOURS[stats.REGRESSED][1]}}}"
+        + f".pass{{background:{VERDICT_COLOURS[stats.IMPROVED][1]}}}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlab qualify</title>"
@@ -290,16 +379,59 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
     )
 
 
-def _html_table(header: str, rows) -> str:
-    def cells(line: str, tag: str) -> str:
-        parts = line.strip().strip("|").split("|")
-        return (
-            "<tr>"
-            + "".join(f"<{tag}>{html.escape(p.strip().replace('**', ''))}</{tag}>" for p in parts)
-            + "</tr>"
-        )
+#: Verdict → (CSS class, background) of a cell's row in report.html. The colour only
+#: repeats what the row's Verdict column says, so a reader who cannot tell the colours
+#: apart loses nothing.
+VERDICT_COLOURS = {
+    stats.REGRESSED: ("regressed", "#f4b6b0"),
+    FAILED: ("failed", "#f9d4a0"),
+    stats.IMPROVED: ("improved", "#c9e8c4"),
+    stats.NO_CHANGE: ("unchanged", "#ffffff"),
+    NOT_APPLICABLE: ("incomplete", "#e4e4e4"),
+}
 
-    return f"<table>{cells(header.splitlines()[0], 'th')}{''.join(cells(row, 'td') for row in rows)}</table>"
+
+def _cell_verdict(cell: Cell) -> str:
+    """The verdict a reader sees: the statistics' one, or why there is none (failed, n/a)."""
+    if cell.comparison is not None:
+        return cell.comparison.verdict
+    return FAILED if cell.note.startswith("test failed") else NOT_APPLICABLE
+
+
+def _cell_table(cells: list[Cell]) -> str:
+    """A slot count's cells as the Markdown has them, plus a Verdict column, each row shaded by it."""
+    header = table_header().splitlines()[0] + " Verdict |"
+    rows = []
+    for cell in cells:
+        verdict = _cell_verdict(cell)
+        css = VERDICT_COLOURS[verdict][0]
+        words = f"**{verdict}**" if verdict in (stats.REGRESSED, FAILED) else verdict
+        rows.append(_html_row(f"{table_row(cell)} {words} |", "td", css))
+    return f"<table>{_html_row(header, 'th')}{''.join(rows)}</table>"
+
+
+def _verdict_legend() -> str:
+    swatches = " ".join(f"<span class='{css}'>&nbsp;{html.escape(verdict)}&nbsp;</span>"
+                        for verdict, (css, _) in VERDICT_COLOURS.items())
+    return f"<p>Rows are shaded by their verdict: {swatches}.</p>"
+
+
+def _html_table(header: str, rows: Iterable[str]) -> str:
+    body = "".join(_html_row(row, "td") for row in rows)
+    return f"<table>{_html_row(header.splitlines()[0], 'th')}{body}</table>"
+
+
+def _html_row(line: str, tag: str, css: str | None = None) -> str:
+    """A Markdown table row as HTML; its **bold** stays bold."""
+    cells = []
+    for part in line.strip().strip("|").split("|"):
+        text = part.strip()
+        if len(text) > 4 and text.startswith("**") and text.endswith("**"):
+            cells.append(f"<{tag}><strong>{html.escape(text[2:-2])}</strong></{tag}>")
+        else:
+            cells.append(f"<{tag}>{html.escape(text.replace('**', ''))}</{tag}>")
+    attribute = f" class='{css}'" if css else ""
+    return f"<tr{attribute}>{''.join(cells)}</tr>"
 
 
 # -- CI formats ---------------------------------------------------------------------------
@@ -315,6 +447,8 @@ def junit(analysis: Analysis) -> str:
         ("vcpus", config.get("cpus", 2)),
         ("method", config.get("method", stats.MANN_WHITNEY)),
         ("threshold", config["threshold"]),
+        ("before", kernel_label(config, "base")),
+        ("after", kernel_label(config, "patched")),
     ):
         ET.SubElement(properties, "property", name=name, value=str(value))
     failed_cells = {(r["test"], r["slots"]): r for r in analysis.problems.get("fail", [])}
@@ -388,5 +522,43 @@ def _slot_title(slots: int) -> str:
     return "32k" if slots == 32764 else str(slots)
 
 
-def _kernel(side: dict) -> str:
-    return f"{side['release']} ({side['spec']})"
+def kernel_label(config: dict, side: str) -> str:
+    """A side as the text of the reports names it: its spec first, then release and patches.
+
+    In a kvm-modules A/B both sides boot the same release, so only the spec (and the
+    patch) tells which side is which."""
+    details = "; ".join([config[side]["release"], *_patch_details(config[side])])
+    return f"{spec_names(config)[side]} ({details})"
+
+
+def legend_label(config: dict, side: str) -> str:
+    """A side as a plot's legend names it: before/after and the spec; release (and patch hash) below."""
+    patches = config[side].get("patches") or []
+    below = config[side]["release"]
+    if len(patches) == 1:
+        below += f", sha256 {patches[0]['sha256'][:12]}"
+    elif patches:
+        below += f", {len(patches)} patches"
+    return f"{'before' if side == 'base' else 'after'}: {spec_names(config)[side]}\n{below}"
+
+
+def spec_names(config: dict) -> dict[str, str]:
+    """Each side's spec, a kvm-modules patch path cut to its name, unless that makes two specs one."""
+    short = {side: _short_spec(config[side]["spec"]) for side in matrix.SIDES}
+    if short["base"] == short["patched"] and config["base"]["spec"] != config["patched"]["spec"]:
+        return {side: config[side]["spec"] for side in matrix.SIDES}
+    return short
+
+
+def _short_spec(spec: str) -> str:
+    """``kvm-modules:debian:bookworm+/home/me/v2/fix.patch`` → ``kvm-modules:debian:bookworm+fix.patch``."""
+    base, plus, patch = spec.partition("+")
+    if not base.startswith(f"{KVM_MODULES}:") or not plus:
+        return spec
+    name = Path(patch).name or patch
+    return f"{base}+{name}{'/' if patch.endswith('/') and not name.endswith('/') else ''}"
+
+
+def _patch_details(side: dict) -> list[str]:
+    """``name sha256 <12 hex>`` per patch, when the qualification recorded them (kvm-modules: specs)."""
+    return [f"{p['name']} sha256 {p['sha256'][:12]}" for p in side.get("patches") or []]
