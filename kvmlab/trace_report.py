@@ -13,6 +13,11 @@ traced call costs extra, and the shortest duration the tracer reports) beside it
 With two kernels, the first DIR's kernel is the base: per test, slot count and
 function, the ratio of mean durations patched / base with a bootstrap 95 % confidence
 interval.
+
+A run is named by the shortest end of its directory's path no other DIR shares, so
+``a/results`` and ``b/results`` neither merge nor overwrite each other's calls table.
+Damaged inputs are one-line errors; with ``partial`` a damaged trace.dat gives the
+events before the damage, and a run with none is left out and named in the report.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from kvmlab.stats import bootstrap_ratio
 from traces import profile as profiler
 from traces import segments
 from traces.calls import calls as calls_table
-from traces.tracedat import TraceFile, TraceFileError, read_events
+from traces.errors import TraceError
+from traces.tracedat import TraceFile
 
 KEYS = ["kernel", "test", "slots", "function"]
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: two runs are never equal for their tables
 class TracedRun:
     directory: Path
     kernel: str
@@ -47,38 +53,87 @@ class TracedRun:
     """With ``partial``: what was wrong with trace.dat (the events after it are missing)."""
     profile_check: pd.DataFrame | None = None
     """With --trace-profile: the kernel's latency histograms against function_graph."""
+    events_read: int = 0
+    """Events read from trace.dat (with ``partial``: those before the damage)."""
+    label: str = ""
+    """What tells this run's directory from the others' (``distinct_labels``)."""
+
+    def __post_init__(self):
+        self.label = self.label or self.directory.name
+
+    @property
+    def unreadable(self) -> bool:
+        """A damaged trace.dat that gave no event at all: nothing of this run can be reported."""
+        return self.damage is not None and not self.events_read
 
 
 def load_run(directory: Path, partial: bool = False) -> TracedRun:
     """A traced run's results; ``partial`` reads a damaged trace.dat up to the damage
-    (``TraceFileError`` otherwise, naming the file and offset)."""
+    (``TraceFileError`` otherwise, naming the file and offset), and one that cannot be
+    read at all as a run without events (``unreadable``)."""
     capture_path, trace_path = directory / "capture.json", directory / "trace.dat"
     for path in (capture_path, trace_path):
         if not path.exists():
             raise KvmlabError(f"{directory}: no {path.name} (not the results of a kvmlab run --trace)")
-    capture = json.loads(capture_path.read_text())
-    try:
-        trace = TraceFile.open(trace_path)
-        events = trace.events(partial=partial)
-    except TraceFileError:
-        if not partial:
-            raise
-        trace, events = None, read_events(trace_path, partial=True)  # damaged headers: nothing read
+    capture = read_capture(capture_path)
+    events, losses = read_trace(trace_path, partial)
     calls = calls_table(events)
     marked = segments.marks(events)
     loops = segments.intervals(marked, "loop")
     if loops.empty:  # a job without kselftest_py marks: the whole job is the "test"
         loops = segments.intervals(marked, "job").assign(test="job", slots=pd.NA, run=0)
-    labelled = segments.assign(calls, loops).assign(kernel=capture.get("release", "?"))
+    labelled = segments.assign(calls, loops).assign(kernel=capture["release"])
     capture.setdefault("calibration", {})["reported_floor_ns"] = tracer_floor(calls, marked)
-    damage = events.attrs.get("damage")
-    run = TracedRun(directory, capture.get("release", "?"), capture, labelled,
-                    trace.describe_losses() if trace and not damage else [], damage)
+    run = TracedRun(directory, capture["release"], capture, labelled, losses, events.attrs.get("damage"),
+                    events_read=len(events))
     job = segments.window(marked, "job")
     if (directory / "latency_hist.json").exists() and job:
         run.profile_check = profiler.cross_check(profiler.read_hist(directory / "latency_hist.json"),
                                                  calls, job)
     return run
+
+
+def read_capture(path: Path) -> dict:
+    """capture.json, checked for what the report takes from it: a "release" string and,
+    when there, a "calibration" object whose overhead is a number. KvmlabError naming
+    the file and what is wrong otherwise (the capture writes it; a damaged one is a
+    damaged run, not a reason for a traceback)."""
+    try:
+        capture = json.loads(path.read_text())
+    except OSError as err:
+        raise KvmlabError(f"{path}: cannot be read: {err.strerror or err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise KvmlabError(f"{path}: not JSON ({err})") from None
+    if not isinstance(capture, dict):
+        raise KvmlabError(f"{path}: wants a JSON object, found {type(capture).__name__}")
+    if "release" not in capture:
+        raise KvmlabError(f"{path}: no 'release' (the guest kernel's release)")
+    release = capture["release"]
+    if not isinstance(release, str) or not release:
+        raise KvmlabError(f"{path}: 'release' wants the kernel release as a string, found {release!r}")
+    calibration = capture.get("calibration", {})
+    if not isinstance(calibration, dict):
+        raise KvmlabError(f"{path}: 'calibration' wants an object, found {type(calibration).__name__}")
+    overhead = calibration.get("overhead_ns_per_call")
+    if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))):
+        raise KvmlabError(f"{path}: 'calibration.overhead_ns_per_call' wants a number, found {overhead!r}")
+    return capture
+
+
+def read_trace(path: Path, partial: bool) -> tuple[pd.DataFrame, list[str]]:
+    """trace.dat's events and its lines of losses. With ``partial``, a damaged file gives
+    what came before the damage, and one that gives nothing (damaged headers, not a
+    trace file, not a file) an empty frame; its ``attrs["damage"]`` says why."""
+    try:
+        trace = TraceFile.open(path)
+        events = trace.events(partial=partial)
+    except TraceError as err:
+        if not partial:
+            raise
+        events = pd.DataFrame(columns=["ts", "cpu", "pid", "comm", "system", "event"])
+        events.attrs["damage"] = str(err)
+        return events, []
+    return events, [] if events.attrs.get("damage") else trace.describe_losses()
 
 
 def tracer_floor(calls: pd.DataFrame, marked: pd.DataFrame) -> float | None:
@@ -96,18 +151,85 @@ def tracer_floor(calls: pd.DataFrame, marked: pd.DataFrame) -> float | None:
     return float(timed["duration_ns"].median()) if len(timed) else None
 
 
+def distinct_labels(directories: list[Path]) -> list[str]:
+    """Per directory, the shortest suffix of its path that no other directory's path ends
+    in: ``a/results`` and ``b/results`` stay apart in the tables and the file names.
+    KvmlabError for a directory given twice (its calls would count twice)."""
+    paths = [directory.resolve() for directory in directories]
+    for index, path in enumerate(paths):
+        if path in paths[:index]:
+            raise KvmlabError(f"the run directory {path} is given twice (its calls would count twice)")
+    return [_distinct_suffix(path, [other for other in paths if other != path]) for path in paths]
+
+
+def _distinct_suffix(path: Path, others: list[Path]) -> str:
+    """The fewest trailing parts of ``path`` that none of ``others`` ends in."""
+    parts = path.parts
+    for length in range(1, len(parts) + 1):
+        suffix = parts[-length:]
+        if all(other.parts[-length:] != suffix for other in others):
+            return "/".join(suffix).removeprefix("/")
+    return str(path)
+
+
+def calls_file(run: TracedRun, runs: list[TracedRun]) -> str:
+    """The name of a run's calls table: from its label, made a file name; by position when
+    two labels still give one name (``a/b`` and ``a-b``)."""
+    def stem(label: str) -> str:
+        return label.replace("/", "-") or "root"
+
+    stems = [stem(other.label) for other in runs]
+    mine = stem(run.label)
+    if stems.count(mine) > 1:
+        mine = f"{mine}-{runs.index(run) + 1}"
+    return f"calls-{mine}.csv"
+
+
 def distinct_kernels(runs: list[TracedRun]) -> None:
-    """Two runs of one release (e.g. base and patched KVM modules) are told apart by directory."""
+    """Two runs of one release (e.g. base and patched KVM modules) are told apart by label."""
     releases = [run.kernel for run in runs]
     for run in runs:
-        if releases.count(run.kernel) > 1 and len({r.directory.name for r in runs}) == len(runs):
-            run.kernel = f"{run.kernel} ({run.directory.name})"
+        if releases.count(run.kernel) > 1:
+            run.kernel = f"{run.kernel} ({run.label})"
             run.calls = run.calls.assign(kernel=run.kernel)
 
 
+def readable(runs: list[TracedRun]) -> list[TracedRun]:
+    """The runs with something to report; KvmlabError, naming each trace.dat and what is
+    wrong with it, when there is none: an empty table would look like a clean result."""
+    kept = [run for run in runs if not run.unreadable]
+    if not kept:
+        damage = "; ".join(run.damage for run in runs)
+        raise KvmlabError(f"nothing could be read from any trace.dat: {damage}")
+    return kept
+
+
+def damage_note(run: TracedRun) -> str:
+    """What a damaged trace.dat leaves out of the tables, in a line."""
+    if run.unreadable:
+        return f"{run.damage}; nothing of this run is reported"
+    return f"{run.damage}; reporting the events before it"
+
+
 def summarize(runs: list[TracedRun]) -> pd.DataFrame:
-    """One row per kernel × test × slots × function."""
-    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    """One row per kernel × test × slots × function; ``attrs["damage"]`` has a
+    ``damage_note`` per run read in part or not at all, so that every report says so."""
+    table = _summary(runs)
+    table.attrs["damage"] = [damage_note(run) for run in runs if run.damage]
+    return table
+
+
+def all_calls(runs: list[TracedRun]) -> pd.DataFrame:
+    """The runs' calls in one table; runs without calls (a trace read in part, or not at
+    all) add nothing, and with none at all the table is empty."""
+    with_calls = [run.calls for run in runs if len(run.calls)]
+    if not with_calls:
+        return pd.DataFrame(columns=[*KEYS, "duration_ns"])
+    return pd.concat(with_calls, ignore_index=True)
+
+
+def _summary(runs: list[TracedRun]) -> pd.DataFrame:
+    calls = all_calls(runs)
     if calls.empty:
         return pd.DataFrame(columns=[*KEYS, "calls"])
     loop_time = (calls.drop_duplicates(["kernel", "test", "slots", "run"])
@@ -119,7 +241,7 @@ def summarize(runs: list[TracedRun]) -> pd.DataFrame:
     table = table.reset_index()
     table["share_pct"] = [100 * total / loop_time.get((k, t, s), np.nan) for k, t, s, total in
                           zip(table["kernel"], table["test"], table["slots"], table["total_ns"], strict=True)]
-    calibration = {run.kernel: run.capture.get("calibration", {}) for run in runs}
+    calibration = {run.kernel: run.capture.get("calibration", {}) for run in runs if len(run.calls)}
     table["tracer_overhead_ns"] = table["kernel"].map(lambda k: calibration[k].get("overhead_ns_per_call"))
     table["tracer_floor_ns"] = table["kernel"].map(lambda k: calibration[k].get("reported_floor_ns"))
     return table
@@ -131,7 +253,7 @@ def compare(runs: list[TracedRun]) -> pd.DataFrame:
     if len(kernels) < 2:
         return pd.DataFrame()
     base_kernel, patched_kernel = kernels[:2]
-    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    calls = all_calls(runs)
     rows = []
     for (test, slots, function), group in calls.groupby(KEYS[1:], dropna=False):
         base = group.loc[group["kernel"] == base_kernel, "duration_ns"].to_numpy(dtype=float)
@@ -159,6 +281,9 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
             f"{_us(row['mean_ns'])} | {_us(row['p50_ns'])} | {_us(row['p90_ns'])} | {_us(row['p99_ns'])} | "
             f"{_us(row['max_ns'])} | {row['share_pct']:.1f} % | "
             f"{_us(row['tracer_overhead_ns'])} / {_us(row['tracer_floor_ns'])} |")
+    notes = summary.attrs.get("damage", [])
+    if notes:
+        lines += ["", "Damaged traces:", "", *(f"- {note}" for note in notes)]
     if not comparison.empty:
         lines += ["", f"patched ({comparison.attrs['patched']}) / base ({comparison.attrs['base']}), "
                       "mean duration, bootstrap 95 % CI:", "",
@@ -172,7 +297,7 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame) -> str:
 
 def profile_markdown(run: TracedRun) -> str:
     """The kernel's histogram counts and means beside function_graph's, for one run."""
-    where = run.kernel if run.directory.name in run.kernel else f"{run.kernel} ({run.directory.name})"
+    where = run.kernel if run.label in run.kernel else f"{run.kernel} ({run.label})"
     lines = [f"kernel latency histograms (kprobes + hist triggers) vs function_graph, {where}, "
              "whole job:", "",
              "| function | hist hits | graph calls | hist mean | graph mean | hist / graph | hist dropped |",
@@ -193,7 +318,7 @@ def plot(runs: list[TracedRun], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    calls = pd.concat([run.calls for run in runs], ignore_index=True)
+    calls = all_calls(runs)
     written = []
     for function, group in calls.groupby("function"):
         figure, (cdf, hist) = plt.subplots(1, 2, figsize=(11, 4))

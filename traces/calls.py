@@ -25,6 +25,10 @@ import pandas as pd
 __all__ = ["COLUMNS", "calls"]
 
 COLUMNS = ("function", "depth", "entry_ts", "duration_ns", "exit_ts", "ts", "cpu", "pid", "comm")
+#: the table's dtypes when it has no rows, as a table with rows has them: numbers stay
+#: numbers when an empty table (a trace with no calls) is concatenated with others
+EMPTY_DTYPES = {"function": object, "depth": np.int64, "entry_ts": np.int64, "duration_ns": np.int64,
+                "exit_ts": np.int64, "ts": np.int64, "cpu": np.int64, "pid": np.int64, "comm": object}
 
 
 def calls(events: pd.DataFrame) -> pd.DataFrame:
@@ -36,7 +40,7 @@ def calls(events: pd.DataFrame) -> pd.DataFrame:
     ``pid``, ``comm``; one row per funcgraph_exit event, in the events' order.
     """
     if "event" not in events or "calltime" not in events:
-        return pd.DataFrame({name: pd.Series(dtype=object) for name in COLUMNS})
+        return pd.DataFrame({name: pd.Series(dtype=EMPTY_DTYPES[name]) for name in COLUMNS})
     exits = events[(events["event"] == "funcgraph_exit").to_numpy()]
     calltime = exits["calltime"].to_numpy(dtype=np.int64)
     rettime = exits["rettime"].to_numpy(dtype=np.int64)

@@ -16,16 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from traces.errors import TraceError
+
 
 def read_hist(path: Path) -> pd.DataFrame:
     """latency_hist.json as function, hits, mean_ns, p50_ns, p99_ns and the kernel's
-    own ``dropped`` count (histogram entries it had no room for)."""
+    own ``dropped`` count (histogram entries it had no room for).
+
+    TraceError, naming the file and what is wrong, when it is not what
+    ``traces.guest.hist`` writes: the report must say so in a line, not crash."""
     rows = []
-    for function, data in json.loads(path.read_text()).items():
-        pairs = np.array(data["latencies"], dtype=float).reshape(-1, 2)
+    for function, (pairs, dropped) in _load_hist(path).items():
         latencies, counts = pairs[:, 0], pairs[:, 1]
         hits = int(counts.sum())
-        row = {"function": function, "hits": hits, "dropped": data.get("dropped", 0),
+        row = {"function": function, "hits": hits, "dropped": dropped,
                "mean_ns": float((latencies * counts).sum() / hits) if hits else np.nan}
         cumulative = np.cumsum(counts)
         for quantile in (50, 99):
@@ -33,6 +37,43 @@ def read_hist(path: Path) -> pd.DataFrame:
                 if hits else np.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=["function", "hits", "dropped", "mean_ns", "p50_ns", "p99_ns"])
+
+
+def _load_hist(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Per function, its (latency ns, count) pairs as an n × 2 array and its dropped count."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise TraceError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise TraceError(f"{path}: wants an object of functions, found {type(data).__name__}")
+    return {function: _function_hist(path, function, entry) for function, entry in data.items()}
+
+
+def _function_hist(path: Path, function: str, entry) -> tuple[np.ndarray, int]:
+    if not isinstance(entry, dict) or "latencies" not in entry:
+        raise TraceError(f"{path}: {function}: wants an object with 'latencies', found {_short(entry)}")
+    latencies = entry["latencies"]
+    if not isinstance(latencies, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(_count(v) for v in pair) for pair in latencies):
+        raise TraceError(f"{path}: {function}: 'latencies' wants [[ns, count], ...] of non-negative "
+                         f"integers, found {_short(latencies)}")
+    dropped = entry.get("dropped", 0)
+    if not _count(dropped):
+        raise TraceError(f"{path}: {function}: 'dropped' wants a non-negative integer, "
+                         f"found {_short(dropped)}")
+    return np.array(latencies, dtype=float).reshape(-1, 2), dropped
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def cross_check(hist: pd.DataFrame, calls: pd.DataFrame, job: tuple[int, int]) -> pd.DataFrame:

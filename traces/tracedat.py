@@ -419,8 +419,13 @@ class TraceFile:
 
     @classmethod
     def open(cls, path) -> TraceFile:
-        """Read the headers of ``path``; TraceFileError if they are truncated or corrupt."""
-        trace = cls(path, Path(path).read_bytes())
+        """Read the headers of ``path``; TraceFileError if they are truncated or corrupt,
+        TraceError if it cannot be read at all (a directory, no permission)."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None
+        trace = cls(path, data)
         try:
             trace._read_headers()
         except _Damage as damage:
@@ -435,6 +440,8 @@ class TraceFile:
 
     def _read_headers(self) -> None:
         cur = self._cursor(0)
+        if not self.data:
+            raise _Damage(0, "the file is empty", truncated=True)
         if not self.data.startswith(MAGIC):
             if MAGIC.startswith(self.data):
                 raise _Damage(len(self.data), "the file ends inside its magic", truncated=True)
@@ -767,10 +774,15 @@ def read_events(path, partial: bool = False) -> pd.DataFrame:
     A truncated or corrupt file raises TraceFileError (its ``partial`` holds the events
     before the damage); with ``partial=True`` those events are returned instead, with
     ``df.attrs["damage"]`` (the error's message) and ``df.attrs["damage_offset"]``.
-    "Before the damage" means a prefix of what the undamaged file would give: a damaged
-    CPU's events up to the damage, and the other CPUs' events that come before
-    anything it may have lost. A v7 file cut anywhere after its metadata loses the
-    options that locate the CPU data (trace-cmd writes them last), so nothing.
+    "Before the damage" is per CPU: every event of a CPU whose pages are intact, and a
+    damaged CPU's events up to its first damage (its whole pages before it, and the
+    whole events of the damaged page before the bad record), in the order the
+    undamaged file gives them. So past the time of the damage a damaged CPU's events
+    are missing while the others' are not. A v6 file cut inside CPU n's data keeps
+    CPUs 0..n-1 whole and CPU n up to the cut (the later CPUs' data came after it). A
+    v7 file cut anywhere after its metadata loses the options that locate the CPU data
+    (trace-cmd writes them last), so nothing. A file that cannot be read at all (a
+    directory) raises TraceError, ``partial`` or not.
     """
     try:
         trace = TraceFile.open(path)
@@ -923,7 +935,7 @@ class _Records:
     pos: np.ndarray
     size: np.ndarray
     type: np.ndarray
-    cpu_cut: dict  # cpu -> (index of its first event lost to damage, lowest time of what it lost)
+    cpu_cut: dict  # cpu -> index of its first event lost to damage
     damage: _Damage | None
     order: np.ndarray | None = None
 
@@ -1065,16 +1077,14 @@ def _collect(pages: _Pages, trace: TraceFile, walker: _Walker) -> _Records:
         slot = base[pg] + np.concatenate(out_ord)
         page[slot], ts[slot] = pg, np.concatenate(out_ts)
         pos[slot], size[slot] = np.concatenate(out_pos), np.concatenate(out_size)
-    # the first damage of each CPU: the index of its first event to drop, and the lowest
-    # time its lost events can have (a damaged page's own timestamp, if its header is sane)
-    cuts = {}  # cpu -> (cut index, _Damage, time floor or None)
-    sane = pages.header_ok & (pages.size <= walker.capacity)
+    # the first damage of each CPU: the index of its first event to drop
+    cuts = {}  # cpu -> (cut index, _Damage)
     for cpu, (p, damage) in pages.cpu_damage.items():
-        cuts[cpu] = (int(base[p]), damage, None)
+        cuts[cpu] = (int(base[p]), damage)
 
-    def note(cpu: int, index: int, damage: _Damage, page: int) -> None:
+    def note(cpu: int, index: int, damage: _Damage) -> None:
         if cpu not in cuts or index <= cuts[cpu][0]:
-            cuts[cpu] = (index, damage, int(pages.ts[page]) if sane[page] else None)
+            cuts[cpu] = (index, damage)
 
     for p in sorted(page_bad):
         at, what, truncated = page_bad[p]
@@ -1084,12 +1094,12 @@ def _collect(pages: _Pages, trace: TraceFile, walker: _Walker) -> _Records:
             damage = _Damage(len(trace.data), f"CPU {cpu} data ends early: {what}", truncated=True)
         else:
             damage = _Damage(pages.describe(p, at), f"{what} ({where})")
-        note(cpu, int(base[p] + counts[p]), damage, p)
+        note(cpu, int(base[p] + counts[p]), damage)
     types = _read_types(pages, trace, pos, size)
     for cpu, index, damage in _check_events(pages, trace, page, pos, size, types):
-        note(cpu, index, damage, int(page[index]))
+        note(cpu, index, damage)
     first = min(cuts.values(), key=lambda c: c[1].offset)[1] if cuts else None
-    records = _Records(page, ts, pos, size, types, {cpu: (c[0], c[2]) for cpu, c in cuts.items()}, first)
+    records = _Records(page, ts, pos, size, types, {cpu: c[0] for cpu, c in cuts.items()}, first)
     records.order = _order(pages, records)
     return records
 
@@ -1151,12 +1161,12 @@ def _where(pages: _Pages, page: int, at: int, cpu: int) -> str:
 
 
 def _order(pages: _Pages, records: _Records) -> np.ndarray:
-    """Indices of the events to show, in trace-cmd's order, stopping where damage starts.
+    """Indices of the events to show, in trace-cmd's order, each CPU stopping at its damage.
 
     trace-cmd merges the CPUs by taking the earliest head (lowest CPU on ties); sorting
     stably on each CPU's running maximum timestamp, in CPU order, is the same merge.
-    With damage, an event is kept only if it comes before anything the damaged CPUs
-    may have lost, so that what is returned is a prefix of the undamaged file's events.
+    Dropping the tail of one CPU's stream changes no other event's key, so what is
+    kept comes in the order the undamaged file would give it.
     """
     n = len(records.ts)
     cpu_of = pages.cpu[records.page] if n else np.zeros(0, np.int64)
@@ -1166,21 +1176,9 @@ def _order(pages: _Pages, records: _Records) -> np.ndarray:
         idx = np.flatnonzero(cpu_of == cpu)
         if len(idx):
             key[idx] = np.maximum.accumulate(records.ts[idx])
-    bounds = {}
-    for cpu, (cut, floor) in records.cpu_cut.items():
+    for cpu, cut in records.cpu_cut.items():
         idx = np.flatnonzero(cpu_of == cpu)
         keep[idx[idx >= cut]] = False
-        valid = idx[idx < cut]
-        bound = int(key[valid[-1]]) if len(valid) else None
-        if floor is not None:
-            bound = max(bound or 0, floor)
-        bounds[cpu] = bound
-    for cpu, bound in bounds.items():
-        if bound is None:
-            keep &= cpu_of == cpu
-        else:
-            bound = np.uint64(bound)
-            keep &= (cpu_of == cpu) | (key < bound) | ((key == bound) & (cpu_of < cpu))
     idx = np.flatnonzero(keep)
     return idx[np.argsort(key[idx], kind="stable")]
 

@@ -8,27 +8,30 @@ from kvmlab import trace_report as report
 
 
 def _trace_report(args: argparse.Namespace) -> int:
-
+    labels = report.distinct_labels(args.dirs)
     runs = [report.load_run(directory, args.partial) for directory in args.dirs]
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
+    shown = report.readable(runs)
     for run in runs:
         if run.damage:
-            print(f"kvmlab: warning: {run.damage}; reporting the events before it", file=sys.stderr)
-    report.distinct_kernels(runs)
-    summary, comparison = report.summarize(runs), report.compare(runs)
+            print(f"kvmlab: warning: {report.damage_note(run)}", file=sys.stderr)
+    report.distinct_kernels(shown)
+    summary, comparison = report.summarize(runs), report.compare(shown)
     print(report.markdown(summary, comparison))
-    for run in runs:
+    for run in shown:
         if run.profile_check is not None:
             print("\n" + report.profile_markdown(run))
-    for run in runs:
+    for run in shown:
         if run.losses:
             print(f"kvmlab: {run.directory}: {'; '.join(run.losses)}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(args.out / "latency.csv", index=False)
     if not comparison.empty:
         comparison.to_csv(args.out / "comparison.csv", index=False)
-    for run in runs:
-        run.calls.to_csv(args.out / f"calls-{run.directory.name}.csv", index=False)
-    plots = report.plot(runs, args.out)
+    for run in shown:
+        run.calls.to_csv(args.out / report.calls_file(run, shown), index=False)
+    plots = report.plot(shown, args.out)
     print(f"kvmlab: wrote latency.csv, {len(plots)} plots and the calls tables to {args.out}",
           file=sys.stderr)
     return 0

@@ -449,16 +449,31 @@ def test_calls_of_events_without_function_graph():
         "function", "depth", "entry_ts", "duration_ns"]
 
 
+def test_no_calls_beside_calls_keeps_durations_numbers(unpacked):
+    """A trace read in part to nothing beside a whole one: the durations stay integers
+    (object columns made pandas' quantile raise TypeError in the report)."""
+    none = calls(pd.DataFrame({"ts": [], "event": []}))
+    table = pd.concat([calls(read_events(sample_named(unpacked, "bullseye"))), none], ignore_index=True)
+    assert table["duration_ns"].dtype == np.int64 and table["ts"].dtype == np.int64
+    assert table.groupby("function")["duration_ns"].quantile(0.5).notna().all()
+
+
 # ---------------------------------------------------------------- damaged samples
 
 
-def assert_prefix(partial: pd.DataFrame, good: pd.DataFrame) -> None:
-    """``partial`` holds the first len(partial) events of ``good``, value for value."""
-    n = len(partial)
+def assert_cut_per_cpu(partial: pd.DataFrame, good: pd.DataFrame) -> Counter:
+    """``partial`` is ``good`` with each CPU's events cut after its first n (n from 0 to
+    all), value for value and in ``good``'s order; returns n per CPU."""
+    kept = Counter(partial["cpu"].tolist())
+    rank = good.groupby("cpu").cumcount().to_numpy()
+    want = good[rank < good["cpu"].map(lambda cpu: kept[cpu]).to_numpy()]
+    assert len(want) == len(partial)
     for name in good.columns:
-        want = good[name].iloc[:n].astype(object).to_numpy()
-        got = partial[name].astype(object).to_numpy() if name in partial else np.full(n, pd.NA, dtype=object)
-        assert all(same(a, b) for a, b in zip(got, want, strict=True)), name
+        expected = want[name].astype(object).to_numpy()
+        got = partial[name].astype(object).to_numpy() if name in partial else np.full(len(partial), pd.NA,
+                                                                                       dtype=object)
+        assert all(same(a, b) for a, b in zip(got, expected, strict=True)), name
+    return kept
 
 
 def same(a, b) -> bool:
@@ -488,7 +503,7 @@ def expect_damage(path: Path, good: pd.DataFrame, words: str, truncated: bool) -
     assert partial.attrs["damage"] == str(err) and partial.attrs["damage_offset"] == err.offset
     if err.partial is not None:
         assert len(err.partial) == len(partial)
-    assert_prefix(partial, good)
+    assert_cut_per_cpu(partial, good)
     return err
 
 
@@ -501,6 +516,75 @@ def test_truncated_in_cpu_data_v6(unpacked, tmp_path):
     assert err.offset == cut
     partial = read_events(tmp_path / "damaged.dat", partial=True)
     assert 0 < len(partial) < len(good)
+    assert assert_cut_per_cpu(partial, good)[0] == (good["cpu"] == 0).sum()  # CPU 0 is intact: all of it
+
+
+def with_pages(source: Path, dest: Path, pages: dict[int, int]) -> Path:
+    """A copy of the v6 file ``source`` whose CPU table gives CPU c only its first
+    ``pages[c]`` pages (the other CPUs keep theirs): what a damaged copy still has
+    intact, as a whole file that trace-cmd reads."""
+    data, trace = bytearray(source.read_bytes()), TraceFile.open(source)
+    table = data.find(b"flyrecord\0") + len(b"flyrecord\0")
+    for cpu, offset, size in trace.cpu_data:
+        assert struct.unpack_from("<QQ", data, table + 16 * cpu) == (offset, size)
+        if cpu in pages:
+            struct.pack_into("<Q", data, table + 16 * cpu + 8, min(size, pages[cpu] * trace.page_size))
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@needs_trace_cmd
+@pytest.mark.parametrize("inside", [0, 2100], ids=["at a page boundary", "inside a record"])
+def test_truncated_in_cpu0_data_v6_keeps_the_intact_pages(unpacked, tmp_path, inside):
+    """A v6 file cut in CPU 0's data, which lies before CPU 1's: CPU 1 is lost whole, yet
+    every event of CPU 0's pages before the cut, and of the cut page's whole records,
+    must come back. trace-cmd refuses the cut file ("possibly truncated"), so the
+    reference is the uncut file with CPU 0 ending at the cut page (before it, and after
+    it) and no CPU 1 data, as trace-cmd reports it."""
+    source = sample_named(unpacked, "bullseye-update-v6")
+    trace = TraceFile.open(source)
+    (_, offset, size), (_, cpu1_offset, _) = trace.cpu_data
+    assert offset + size <= cpu1_offset
+    page = size // trace.page_size * 3 // 5
+    cut = offset + page * trace.page_size + inside
+    path = damaged(tmp_path, source, lambda d: d[:cut])
+    with pytest.raises(TraceFileError, match="CPU 0 data ends early") as caught:
+        read_events(path)
+    assert caught.value.truncated and caught.value.offset == cut
+    partial = read_events(path, partial=True)
+    assert partial.attrs["damage"] == str(caught.value)
+    before, lines = assert_like_trace_cmd(with_pages(source, tmp_path / "before.dat", {0: page, 1: 0}))
+    assert len(lines) > 20000 and set(partial["cpu"]) == {0}
+    if not inside:
+        assert len(partial) == len(lines)
+        assert_cut_per_cpu(partial, before)
+        return
+    with_cut_page, more = assert_like_trace_cmd(
+        with_pages(source, tmp_path / "with.dat", {0: page + 1, 1: 0}))
+    assert len(lines) < len(partial) < len(more)
+    assert_cut_per_cpu(partial, with_cut_page)
+
+
+@needs_trace_cmd
+def test_corrupt_page_keeps_the_other_cpus_events(unpacked, tmp_path):
+    """A corrupt page early in CPU 0: CPU 0's events before it and all of CPU 1's, even
+    those later than the damage, as trace-cmd reports the file without that page and after."""
+    source = sample_named(unpacked, "bullseye-update-v6")
+    trace = TraceFile.open(source)
+    _, offset, _ = trace.cpu_data[0]
+    page = 100
+    start = offset + page * trace.page_size
+    path = damaged(tmp_path, source,
+                   lambda d: d.__setitem__(slice(start + 8, start + 16), struct.pack("<Q", 5000)))
+    with pytest.raises(TraceFileError, match="commit size 5000 is beyond the page"):
+        read_events(path)
+    partial = read_events(path, partial=True)
+    intact, lines = assert_like_trace_cmd(with_pages(source, tmp_path / "intact.dat", {0: page}))
+    assert len(partial) == len(lines)
+    kept = assert_cut_per_cpu(partial, intact)
+    good = read_events(source)
+    assert kept[1] == (good["cpu"] == 1).sum() > 0
+    assert partial.loc[partial["cpu"] == 1, "ts"].max() > partial.loc[partial["cpu"] == 0, "ts"].max()
 
 
 def test_truncated_in_cpu_data_v7_zstd(unpacked, tmp_path):
