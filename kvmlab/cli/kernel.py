@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from kvmlab import kernels
@@ -25,7 +26,10 @@ def _kernel_fetch(args: argparse.Namespace) -> int:
 
 
 def _kernel_list(args: argparse.Namespace) -> int:
-    rows = debian.cached()
+    damaged: list[str] = []
+    rows = debian.cached(damaged)
+    for problem in damaged:
+        print(f"kvmlab: warning: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps([k.to_json() for k in rows], indent=2))
         return 0
@@ -39,9 +43,9 @@ def _kernel_list(args: argparse.Namespace) -> int:
 
 def _kernel_build(args: argparse.Namespace) -> int:
 
-    patches = [p for path in args.patch for p in patches.series(path)]
+    series = [p for path in args.patch for p in patches.series(path)]
     options = kernel_build.BuildOptions(
-        tree=args.tree, out=args.out, patches=patches, fragments=args.config, base_config=args.base_config,
+        tree=args.tree, out=args.out, patches=series, fragments=args.config, base_config=args.base_config,
         kasan=args.kasan, lockdep=args.lockdep, jobs=args.jobs)
     print(kernel_build.build(options))
     return 0

@@ -10,6 +10,10 @@ given base config with those merged over it, plus ``--config`` fragments, KASAN 
 lockdep on request. The build goes to OUT (``make O=OUT``), so TREE stays clean, and
 prints its progress; OUT then holds what a ``local:`` spec reads.
 
+A build that fails (a missing fragment, a patch that does not apply, a failing make,
+Ctrl-C) puts TREE back as it found it (``patches.applied``), so the next attempt can
+apply the series again; a successful one leaves the series applied.
+
 Options a fragment asks for but Kconfig refuses (an unmet dependency) are listed after
 configuring, since a silently missing CONFIG_KVM_AMD would only show as a guest
 without /dev/kvm.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,30 +54,52 @@ class BuildOptions:
 
 def build(options: BuildOptions, log=sys.stderr) -> Path:
     """Patch, configure and build; returns OUT (``local:OUT`` boots it)."""
-    tree = options.tree.expanduser().resolve()
-    if not (tree / "Makefile").exists() or not (tree / "arch" / "x86").is_dir():
-        raise KvmlabError(f"{tree} is not a Linux source tree (no Makefile or arch/x86)")
-    for tool in TOOLS:
-        if shutil.which(tool) is None:
-            raise MissingTool(f"{tool} not found: building a kernel needs {', '.join(TOOLS)} (make setup)")
+    tree = _source_tree(options.tree)
+    _check_tools()
+    _check_inputs(options)
     out = (options.out or tree / "kvmlab-build").expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for patch in options.patches:
-        _apply(tree, patch)
-        print(f"kvmlab: applied {patch.name}", file=log)
-    fragments = [tree / name for name in KERNEL_FRAGMENTS] + [FRAGMENTS / "kvm-testing.config"]
-    fragments += [FRAGMENTS / "kasan.config"] * options.kasan
-    fragments += [FRAGMENTS / "lockdep.config"] * options.lockdep
-    fragments += options.fragments
-    refused = configure(tree, out, fragments, options.base_config)
-    for line in refused:
-        print(f"kvmlab: warning: the configuration refused {line}", file=log)
-    started = time.monotonic()
-    _make(tree, out, options.jobs, log)
-    release = (out / "include" / "config" / "kernel.release").read_text().strip()
+    with patch_series.applied(tree, options.patches, log):
+        refused = configure(tree, out, _fragments(tree, options), options.base_config)
+        for line in refused:
+            print(f"kvmlab: warning: the configuration refused {line}", file=log)
+        started = time.monotonic()
+        _make(tree, out, options.jobs, log)
+        release = (out / "include" / "config" / "kernel.release").read_text().strip()
     took = durations.clock(time.monotonic() - started)
     print(f"kvmlab: built {release} in {took}; boot it as local:{out}", file=log)
     return out
+
+
+def _source_tree(path: Path) -> Path:
+    tree = path.expanduser().resolve()
+    if not (tree / "Makefile").exists() or not (tree / "arch" / "x86").is_dir():
+        raise KvmlabError(f"{tree} is not a Linux source tree (no Makefile or arch/x86)")
+    return tree
+
+
+def _check_tools() -> None:
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} not found: building a kernel needs {', '.join(TOOLS)} (make setup)")
+
+
+def _check_inputs(options: BuildOptions) -> None:
+    """Refuse a missing fragment or base config before a patch touches the tree."""
+    for fragment in options.fragments:
+        if not fragment.expanduser().is_file():
+            raise KvmlabError(f"config fragment {fragment} does not exist")
+    if options.base_config is not None and not options.base_config.expanduser().is_file():
+        raise KvmlabError(f"base config {options.base_config} does not exist")
+
+
+def _fragments(tree: Path, options: BuildOptions) -> list[Path]:
+    """The fragments merged over the base config, later ones winning; absolute, since
+    merge_config.sh runs in TREE."""
+    fragments = [tree / name for name in KERNEL_FRAGMENTS] + [FRAGMENTS / "kvm-testing.config"]
+    fragments += [FRAGMENTS / "kasan.config"] * options.kasan
+    fragments += [FRAGMENTS / "lockdep.config"] * options.lockdep
+    return fragments + [fragment.expanduser().resolve() for fragment in options.fragments]
 
 
 def configure(tree: Path, out: Path, fragments: list[Path], base_config: Path | None) -> list[str]:
@@ -117,33 +144,42 @@ def _settings(lines: list[str]) -> dict[str, str]:
     return settings
 
 
-def _apply(tree: Path, patch: Path) -> None:
-    if (tree / ".git").exists():
-        patch_series.apply(tree, patch)
-        return
-    done = patch_series.git(tree, "apply", str(patch.resolve()), check=False)
-    if done.returncode != 0:
-        raise KvmlabError(f"patch {patch.name} does not apply: {patch_series.first_failure(done.stderr)}")
-
-
 def _make(tree: Path, out: Path, jobs: int, log) -> None:
     """make bzImage (vmlinux with it), saying every few seconds how far it got."""
     argv = ["make", "-C", str(tree), f"O={out}", f"-j{jobs}", "bzImage"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=make_env(), errors="replace")
     started = last = time.monotonic()
     compiled, tail = 0, []
-    with open(out / "kvmlab-build.log", "w") as build_log:
-        for line in process.stdout:
-            build_log.write(line)
-            tail = (tail + [line.rstrip()])[-200:]
-            compiled += line.lstrip().startswith("CC ")
-            if time.monotonic() - last >= PROGRESS_EVERY_S:
-                last = time.monotonic()
-                progress = f"{compiled} files compiled, {durations.clock(last - started)}"
-                print(f"kvmlab: building: {progress}", file=log, flush=True)
-    if process.wait() != 0:
+    with (subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=make_env(), errors="replace", process_group=0) as process,
+          open(out / "kvmlab-build.log", "w") as build_log):
+        try:
+            for line in process.stdout:
+                build_log.write(line)
+                tail = (tail + [line.rstrip()])[-200:]
+                compiled += line.lstrip().startswith("CC ")
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    progress = f"{compiled} files compiled, {durations.clock(last - started)}"
+                    print(f"kvmlab: building: {progress}", file=log, flush=True)
+        except BaseException:
+            _stop(process)
+            raise
+    if process.returncode != 0:
         raise KvmlabError(f"the kernel build failed: {compile_error(tail)} (log: {out / 'kvmlab-build.log'})")
+
+
+def _stop(make: subprocess.Popen) -> None:
+    """End make and every compiler under it (its process group) before the tree is put back.
+
+    A compiler left running could write an object of the patched source, newer than the
+    restored file, which the next build would keep. make's own SIGTERM handling ends only
+    its direct children, and a Ctrl-C from the terminal reaches kvmlab alone.
+    """
+    try:
+        os.killpg(make.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    make.wait()
 
 
 def compile_error(lines: list[str]) -> str:
@@ -161,7 +197,10 @@ def run_make(tree: Path, out: Path, targets: list[str], what: str) -> None:
 
 
 def _run(argv: list[str], cwd: Path, what: str) -> None:
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=make_env())
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=make_env())
+    except OSError as err:
+        raise KvmlabError(f"{what} could not run: {err}") from None
     if done.returncode != 0:
         raise KvmlabError(f"{what} failed: {compile_error((done.stdout + done.stderr).splitlines())}")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -135,10 +136,7 @@ def _check_vermagic(built: Path, base: Kernel) -> None:
 
 
 def _vermagic(module: Path) -> str:
-    done = subprocess.run(["modinfo", "-F", "vermagic", str(module)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise KvmlabError(f"modinfo {module.name} failed: {done.stderr.strip()}")
-    return done.stdout.strip()
+    return _run(["modinfo", "-F", "vermagic", str(module)]).stdout.strip()
 
 
 def _install(built: Path, base: Kernel, scratch: Path) -> None:
@@ -146,7 +144,7 @@ def _install(built: Path, base: Kernel, scratch: Path) -> None:
     source = base.modules_root / "lib" / "modules" / base.release
     target = scratch / "root" / "lib" / "modules" / base.release
     target.parent.mkdir(parents=True)
-    subprocess.run(["cp", "-al", str(source), str(target)], check=True)
+    _run(["cp", "-al", str(source), str(target)])
     debug = scratch / "build" / "arch" / "x86" / "kvm"
     debug.mkdir(parents=True)
     for name in MODULES:
@@ -154,7 +152,7 @@ def _install(built: Path, base: Kernel, scratch: Path) -> None:
         installed = target / MODULE_DIR / name
         installed.unlink(missing_ok=True)
         shutil.copy2(built / name, installed)
-        subprocess.run(["strip", "--strip-debug", str(installed)], check=True)
+        _run(["strip", "--strip-debug", str(installed)])
     depmod(scratch / "root", base.release)
 
 
@@ -172,10 +170,10 @@ def _kvm_source(base: Kernel) -> Path:
     if not entry.is_dir():
         with cache.building(entry) as scratch:
             deb = root.download(package, scratch / "deb")
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch / "deb")], check=True)
+            _run(["dpkg-deb", "-x", str(deb), str(scratch / "deb")])
             tarball = scratch / "deb" / "usr" / "src" / f"{name}.tar.xz"
-            subprocess.run(["tar", "-xJf", str(tarball), "-C", str(scratch), "--strip-components=1",
-                            *(f"{name}/{part}" for part in KVM_DIRS)], check=True)
+            _run(["tar", "-xJf", str(tarball), "-C", str(scratch), "--strip-components=1",
+                  *(f"{name}/{part}" for part in KVM_DIRS)])
             shutil.rmtree(scratch / "deb")
     return entry
 
@@ -196,7 +194,7 @@ def _headers(base: Kernel) -> Path:
     with cache.building(entry) as scratch:
         for package in parts:
             deb = root.download(package, scratch / "debs")
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], check=True)
+            _run(["dpkg-deb", "-x", str(deb), str(scratch)])
         shutil.rmtree(scratch / "debs")
         # Its Makefile includes the -common package's by absolute path: make it ours.
         makefile = scratch / "usr" / "src" / f"linux-headers-{base.release}" / "Makefile"
@@ -213,6 +211,23 @@ def _compiler(base: Kernel) -> tuple[str, str]:
                           f"install {name} to rebuild its modules")
     done = subprocess.run([name, "--version"], capture_output=True, text=True)
     return name, done.stdout.splitlines()[0] if done.stdout else name
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    """A step of the build whose failure is one line: the command and the end of its stderr."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise MissingTool(f"{argv[0]} not found: rebuilding KVM modules needs it (make setup)") from None
+    if done.returncode != 0:
+        raise KvmlabError(f"{shlex.join(argv)} failed (exit {done.returncode}): {_last_lines(done.stderr)}")
+    return done
+
+
+def _last_lines(stderr: str, count: int = 2) -> str:
+    """Where a failing tool says what went wrong: its last lines, joined into one."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return " / ".join(lines[-count:]) or "no error output"
 
 
 def _suite(base: Kernel) -> str:

@@ -8,6 +8,7 @@ from conftest import REPO, assert_one_line_error, kvmlab
 from kvmlab import kernels
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels import kvm_modules
+from kvmlab.kernels.model import Kernel
 
 DATA = REPO / "tests" / "data"
 HELLO = f"kvm-modules:debian:bookworm+{DATA / 'kvm-hello.patch'}"
@@ -34,3 +35,24 @@ def test_a_module_for_another_kernel_is_caught_before_boot(tmp_path):
     foreign = bullseye.modules_root / "lib" / "modules" / bullseye.release / kvm_modules.MODULE_DIR
     with pytest.raises(KvmlabError, match=r"vermagic '5\.10\.0-\d+-cloud-amd64 SMP mod_unload"):
         kvm_modules._check_vermagic(foreign, bookworm)
+
+
+def test_a_failing_install_step_is_one_line_naming_the_command(tmp_path):
+    """strip refuses a kvm.ko that is not ELF: one error naming the command and what strip said."""
+    release = "6.1.0-test-amd64"
+    shipped = tmp_path / "base" / "lib" / "modules" / release / kvm_modules.MODULE_DIR
+    shipped.mkdir(parents=True)
+    built = tmp_path / "built"
+    built.mkdir()
+    for name in kvm_modules.MODULES:
+        (shipped / name).write_text("shipped\n")
+        (built / name).write_text("not an ELF object\n")
+    base = Kernel(spec="debian:test", pinned="debian:test", release=release, vmlinuz=tmp_path / "vmlinuz",
+                  config=None, system_map=None, modules_root=tmp_path / "base")
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(KvmlabError) as refusal:
+        kvm_modules._install(built, base, tmp_path / "scratch")
+    message = str(refusal.value)
+    assert "\n" not in message
+    assert message.startswith("strip --strip-debug ") and "kvm.ko failed (exit 1): " in message
+    assert "file format not recognized" in message
