@@ -10,10 +10,14 @@ Exit codes (also in the README's exit-code table):
 - 124: the guest did not finish within ``--timeout`` (a hang), as timeout(1) does;
 - 125: the guest kernel crashed or complained (panic, Oops, BUG, WARNING, KASAN,
   UBSAN, RCU stall, hung task) — even when the command itself exited 0;
-- 126: the VM was lost: QEMU died or the guest powered off without reporting a status.
+- 126: the VM was lost: QEMU died or the guest powered off without reporting a status;
+- 70: an internal error, a bug in kvmlab (EX_SOFTWARE of sysexits.h): one line names it
+  and where its traceback was saved. Distinct from qualify's 1 ("regressed"), so CI can
+  tell a crash of the tool from a verdict.
 """
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70
 EXIT_INVARIANT = 123
 EXIT_HANG = 124
 EXIT_SPLAT = 125

@@ -3,9 +3,11 @@
 import argparse
 import signal
 import sys
+import tempfile
+import traceback
 
 from kvmlab.cli import gc, inspect, kernel, qualify, run, trace
-from kvmlab.errors import EXIT_USAGE, KvmlabError
+from kvmlab.errors import EXIT_INTERNAL, EXIT_USAGE, KvmlabError
 from traces.errors import TraceError
 
 EXIT_INTERRUPTED = 130
@@ -47,6 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvmlab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:  # the host said no: a full disk, a read-only or missing path
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"kvmlab: error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        saved = _save_traceback()
+        print(f"kvmlab: internal error: {type(err).__name__}: {err} (a bug in kvmlab; "
+              f"traceback in {saved})", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _save_traceback() -> str:
+    """Keep the traceback for the bug report, out of the one line the user reads."""
+    handle, path = tempfile.mkstemp(prefix="kvmlab-traceback-", suffix=".txt")
+    with open(handle, "w") as out:
+        out.write(f"kvmlab {' '.join(sys.argv[1:])}\n")
+        traceback.print_exc(file=out)
+    return path
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def _stop(args: argparse.Namespace) -> int:
     vms = runs.kept()
     if args.run:
         wanted = runs.resolve(args.run)
+        runs.read(wanted)  # a damaged run.json is named, not taken for a VM that ended
         vms = [vm for vm in vms if vm.run_dir == wanted]
         if not vms:
             raise KvmlabError(f"run {args.run} has no VM running")

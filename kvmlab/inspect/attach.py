@@ -66,11 +66,13 @@ def target(name: str | None, kernel_spec: str | None = None) -> Target:
 def _run_target(run_dir: Path, kernel_spec: str | None) -> Target:
     info = runs.read(run_dir)
     pid = info.get("qemu_pid")
-    if not pid or not runs.qemu_alive(run_dir, pid):
+    if not isinstance(pid, int) or pid <= 0 or not runs.qemu_alive(run_dir, pid):
         raise KvmlabError(f"run {run_dir.name} has no running VM (state: {info.get('state', 'unknown')})")
     if "debug_qmp" not in info:
         raise KvmlabError(f"run {run_dir.name} was started by an older kvmlab without a QMP socket for drgn")
-    spec = kernel_spec or info.get("kernel_exact") or info["kernel"]
+    spec = kernel_spec or info.get("kernel_exact") or info.get("kernel")
+    if not isinstance(spec, str):
+        raise KvmlabError(f"{run_dir / 'run.json'} names no kernel: say which it runs with --kernel SPEC")
     return Target(Path(info["debug_qmp"]), Path(info["qmp"]), spec, run_dir.name)
 
 

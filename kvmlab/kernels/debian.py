@@ -14,6 +14,9 @@ from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
 
+#: What a cache entry's kernel.json must name.
+ENTRY_KEYS = ("release", "package", "version")
+
 
 def fetch(spec: str, what: str, debuginfo: bool) -> Kernel:
     if what.startswith("linux-image-"):
@@ -98,7 +101,7 @@ def _extract_deb(deb: Path, dest: Path) -> None:
 
 def load_entry(entry: Path) -> Kernel:
     """The Kernel described by a cache entry written by ``_unpack_image``."""
-    record = json.loads((entry / "kernel.json").read_text())
+    record = _entry_record(entry / "kernel.json")
     debug = entry / "debug"
     kvm_debug = debug / "modules" / KVM_MODULE
     pinned = f"debian:{record['package']}"
@@ -119,7 +122,31 @@ def load_entry(entry: Path) -> Kernel:
     )
 
 
-def cached() -> list[Kernel]:
-    """Every Debian kernel in the cache, oldest release first."""
-    entries = [p for p in cache.area("kernels").iterdir() if (p / "kernel.json").exists()]
-    return sorted((load_entry(p) for p in entries), key=lambda k: k.release)
+def _entry_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problem = getattr(err, "strerror", None) or str(err)
+    else:
+        fields = record if isinstance(record, dict) else {}
+        missing = [key for key in ENTRY_KEYS if not isinstance(fields.get(key), str)]
+        if not missing:
+            return record
+        problem = f"no {', '.join(missing)}"
+    raise KvmlabError(f"{path} is damaged ({problem}); delete {path.parent} to fetch that kernel again")
+
+
+def cached(damaged: list[str] | None = None) -> list[Kernel]:
+    """Every Debian kernel in the cache, oldest release first; the error of each damaged
+    entry goes to ``damaged`` (when given) instead of hiding the others."""
+    kernels = []
+    for entry in cache.area("kernels").iterdir():
+        if not (entry / "kernel.json").exists():
+            continue
+        try:
+            kernels.append(load_entry(entry))
+        except KvmlabError as err:
+            if damaged is None:
+                raise
+            damaged.append(str(err))
+    return sorted(kernels, key=lambda k: k.release)

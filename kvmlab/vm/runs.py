@@ -31,16 +31,28 @@ def new() -> Path:
 
 
 def record(run_dir: Path, **fields) -> None:
-    """Merge ``fields`` into the run's run.json."""
+    """Merge ``fields`` into the run's run.json, replacing it whole: a reader (``kvmlab
+    stop``, gc) never sees half a file."""
     path = run_dir / "run.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read(run_dir)
     data.update(fields)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    scratch = path.with_name(".run.json.tmp")
+    scratch.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(scratch, path)
 
 
 def read(run_dir: Path) -> dict:
+    """The run's run.json ({} before the run wrote one); a damaged one is a KvmlabError."""
     path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise KvmlabError(f"{path} is damaged ({getattr(err, 'strerror', None) or err})") from None
+    if not isinstance(data, dict):
+        raise KvmlabError(f"{path} is damaged (a JSON object is expected, found {type(data).__name__})")
+    return data
 
 
 @dataclass(frozen=True)
@@ -60,12 +72,18 @@ def qemu_alive(run_dir: Path, pid: int) -> bool:
 
 
 def kept() -> list[KeptVm]:
-    """Every run whose VM was kept and is still running."""
+    """Every run whose VM was kept and is still running. A run whose run.json is damaged
+    cannot be told apart from a finished one and is passed over, so it never stands in
+    the way of stopping the others."""
     vms = []
     for run_dir in sorted(cache.area("runs").iterdir()):
-        info = read(run_dir)
+        try:
+            info = read(run_dir)
+        except KvmlabError:
+            continue
         pid = info.get("qemu_pid")
-        if info.get("state") == "kept" and pid and qemu_alive(run_dir, pid):
+        is_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+        if info.get("state") == "kept" and is_pid and qemu_alive(run_dir, pid):
             vms.append(KeptVm(run_dir, pid, run_dir / "qmp.sock"))
     return vms
 

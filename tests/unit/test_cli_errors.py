@@ -1,5 +1,10 @@
 """Bad input ends in one clear line and exit code 2, never a traceback."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from conftest import REPO, assert_one_line_error, kvmlab
 
@@ -96,3 +101,60 @@ def test_malformed_probe_set(tmp_path):
     probe_set.write_text("functions = [\n")
     assert_one_line_error(kvmlab("run", "debian:bookworm", "--trace", str(probe_set), "--", "true"),
                           f"probe set {probe_set}")
+
+
+def test_an_internal_error_has_its_own_exit_code_and_keeps_its_traceback(monkeypatch, capsys):
+    """A bug in kvmlab exits 70, never 1: qualify's 1 means "regressed"."""
+    from kvmlab import cli
+    from kvmlab.kernels import debian
+
+    def broken(damaged=None):
+        return 1 / 0
+
+    monkeypatch.setattr(debian, "cached", broken)
+    assert cli.main(["kernel", "list"]) == 70
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith("kvmlab: internal error: ZeroDivisionError: division by zero (a bug in kvmlab; ")
+    saved = line.rsplit("traceback in ", 1)[1].rstrip(")")
+    assert "ZeroDivisionError" in open(saved).read() and "broken" in open(saved).read()
+    os.unlink(saved)
+
+
+def test_a_damaged_cache_entry_is_named_and_the_others_still_listed(tmp_path):
+    kernels = tmp_path / "kernels"
+    (kernels / "damaged").mkdir(parents=True)
+    (kernels / "damaged" / "kernel.json").write_text('{"release": ')
+    (kernels / "partial").mkdir()
+    (kernels / "partial" / "kernel.json").write_text('{"release": "6.1.0-50-cloud-amd64"}')
+    (kernels / "good").mkdir()
+    good = {"release": "6.1.0-50-cloud-amd64", "package": "linux-image-6.1.0-50-cloud-amd64",
+            "version": "6.1.176-1"}
+    (kernels / "good" / "kernel.json").write_text(json.dumps(good))
+    done = kvmlab("kernel", "list", env={"KVMLAB_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "6.1.0-50-cloud-amd64" in done.stdout and "6.1.176-1" in done.stdout
+    warnings = done.stderr.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("kvmlab: warning: ") for w in warnings)
+    assert any(f"{kernels / 'damaged' / 'kernel.json'} is damaged" in w for w in warnings)
+    assert any("no package, version" in w and f"delete {kernels / 'partial'}" in w for w in warnings)
+
+
+def test_a_damaged_run_json_blocks_neither_stop_nor_inspect_of_the_others(tmp_path):
+    runs = tmp_path / "runs"
+    damaged, alive = runs / "20261201-000000-aaaaaa", runs / "20261201-000001-bbbbbb"
+    damaged.mkdir(parents=True)
+    (damaged / "run.json").write_text("\0\0\0")
+    alive.mkdir()
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(alive)])
+    (alive / "run.json").write_text(json.dumps({"state": "kept", "qemu_pid": qemu.pid, "argv": ["true"]}))
+    env = {"KVMLAB_CACHE": str(tmp_path)}
+    try:
+        assert_one_line_error(kvmlab("stop", damaged.name, env=env), f"{damaged / 'run.json'} is damaged")
+        assert_one_line_error(kvmlab("inspect", damaged.name, env=env), f"{damaged / 'run.json'} is damaged")
+        done = kvmlab("stop", env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"stopped {alive.name} (pid {qemu.pid})"
+        assert qemu.wait(timeout=10) is not None
+        assert json.loads((alive / "run.json").read_text())["state"] == "stopped"
+    finally:
+        qemu.kill()
