@@ -5,12 +5,15 @@ import json
 import sys
 
 from drgn_scripts import memslot_invariants, memslots
+from kvmlab.errors import KvmlabError
 from kvmlab.inspect import attach
 
 
 def _inspect(args: argparse.Namespace) -> int:
     where = attach.target(args.target, args.kernel)
-    snapshot = attach.Inspector(where).snapshot(check=args.check, pid=args.pid)
+    if not args.timeout > 0:
+        raise KvmlabError("--timeout wants a positive number of seconds")
+    snapshot = attach.Inspector(where, args.timeout).snapshot(check=args.check, pid=args.pid)
     paused = "paused" if where.control_socket else "NOT paused (not a kvmlab run): may be inconsistent"
     if args.json:
         record = {"target": where.name, "read_s": snapshot.read_s, "paused_s": snapshot.paused_s,
@@ -37,5 +40,7 @@ def add_parsers(sub) -> None:
     attach_parser.add_argument("--json", action="store_true", help="one JSON record instead of tables")
     attach_parser.add_argument("--pid", type=int, help="only the VMs of this guest process")
     attach_parser.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
+    attach_parser.add_argument("--timeout", type=float, default=attach.GREETING_TIMEOUT_S, metavar="S",
+                               help="how long QEMU may take to let drgn in (default %(default)g s)")
     attach_parser.set_defaults(func=_inspect)
 

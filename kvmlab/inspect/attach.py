@@ -20,9 +20,10 @@ from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.vm import qmp, runs
 
+#: How long QEMU may take to greet drgn on the debug QMP socket (it greets at once when free).
+GREETING_TIMEOUT_S = 10.0
 
-#: Where kvm.ko sits under a -dbg package's modules or a build tree. The memslot types
-#: and vm_list are all in kvm.ko; the vendor modules (kvm-amd, kvm-intel) are not needed.
+
 @dataclass
 class Target:
     """A VM to inspect: the socket drgn reads through, the one to pause it through (None
@@ -86,14 +87,20 @@ def debug_files(kernel: Kernel) -> list[Path]:
 class Inspector:
     """One drgn Program on one VM, attached once and read as often as asked."""
 
-    def __init__(self, where: Target):
+    def __init__(self, where: Target, greeting_timeout_s: float = GREETING_TIMEOUT_S):
         self.where = where
+        self.greeting_timeout_s = greeting_timeout_s
         self.prog = None
 
     def attach(self) -> None:
-        """Load the kernel's debuginfo (fetching the -dbg package if needed) and connect."""
+        """Load the kernel's debuginfo (fetching the -dbg package if needed) and connect.
+
+        The socket is tried first, so that a VM drgn cannot reach is said before a
+        debuginfo download, and drgn, whose wait has no deadline, meets a free socket."""
         import drgn  # host side only; imported here so the rest of kvmlab runs without it
 
+        who = f"drgn cannot attach to {self.where.name}"
+        qmp.await_greeting(self.where.debug_socket, self.greeting_timeout_s, who)
         kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
         files = debug_files(kernel)
         prog = drgn.Program()

@@ -6,6 +6,8 @@ QMP client at a time, so every call connects, runs its commands and disconnects.
 
 import asyncio
 import contextlib
+import socket as socket_mod
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,35 @@ async def _execute(socket: Path, command: str, arguments: dict | None, timeout_s
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
+
+
+def await_greeting(socket: Path, timeout_s: float, who: str) -> None:
+    """Wait for QEMU's QMP greeting on ``socket``, then hang up, or fail in one line.
+
+    QEMU serves one client per QMP socket; a second one is accepted by the kernel's
+    backlog but never greeted while the first stays. drgn's ``set_qemu_qmp`` waits for
+    that greeting with no deadline, inside C code that neither Ctrl-C nor SIGTERM
+    reaches, so the greeting is awaited here first, where a deadline holds.
+    """
+    deadline = time.monotonic() + timeout_s
+    with socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM) as conn:
+        conn.settimeout(timeout_s)
+        try:
+            conn.connect(str(socket))
+            received = b""
+            while b"\n" not in received:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise KvmlabError(f"{who}: QEMU closed {socket} without a QMP greeting")
+                received += chunk
+        except TimeoutError:
+            raise KvmlabError(
+                f"{who}: {socket} sent no QMP greeting within {timeout_s:g} s: another client holds it "
+                "(QEMU serves one per socket: a kvmlab run's invariant checks, another kvmlab inspect "
+                "or drgn), or QEMU is wedged"
+            ) from None
+        except OSError as err:
+            raise KvmlabError(f"{who}: cannot connect to {socket}: {err.strerror or err}") from None
+    if b'"QMP"' not in received:
+        raise KvmlabError(f"{who}: {socket} is not a QMP socket (it said {received[:80]!r})")
