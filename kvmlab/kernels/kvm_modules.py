@@ -26,6 +26,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
         raise KvmlabError(f"{spec}: kvm-modules: rebuilds the KVM modules of a debian: kernel, "
                           f"not {base_spec!r}")
     patches = patch_series.series(Path(patch).expanduser()) if patch else []
+    _refuse_unbuildable(patches)  # before hundreds of MB of Debian packages are fetched
     base = debian.fetch(base_spec, base_spec.removeprefix("debian:"), debuginfo)
     compiler, compiler_version = _compiler(base)
     key = _key(base, patches, compiler_version)
@@ -95,17 +97,27 @@ def _build(base: Kernel, patches: list[Path], compiler: str, compiler_version: s
         (scratch / "build.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _refuse_unbuildable(patches: list[Path]) -> None:
+    """Refuse a patch git cannot read, or one that changes nothing or reaches outside KVM_DIRS."""
+    inside = tuple(part + "/" for part in KVM_DIRS)
+    with tempfile.TemporaryDirectory(prefix="kvmlab-patch-check-") as empty:
+        for patch in patches:
+            touched = patch_series.files_touched(Path(empty), patch)
+            if not touched:
+                raise KvmlabError(f"patch {patch.name} changes no file")
+            outside = [path for path in touched if not path.startswith(inside)]
+            if outside:
+                raise KvmlabError(
+                    f"patch {patch.name} changes {outside[0]}, outside {' and '.join(KVM_DIRS)}: "
+                    "the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
+
+
 def _apply(tree: Path, patches: list[Path]) -> None:
-    """Commit the pristine source, then each patch on top; none may reach outside KVM_DIRS."""
+    """Commit the pristine source, then each patch on top (``_refuse_unbuildable`` passed them)."""
     patch_series.git(tree, "init", "-q")
     patch_series.git(tree, "add", "-A")
     patch_series.git(tree, "commit", "-q", "-m", "Debian source")
-    inside = tuple(part + "/" for part in KVM_DIRS)
     for patch in patches:
-        outside = [path for path in patch_series.files_touched(tree, patch) if not path.startswith(inside)]
-        if outside:
-            raise KvmlabError(f"patch {patch.name} changes {outside[0]}, outside {' and '.join(KVM_DIRS)}: "
-                              "the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
         patch_series.apply(tree, patch)
 
 

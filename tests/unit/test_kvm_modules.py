@@ -24,6 +24,21 @@ def test_a_patch_outside_the_kvm_directories_is_refused_by_name():
     assert_one_line_error(done, "kvm-outside.patch changes include/linux/kvm_host.h", "whole kernel")
 
 
+@pytest.mark.parametrize("name, content, complaint", [
+    ("garbage.patch", b"this is not a patch\n", "is not a patch git can read"),
+    ("module.patch", bytes(range(256)) * 64, "is not a patch git can read"),
+    ("outside.patch", (DATA / "kvm-outside.patch").read_bytes(), "outside virt/kvm and arch/x86/kvm"),
+])
+def test_an_unbuildable_patch_is_refused_before_any_download(tmp_path, name, content, complaint):
+    """An empty cache stays empty: the patch is read before the Debian packages are fetched."""
+    patch = tmp_path / name
+    patch.write_bytes(content)
+    cache = tmp_path / "cache"
+    done = kvmlab("kernel", "fetch", f"kvm-modules:debian:bookworm+{patch}", env={"KVMLAB_CACHE": str(cache)})
+    assert_one_line_error(done, name, complaint)
+    assert not (cache / "kernels").exists() and not (cache / "apt").exists()
+
+
 def test_bad_kvm_modules_specs():
     assert_one_line_error(kvmlab("kernel", "fetch", "kvm-modules:local:/tmp+x.patch"), "debian: kernel")
     assert_one_line_error(kvmlab("kernel", "fetch", "kvm-modules:debian:bookworm+/nonexistent.patch"),
