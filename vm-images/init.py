@@ -15,13 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
 if not __package__:  # run by path as PID 1: the package's parent holds kvmlab_guest
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from kvmlab_guest import ports, protocol  # noqa: E402
+from kvmlab_guest import ports, protocol, results  # noqa: E402
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -83,8 +82,9 @@ def status(ports: dict[str, int], **record) -> None:
         os.write(ports[protocol.PORT_STATUS], line)
 
 
-def heartbeat(ports: dict[str, int]) -> None:
-    """Tell the host every few seconds that the guest kernel still schedules us.
+def heartbeat(ports: dict[str, int], streamer: results.Streamer) -> None:
+    """Tell the host every few seconds that the guest kernel still schedules us, and
+    hand over the results that settled meanwhile.
 
     A guest kernel that livelocks stops its clock and everything else; the host
     notices the silence long before the job's timeout.
@@ -94,12 +94,12 @@ def heartbeat(ports: dict[str, int]) -> None:
         while True:
             time.sleep(protocol.HEARTBEAT_S)
             status(ports, event=protocol.EVENT_HEARTBEAT)
+            streamer.scan()
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def run_job(job: protocol.Job, ports: dict[str, int]) -> int:
-    os.makedirs(protocol.RESULTS, exist_ok=True)
     env = {
         "PATH": PATH,
         "HOME": "/root",
@@ -120,12 +120,6 @@ def run_job(job: protocol.Job, ports: dict[str, int]) -> int:
         return protocol.EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else protocol.EXIT_NOT_RUNNABLE
     code = child.wait()
     return code if code >= 0 else 128 - code
-
-
-def send_results(ports: dict[str, int]) -> None:
-    with os.fdopen(os.dup(ports[protocol.PORT_RESULTS]), "wb") as stream:
-        with tarfile.open(fileobj=stream, mode="w|") as tar:
-            tar.add(protocol.RESULTS, arcname=".")
 
 
 def power_off() -> None:
@@ -155,9 +149,11 @@ def main() -> None:
     ports = open_ports()
     status(ports, event=protocol.EVENT_READY, uptime=float(open("/proc/uptime").read().split()[0]),
            failed_modules=failed)
-    heartbeat(ports)
+    os.makedirs(protocol.RESULTS, exist_ok=True)
+    streamer = results.Streamer(protocol.RESULTS, ports[protocol.PORT_RESULTS])
+    heartbeat(ports, streamer)
     code = run_job(job, ports)
-    send_results(ports)
+    streamer.close()
     status(ports, event=protocol.EVENT_EXIT, code=code, keep=job.keep)
     if job.keep:
         stay_up()

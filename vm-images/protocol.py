@@ -11,8 +11,9 @@ How a lab VM talks to the host:
 - the job is ``JOB`` (``Job``: ``argv``, ``env``, ``modules`` to load, ``keep``);
 - the guest's code lives under ``GUEST_CODE``, on the job's ``PYTHONPATH``;
 - the job's stdout and stderr go to the virtio-serial ports ``PORT_STDOUT`` and
-  ``PORT_STDERR``; what it wrote under ``RESULTS`` (``$KVMLAB_RESULTS``) goes to
-  ``PORT_RESULTS`` as a tar stream when it ends;
+  ``PORT_STDERR``; what it writes under ``RESULTS`` (``$KVMLAB_RESULTS``) goes to
+  ``PORT_RESULTS`` as one tar stream, each file once it settles (``results``) and the
+  rest when the job ends;
 - ``PORT_STATUS`` carries JSON lines: ``ready`` when the job starts, a ``heartbeat``
   every ``HEARTBEAT_S``, ``exit`` with its code;
 - a guest that stays up runs the agent, which takes requests on ``PORT_CONTROL``;

@@ -9,13 +9,12 @@ and, unless kept, also dies with us through PR_SET_PDEATHSIG.
 """
 
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import boot, lifecycle, runs
+from kvmlab.vm import boot, lifecycle, results, runs
 from kvmlab.vm.boot import RunOptions
 from kvmlab.vm.lifecycle import RunResult
 
@@ -52,25 +51,25 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
                              options.timeout_s, options.stall_s)
     if checker is not None:
         lifecycle.judge_checks(result, checker.report)
-    _collect_results(vm.run_dir, options.out, log)
+    _collect_results(vm.run_dir, options.out, log, job_ended=status.exit_code is not None)
     runs.record(vm.run_dir, state=result.outcome, exit_code=result.exit_code,
                 job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
                 total_s=result.total_s)
     return result
 
 
-def _collect_results(run_dir: Path, out: Path | None, log) -> None:
-    """Unpack results.tar into ``out`` (default: the run directory's results/)."""
+def _collect_results(run_dir: Path, out: Path | None, log, job_ended: bool) -> None:
+    """Unpack results.tar into ``out`` (default: the run directory's results/); when the
+    guest stopped mid-job, say which of its files it had sent."""
     target = out or run_dir / "results"
     archive = run_dir / "results.tar"
-    target.mkdir(parents=True, exist_ok=True)
-    if not archive.exists() or archive.stat().st_size == 0:
+    unpacked = results.unpack(archive, target)
+    if job_ended and unpacked.cut is None:
         return
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, OSError) as err:
-        print(f"kvmlab: results archive incomplete ({err}); kept as {archive}", file=log)
+    why = f"the results archive is cut short ({unpacked.cut})" if unpacked.cut else "the job did not end"
+    names = ", ".join(unpacked.files[:5]) + (" …" if len(unpacked.files) > 5 else "")
+    print(f"kvmlab: {why}: kept the {len(unpacked.files)} result files the guest had sent, in {target}"
+          f"{': ' + names if names else ''}", file=log)
 
 
 class _Follower:

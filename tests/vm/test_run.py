@@ -45,11 +45,18 @@ def test_missing_command_is_127():
 
 
 @pytest.mark.parametrize("spec", EXPECTED)
-def test_panic_is_reported_with_excerpt(spec):
-    done = kvmlab("run", spec, "--timeout", "300", "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+def test_panic_is_reported_with_excerpt_and_keeps_settled_results(spec, tmp_path):
+    """A result written well before the panic (two heartbeats) comes back; one written
+    just before it cannot, and the host says which files it kept."""
+    script = ('seq 1 50000 > "$KVMLAB_RESULTS/before.txt"; sleep 7; '
+              'echo too-late > "$KVMLAB_RESULTS/after.txt"; echo c > /proc/sysrq-trigger')
+    done = kvmlab("run", spec, "--timeout", "300", "--out", str(tmp_path), "--", "sh", "-c", script)
     assert done.returncode == 125, done.stderr
     assert "guest kernel reported a panic" in done.stderr
     assert "sysrq" in done.stderr
+    assert (tmp_path / "before.txt").read_text() == "".join(f"{n}\n" for n in range(1, 50001))
+    assert not (tmp_path / "after.txt").exists()
+    assert "the job did not end: kept the 1 result files the guest had sent" in done.stderr
 
 
 def test_hang_is_killed_after_timeout():
