@@ -14,6 +14,7 @@ from kvmlab.qualify import analysis, matrix, report
 from kvmlab.qualify.driver import CHECK_EVERY_S, Driver
 from kvmlab.qualify.store import Store
 from kvmlab.vm import accel, boot, clock, emulator
+from traces.errors import TraceError
 
 
 def add_parsers(sub) -> None:
@@ -98,7 +99,7 @@ def qualify(args: argparse.Namespace) -> int:
         options["files"] = boot.trace_files(config["trace"])
     Driver(store, kernels_by_side, options, check_invariants=config["check_invariants"]).run()
     result = analysis.analyse(config, store.records())
-    traced = _traced_runs(store) if config.get("trace") else None
+    traced = _traced_runs(store, config) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
     print(report.markdown(result, traced))
     print(
@@ -140,6 +141,8 @@ def _create(args: argparse.Namespace) -> Store:
     for side, spec in (("base", args.base), ("patched", args.patched)):
         kernel = kernels.fetch(spec, debuginfo=args.check_invariants)
         sides[side] = {"spec": spec, "exact": kernel.pinned, "release": kernel.release}
+        if kernel.patches:
+            sides[side]["patches"] = kernel.patches
     config = {
         **sides,
         "tests": tests,
@@ -237,16 +240,23 @@ def _trace_spec(name: str | None) -> dict | None:
     return probes.load(name)
 
 
-def _traced_runs(store: Store) -> list:
-    """Every traced run's calls, labelled base or patched (base first: it is the reference)."""
+def _traced_runs(store: Store, config: dict) -> list:
+    """Every traced run's calls, labelled by side and spec (base first: it is the
+    reference). A run whose trace files are damaged is named and left out: the
+    measurements in the store stand without it."""
     from kvmlab import trace_report
 
-    traced, records = [], store.records()
+    traced, records, names = [], store.records(), report.spec_names(config)
     for side in matrix.SIDES:
         for record in records:
             if record["kind"] == "run" and record["side"] == side and record.get("trace_dir"):
-                run = trace_report.load_run(store.directory / record["trace_dir"], partial=True)
-                run.kernel = f"{side} {run.kernel}"
+                try:
+                    run = trace_report.load_run(store.directory / record["trace_dir"], partial=True)
+                except (KvmlabError, TraceError) as err:
+                    print(f"kvmlab qualify: warning: trace of {side} {record['test']} @{record['slots']} "
+                          f"run {record['run']} left out of the report: {err}", file=sys.stderr)
+                    continue
+                run.kernel = f"{side} {names[side]}"
                 run.calls = run.calls.assign(kernel=run.kernel)
                 traced.append(run)
     return traced

@@ -65,8 +65,12 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
         spec=spec, pinned=pinned, release=base.release, vmlinuz=base.vmlinuz, config=base.config,
         system_map=base.system_map, modules_root=entry / "root", store=entry, vmlinux=base.vmlinux,
         kvm_debug=kvm_debug if kvm_debug.exists() else None, package=base.package,
-        version=base.version, suite=base.suite,
+        version=base.version, suite=base.suite, patches=[_patch_record(p) for p in patches],
     )
+
+
+def _patch_record(patch: Path) -> dict:
+    return {"name": patch.name, "sha256": hashlib.sha256(patch.read_bytes()).hexdigest()}
 
 
 def _key(base: Kernel, patches: list[Path], compiler: str) -> str:
@@ -91,8 +95,7 @@ def _build(base: Kernel, patches: list[Path], compiler: str, compiler_version: s
         _install(built, base, scratch)
         shutil.rmtree(tree)
         record = {"base": base.pinned, "release": base.release, "compiler": compiler_version,
-                  "patches": [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                              for p in patches],
+                  "patches": [_patch_record(p) for p in patches],
                   "build_s": round(time.monotonic() - started, 1)}
         (scratch / "build.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -39,6 +39,8 @@ class Kernel:
     version: str | None = None
     suite: str | None = None
     """The Debian suite of ``package``: where its source, headers and compiler come from."""
+    patches: list[dict] | None = None
+    """``{"name", "sha256"}`` of each patch built in (kvm-modules: specs), for the reports."""
 
     def config_value(self, option: str) -> str | None:
         """The value of ``CONFIG_<option>`` in the kernel's config, or None if unset."""

@@ -253,10 +253,12 @@ def test_cli_refuses_bad_qualify_usage(tmp_path):
 
 
 def test_a_run_length_or_threshold_that_is_not_a_number_is_refused(tmp_path):
-    for option, value in (("--seconds", "nan"), ("--seconds", "inf"), ("--threshold", "nan")):
+    for option, value, complaint in (("--seconds", "nan", "--seconds wants a positive time"),
+                                     ("--seconds", "inf", "--seconds wants a positive time"),
+                                     ("--threshold", "nan", "--threshold wants a fraction in [0, 1)")):
         done = kvmlab("qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", option, value,
                       "-o", str(tmp_path / value))
-        assert_one_line_error(done, "--seconds wants a positive time")
+        assert_one_line_error(done, complaint)
         assert not (tmp_path / value).exists()
 
 

@@ -68,7 +68,8 @@ def test_histogram_counts_are_checked_against_the_graph_calls_of_the_job():
 RELEASE = "5.10.0-32-cloud-amd64"
 CAPTURE = {"set": "memslot-update", "release": RELEASE, "calibration": {"overhead_ns_per_call": 2000.0}}
 QUALIFY_CONFIG = {"base": {"spec": "debian:bullseye", "exact": "x", "release": RELEASE},
-                  "patched": {"spec": "debian:bullseye", "exact": "x", "release": RELEASE},
+                  "patched": {"spec": "kvm-modules:debian:bullseye+/src/v2/fix.patch", "exact": "y",
+                              "release": RELEASE},
                   "tests": ["move active area"], "slots": [10], "runs": 2, "seconds": 0.5, "threshold": 0.02,
                   "cpus": 1, "trace": "memslot-update", "check_invariants": False}
 
@@ -121,19 +122,24 @@ def test_partial_reports_the_intact_run_beside_one_with_damaged_headers(cli, tmp
     assert (out / "calls-good.csv").exists() and not (out / "calls-bad.csv").exists()
 
 
-def test_qualify_keeps_its_trace_report_when_one_trace_is_damaged(tmp_path, bullseye):
-    """qualify --trace reads every traced run partially: the bad one is named, the rest reported."""
+def test_qualify_keeps_its_trace_report_when_one_trace_is_damaged(tmp_path, bullseye, capsys):
+    """qualify --trace reads every traced run partially: a cut trace.dat is named, a damaged
+    capture.json left out with a warning, the rest reported under each side's spec."""
     store = Store.create(tmp_path / "q", QUALIFY_CONFIG)
     for number, (side, trace) in enumerate([("base", bullseye), ("patched", bullseye[:300]),
-                                            ("patched", bullseye)]):
+                                            ("patched", bullseye), ("base", bullseye)]):
         run_dir(store.directory / f"t{number}", trace)
         store.append({"kind": "run", "side": side, "test": "move active area", "slots": 10, "run": number,
                       "iteration_ns": 1e6, "iterations": 10, "slot_setup_ns": 1e6, "release": RELEASE,
                       "trace_dir": f"t{number}"})
-    text = "\n".join(qualify_report.trace_markdown(_traced_runs(store)))
-    assert f"| base {RELEASE} | move active area |" in text
-    assert f"| patched {RELEASE} | move active area |" in text
+    (store.directory / "t3" / "capture.json").write_text("{")
+    text = "\n".join(qualify_report.trace_markdown(_traced_runs(store, QUALIFY_CONFIG)))
+    assert "| base debian:bullseye | move active area |" in text
+    assert "| patched kvm-modules:debian:bullseye+fix.patch | move active area |" in text
     assert f"- {store.directory / 't1' / 'trace.dat'}: truncated at offset 300" in text
+    warning, = capsys.readouterr().err.splitlines()
+    assert warning.startswith("kvmlab qualify: warning: trace of base move active area @10 run 3 left out")
+    assert "capture.json" in warning
 
 
 def headers_only(trace: bytes, scratch: Path) -> bytes:

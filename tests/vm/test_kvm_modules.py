@@ -21,6 +21,10 @@ def _qualify(out, patch: str, tests: str, slots: str, expect_code: int):
     store = Store(out)
     assert store.config["base"]["release"] == store.config["patched"]["release"]
     assert store.config["clock"] == "icount"
+    recorded, = store.config["patched"]["patches"]
+    assert recorded["name"] == patch and "patches" not in store.config["base"]
+    header = (out / "report.md").read_text()
+    assert f"kvm-modules:debian:bookworm+{patch} (" in header and recorded["sha256"][:12] in header
     result = analysis.analyse(store.config, store.records())
     return {(cell.test, cell.slots): cell for cell in result.cells}, done
 
