@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, assert_one_line_error, kvmlab
@@ -33,7 +34,7 @@ def silent_qmp(tmp_path):
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield path
+    yield SimpleNamespace(path=path, held=held)
     stop.set()
     thread.join()
     for conn in held:
@@ -43,7 +44,8 @@ def silent_qmp(tmp_path):
 
 def test_a_socket_that_never_greets_ends_in_one_line_at_the_deadline(silent_qmp):
     started = time.monotonic()
-    done = kvmlab("inspect", str(silent_qmp), "--kernel", "debian:bookworm", "--timeout", "2", timeout=120)
+    done = kvmlab("inspect", str(silent_qmp.path), "--kernel", "debian:bookworm", "--timeout", "2",
+                  timeout=120)
     waited = time.monotonic() - started
     assert_one_line_error(done, "drgn cannot attach", "sent no QMP greeting within 2 s", "another client")
     assert waited < 60  # the 2 s deadline held: drgn's own wait would be for ever
@@ -52,9 +54,12 @@ def test_a_socket_that_never_greets_ends_in_one_line_at_the_deadline(silent_qmp)
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
 def test_a_waiting_inspect_ends_on_sigterm_and_ctrl_c(silent_qmp, how):
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvmlab.cli", "inspect", str(silent_qmp), "--kernel", "debian:bookworm",
+        [sys.executable, "-m", "kvmlab.cli", "inspect", str(silent_qmp.path), "--kernel", "debian:bookworm",
          "--timeout", "600"], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # well into the wait: the CLI imports in about a second
+    deadline = time.monotonic() + 60
+    while not silent_qmp.held and time.monotonic() < deadline:  # connected: it is waiting now
+        time.sleep(0.05)
+    assert silent_qmp.held, "kvmlab inspect never connected"
     process.send_signal(how)
     try:
         _, stderr = process.communicate(timeout=30)
@@ -82,5 +87,5 @@ def test_not_a_qmp_socket(tmp_path):
 
 
 def test_a_bad_timeout_is_refused(silent_qmp):
-    done = kvmlab("inspect", str(silent_qmp), "--kernel", "debian:bookworm", "--timeout", "nan")
+    done = kvmlab("inspect", str(silent_qmp.path), "--kernel", "debian:bookworm", "--timeout", "nan")
     assert_one_line_error(done, "--timeout wants a positive number")
