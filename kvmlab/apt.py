@@ -159,7 +159,7 @@ class AptRoot:
         ~0.5 s a call, which would be most of a warm ``kvmlab run``'s overhead.
         """
         self.update()
-        memo = json.loads(self._memo.read_text()) if self._memo.exists() else {}
+        memo = self._read_memo()
         if name not in memo:
             try:
                 memo[name] = _control_fields(self._apt("apt-cache", "show", "--no-all-versions", name))
@@ -167,6 +167,18 @@ class AptRoot:
                 return None
             cache.publish_file(self._memo, lambda tmp: tmp.write_text(json.dumps(memo)), replace=True)
         return memo[name]
+
+    def _read_memo(self) -> dict[str, dict[str, str]]:
+        """The remembered answers; a damaged memo, or a damaged answer in it, counts as
+        absent: apt is asked again and the memo rewritten. It is only a cache of apt's
+        answers, so nothing is lost, and the user has nothing to repair."""
+        try:
+            memo = json.loads(self._memo.read_text())
+        except (OSError, ValueError):  # absent, unreadable, not UTF-8, not JSON
+            return {}
+        if not isinstance(memo, dict):
+            return {}
+        return {name: fields for name, fields in memo.items() if _sound_fields(fields)}
 
     def package(self, name: str) -> Package | None:
         fields = self.show(name)
@@ -200,6 +212,15 @@ def _control_fields(text: str) -> dict[str, str]:
         key, value = line.split(":", 1)
         fields[key] = value.strip()
     return fields
+
+
+def _sound_fields(fields: object) -> bool:
+    """Whether a memo entry is control fields as ``_control_fields`` writes them, with what
+    ``package`` reads from it: a name, a version and, if any, a whole-number size."""
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        return False
+    size = fields.get("Size", "0")
+    return "Package" in fields and "Version" in fields and size.isascii() and size.isdigit()
 
 
 def depends_names(depends: str) -> list[str]:

@@ -28,8 +28,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import mannwhitneyu
-from scipy.stats import t as student_t
 
 IMPROVED, REGRESSED, NO_CHANGE = "improved", "regressed", "no significant change"
 MANN_WHITNEY, WELCH_LOG = "mann-whitney", "welch-log"
@@ -63,6 +61,8 @@ def compare_cell(base, patched, alpha: float = 0.05, threshold: float = 0.05,
     if method == WELCH_LOG:
         ratio, low, high, p_value = welch_log_ratio(base, patched)
     elif method == MANN_WHITNEY:
+        from scipy.stats import mannwhitneyu  # scipy costs a second to import: only when comparing
+
         ratio, low, high = bootstrap_ratio(base, patched, np.median, seed)
         p_value = float(mannwhitneyu(base, patched, alternative="two-sided").pvalue)
     else:
@@ -92,6 +92,8 @@ def welch_log_ratio(base, patched, level: float = 0.95) -> tuple[float, float, f
     freedom = (var_base + var_patched) ** 2 / (
         var_base**2 / (len(log_base) - 1) + var_patched**2 / (len(log_patched) - 1)
     )
+    from scipy.stats import t as student_t  # scipy costs a second to import: only when comparing
+
     p_value = float(2 * student_t.sf(abs(difference) / error, freedom))
     half = float(student_t.ppf(0.5 + level / 2, freedom)) * error
     return math.exp(difference), math.exp(difference - half), math.exp(difference + half), p_value

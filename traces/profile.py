@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.errors import TraceError
+from traces.errors import TraceError, require_regular_file
 
 
 def read_hist(path: Path) -> pd.DataFrame:
@@ -42,6 +42,7 @@ def read_hist(path: Path) -> pd.DataFrame:
 def _load_hist(path: Path) -> dict[str, tuple[np.ndarray, int]]:
     """Per function, its (latency ns, count) pairs as an n × 2 array and its dropped count."""
     try:
+        require_regular_file(path)
         data = json.loads(path.read_text())
     except OSError as err:
         raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.errors import TraceError
+from traces.errors import TraceError, require_regular_file
 
 __all__ = ["EventFormat", "FormatField", "TraceFile", "TraceFileError", "parse_format", "read_events"]
 
@@ -420,8 +420,9 @@ class TraceFile:
     @classmethod
     def open(cls, path) -> TraceFile:
         """Read the headers of ``path``; TraceFileError if they are truncated or corrupt,
-        TraceError if it cannot be read at all (a directory, no permission)."""
+        TraceError if it cannot be read at all (not a regular file, no permission)."""
         try:
+            require_regular_file(Path(path))
             data = Path(path).read_bytes()
         except OSError as err:
             raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None

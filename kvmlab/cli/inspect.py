@@ -41,6 +41,7 @@ def add_parsers(sub) -> None:
     attach_parser.add_argument("--pid", type=int, help="only the VMs of this guest process")
     attach_parser.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
     attach_parser.add_argument("--timeout", type=float, default=attach.GREETING_TIMEOUT_S, metavar="S",
-                               help="how long QEMU may take to let drgn in (default %(default)g s)")
+                               help="how long QEMU may take to let drgn in "
+                                    "(default %(default)g s; inf: no limit)")
     attach_parser.set_defaults(func=_inspect)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kvmlab import kernels
 from kvmlab.kernels import build as kernel_build
-from kvmlab.kernels import debian, patches
+from kvmlab.kernels import debian, patches, paths
+from kvmlab.kernels.model import Kernel
 from kvmlab.vm import emulator, image
 
 
@@ -17,12 +18,21 @@ def _kernel_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(kernel.to_json(), indent=2))
     else:
-        origin = kernel.package or f"KVM modules rebuilt in {kernel.store}"
-        print(f"{kernel.spec}: {kernel.release} ({origin}, {kernel.version})")
+        print(f"{kernel.spec}: {kernel.release} ({_origin(kernel)})")
         print(f"  vmlinuz  {kernel.vmlinuz}")
         if kernel.vmlinux:
             print(f"  vmlinux  {kernel.vmlinux}")
     return 0
+
+
+def _origin(kernel: Kernel) -> str:
+    """Where a fetched kernel came from, as ``kernel fetch`` says it."""
+    if kernel.package is None:
+        return "a local build"
+    debian_package = f"{kernel.package}, {kernel.version}"
+    if kernel.patches is not None:  # kvm-modules: the Debian image, with its KVM modules rebuilt
+        return f"{debian_package}; KVM modules rebuilt in {kernel.store}"
+    return debian_package
 
 
 def _kernel_list(args: argparse.Namespace) -> int:
@@ -42,8 +52,7 @@ def _kernel_list(args: argparse.Namespace) -> int:
 
 
 def _kernel_build(args: argparse.Namespace) -> int:
-
-    series = [p for path in args.patch for p in patches.series(path)]
+    series = [p for path in args.patch for p in patches.series(paths.expanded(path, "patch"))]
     options = kernel_build.BuildOptions(
         tree=args.tree, out=args.out, patches=series, fragments=args.config, base_config=args.base_config,
         kasan=args.kasan, lockdep=args.lockdep, jobs=args.jobs)

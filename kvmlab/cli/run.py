@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +14,10 @@ from kvmlab.errors import KvmlabError
 from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.vm import boot, image, runner, runs
 from traces import probes
-from traces.tracedat import TraceFile, TraceFileError
+from traces.errors import TraceError, require_regular_file
+
+#: What ``trace-cmd convert --compression`` takes.
+TRACE_COMPRESSIONS = ("zstd", "zlib", "any", "none")
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -32,13 +37,50 @@ def _existing(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def _trace_options(args: argparse.Namespace) -> dict | None:
-    if not args.trace:
-        return None
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse what argparse's float and int let through: nan, inf, zero and negatives."""
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise KvmlabError(f"--timeout wants a positive number of seconds, got {args.timeout:g}")
+    if not (math.isfinite(args.stall_timeout) and args.stall_timeout >= 0):
+        raise KvmlabError(f"--stall-timeout wants a number of seconds (0: off), got {args.stall_timeout:g}")
+    if args.cpus < 1:
+        raise KvmlabError(f"--cpus wants a positive number of vCPUs, got {args.cpus}")
+    if args.memory < 1:
+        raise KvmlabError(f"--memory wants a positive size in MiB, got {args.memory}")
+    every = args.check_invariants_every
+    if every is not None and not (math.isfinite(every) and every > 0):
+        raise KvmlabError(f"--check-invariants-every wants a positive number of seconds, got {every:g}")
 
-    spec = probes.load(args.trace)
+
+def _check_out(out: Path | None) -> None:
+    """--out must be a directory kvmlab can write, or one it can create: found only after
+    the boot, a file there would cost the run's results."""
+    if out is None:
+        return
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise KvmlabError(f"--out {out} is not writable")
+        return
+    if os.path.lexists(out):  # a file, a FIFO, a dangling symlink or a symlink loop
+        raise KvmlabError(f"--out {out} exists and is not a directory")
+    parent = next(p for p in out.absolute().parents if os.path.lexists(p))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise KvmlabError(f"--out {out} cannot be created: {parent} is not a writable directory")
+
+
+def _trace_options(args: argparse.Namespace) -> dict | None:
+    """The probe set and capture settings for the guest (None: no --trace), checked."""
     if args.trace_buffer_kb is not None and args.trace_buffer_kb <= 0:
         raise KvmlabError("--trace-buffer-kb wants a positive size")
+    if args.trace_compression is not None and args.trace_compression not in TRACE_COMPRESSIONS:
+        raise KvmlabError(f"--trace-compression wants one of {', '.join(TRACE_COMPRESSIONS)}, "
+                          f"got {args.trace_compression!r}")
+    if args.trace_compression not in (None, "none") and args.trace_file_version == 6:
+        raise KvmlabError("--trace-compression needs --trace-file-version 7: "
+                          "version 6 files are not compressed")
+    if not args.trace:
+        return None
+    spec = probes.load(args.trace)
     spec.update(buffer_kb=args.trace_buffer_kb, profile=args.trace_profile,
                 file_version=args.trace_file_version, compression=args.trace_compression)
     return spec
@@ -50,7 +92,13 @@ def _trace_summary(results: Path) -> None:
     if not capture_path.exists():
         print("kvmlab: trace: the guest wrote no capture.json (the capture did not run)", file=sys.stderr)
         return
-    capture = json.loads(capture_path.read_text())
+    try:
+        require_regular_file(capture_path)
+        capture = json.loads(capture_path.read_text())
+        capture["set"]
+    except (OSError, ValueError, KeyError, TypeError, TraceError) as err:
+        print(f"kvmlab: trace: {capture_path} is damaged ({err!r})", file=sys.stderr)
+        return
     if capture.get("error"):
         print(f"kvmlab: trace: {capture['error']}", file=sys.stderr)
     skipped = capture.get("skipped_functions", []) + capture.get("skipped_events", [])
@@ -60,10 +108,11 @@ def _trace_summary(results: Path) -> None:
     if not trace_path.exists():
         print("kvmlab: trace: no trace.dat came back", file=sys.stderr)
         return
+    from traces.tracedat import TraceFile  # pandas: only after a traced run
 
     try:
         losses = TraceFile.open(trace_path).describe_losses()
-    except TraceFileError as err:
+    except TraceError as err:  # damaged, or not a regular file: the run's own outcome still counts
         print(f"kvmlab: trace: {err}", file=sys.stderr)
         return
     print(f"kvmlab: trace: {trace_path}; {'; '.join(losses) or 'no events lost'}", file=sys.stderr)
@@ -73,8 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
         raise KvmlabError("kvmlab run: no command given; usage: kvmlab run KERNEL -- CMD ARGS...")
-    if args.check_invariants_every is not None and args.check_invariants_every <= 0:
-        raise KvmlabError("--check-invariants-every wants a positive number of seconds")
+    # Every option is checked before the kernel is fetched or a run directory made.
+    _check_numbers(args)
+    _check_out(args.out)
+    env, added, trace = _parse_env(args.env), _existing(args.add), _trace_options(args)
     kernel = kernels.fetch(args.kernel, debuginfo=args.check_invariants_every is not None)
     checker = None
     if args.check_invariants_every is not None:
@@ -82,9 +133,9 @@ def _run(args: argparse.Namespace) -> int:
     options = boot.RunOptions(
         argv=command, timeout_s=args.timeout, stall_s=args.stall_timeout,
         cpus=args.cpus, memory_mb=args.memory,
-        accel=args.accel, clock=args.clock, keep=args.keep, out=args.out, env=_parse_env(args.env),
-        append=args.append, recipe=args.recipe, added=_existing(args.add),
-        checker=checker, trace=_trace_options(args),
+        accel=args.accel, clock=args.clock, keep=args.keep, out=args.out, env=env,
+        append=args.append, recipe=args.recipe, added=added,
+        checker=checker, trace=trace,
     )
     result = runner.run(kernel, options)
     if result.message:
@@ -106,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     vms = runs.kept()
-    if args.run:
+    if args.run is not None:  # an empty name is a name that matches no run, not "all of them"
         wanted = runs.resolve(args.run)
         runs.read(wanted)  # a damaged run.json is named, not taken for a VM that ended
         vms = [vm for vm in vms if vm.run_dir == wanted]
@@ -154,7 +205,8 @@ def add_parsers(sub) -> None:
                           "kernel (a second opinion; needs CONFIG_HIST_TRIGGERS)")
     run.add_argument("--trace-file-version", type=int, choices=[6, 7],
                      help="trace.dat format (default: trace-cmd's)")
-    run.add_argument("--trace-compression", help="trace.dat v7 compression (zstd, zlib, any)")
+    run.add_argument("--trace-compression",
+                     help=f"trace.dat v7 compression ({', '.join(TRACE_COMPRESSIONS)})")
     run.set_defaults(command=[])
     run.set_defaults(func=_run)
 

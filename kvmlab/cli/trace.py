@@ -4,10 +4,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvmlab import trace_report as report
-
 
 def _trace_report(args: argparse.Namespace) -> int:
+    from kvmlab import trace_report as report  # pandas and matplotlib: only for a report
+
     labels = report.distinct_labels(args.dirs)
     runs = [report.load_run(directory, args.partial) for directory in args.dirs]
     for run, label in zip(runs, labels, strict=True):

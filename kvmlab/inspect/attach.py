@@ -74,7 +74,15 @@ def _run_target(run_dir: Path, kernel_spec: str | None) -> Target:
     spec = kernel_spec or info.get("kernel_exact") or info.get("kernel")
     if not isinstance(spec, str):
         raise KvmlabError(f"{run_dir / 'run.json'} names no kernel: say which it runs with --kernel SPEC")
-    return Target(Path(info["debug_qmp"]), Path(info["qmp"]), spec, run_dir.name)
+    return Target(_socket(run_dir, info, "debug_qmp"), _socket(run_dir, info, "qmp"), spec, run_dir.name)
+
+
+def _socket(run_dir: Path, info: dict, key: str) -> Path:
+    """A QMP socket run.json names; a record that names none is damaged, said in one line."""
+    path = info.get(key)
+    if not isinstance(path, str) or not path:
+        raise KvmlabError(f"{run_dir / 'run.json'} is damaged: {key!r} wants a socket path, found {path!r}")
+    return Path(path)
 
 
 def debug_files(kernel: Kernel) -> list[Path]:

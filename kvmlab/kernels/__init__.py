@@ -10,7 +10,8 @@ A spec is what a user types wherever kvmlab wants a kernel:
   KVM modules rebuilt from its own source, patched or not.
 
 One module a source: ``debian``, ``local``, ``kvm_modules``; ``model`` is the Kernel
-they all return, ``build`` compiles a tree for ``local:``, ``patches`` reads a series.
+they all return, ``build`` compiles a tree for ``local:``, ``patches`` reads a series,
+``paths`` reads the paths a user typed.
 """
 
 from kvmlab.errors import UnknownSpec

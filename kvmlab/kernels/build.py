@@ -33,6 +33,7 @@ from pathlib import Path
 from kvmlab import durations
 from kvmlab.errors import KvmlabError, MissingTool
 from kvmlab.kernels import patches as patch_series
+from kvmlab.kernels import paths
 
 FRAGMENTS = Path(__file__).resolve().parent / "configs"
 KERNEL_FRAGMENTS = ("kernel/configs/kvm_guest.config",)
@@ -53,14 +54,17 @@ class BuildOptions:
 
 
 def build(options: BuildOptions, log=sys.stderr) -> Path:
-    """Patch, configure and build; returns OUT (``local:OUT`` boots it)."""
+    """Patch, configure and build; returns OUT (``local:OUT`` boots it).
+
+    Every check (tree, tools, inputs, OUT) comes before the first patch is applied and
+    before OUT is created, so a refused build leaves TREE exactly as it was."""
     tree = _source_tree(options.tree)
     _check_tools()
     _check_inputs(options)
-    out = (options.out or tree / "kvmlab-build").expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _build_dir(options.out or tree / "kvmlab-build")
     with patch_series.applied(tree, options.patches, log):
-        refused = configure(tree, out, _fragments(tree, options), options.base_config)
+        out.mkdir(parents=True, exist_ok=True)
+        refused = configure(tree, out, _fragments(tree, options), _base_config(options))
         for line in refused:
             print(f"kvmlab: warning: the configuration refused {line}", file=log)
         started = time.monotonic()
@@ -72,10 +76,18 @@ def build(options: BuildOptions, log=sys.stderr) -> Path:
 
 
 def _source_tree(path: Path) -> Path:
-    tree = path.expanduser().resolve()
+    tree = paths.resolved(path, "kernel tree")
     if not (tree / "Makefile").exists() or not (tree / "arch" / "x86").is_dir():
         raise KvmlabError(f"{tree} is not a Linux source tree (no Makefile or arch/x86)")
     return tree
+
+
+def _build_dir(path: Path) -> Path:
+    """OUT, resolved; refused if something other than a directory already has its name."""
+    out = paths.resolved(path, "build directory")
+    if out.exists() and not out.is_dir():
+        raise KvmlabError(f"build directory {out} exists and is not a directory")
+    return out
 
 
 def _check_tools() -> None:
@@ -85,12 +97,18 @@ def _check_tools() -> None:
 
 
 def _check_inputs(options: BuildOptions) -> None:
-    """Refuse a missing fragment or base config before a patch touches the tree."""
+    """Refuse a bad job count, or a missing fragment or base config, before a patch touches the tree."""
+    if isinstance(options.jobs, bool) or not isinstance(options.jobs, int) or options.jobs < 1:
+        raise KvmlabError(f"-j wants a positive number of jobs, got {options.jobs!r}")
     for fragment in options.fragments:
-        if not fragment.expanduser().is_file():
+        if not paths.expanded(fragment, "config fragment").is_file():
             raise KvmlabError(f"config fragment {fragment} does not exist")
-    if options.base_config is not None and not options.base_config.expanduser().is_file():
+    if options.base_config is not None and not paths.expanded(options.base_config, "base config").is_file():
         raise KvmlabError(f"base config {options.base_config} does not exist")
+
+
+def _base_config(options: BuildOptions) -> Path | None:
+    return None if options.base_config is None else paths.resolved(options.base_config, "base config")
 
 
 def _fragments(tree: Path, options: BuildOptions) -> list[Path]:
@@ -99,7 +117,7 @@ def _fragments(tree: Path, options: BuildOptions) -> list[Path]:
     fragments = [tree / name for name in KERNEL_FRAGMENTS] + [FRAGMENTS / "kvm-testing.config"]
     fragments += [FRAGMENTS / "kasan.config"] * options.kasan
     fragments += [FRAGMENTS / "lockdep.config"] * options.lockdep
-    return fragments + [fragment.expanduser().resolve() for fragment in options.fragments]
+    return fragments + [paths.resolved(fragment, "config fragment") for fragment in options.fragments]
 
 
 def configure(tree: Path, out: Path, fragments: list[Path], base_config: Path | None) -> list[str]:
@@ -108,7 +126,7 @@ def configure(tree: Path, out: Path, fragments: list[Path], base_config: Path | 
         if not fragment.exists():
             raise KvmlabError(f"config fragment {fragment} does not exist")
     if base_config is not None:
-        shutil.copy(base_config.expanduser(), out / ".config")
+        shutil.copy(base_config, out / ".config")
         run_make(tree, out, ["olddefconfig"], "make olddefconfig")
     else:
         run_make(tree, out, ["x86_64_defconfig"], "make x86_64_defconfig")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool
-from kvmlab.kernels import debian
+from kvmlab.kernels import debian, paths
 from kvmlab.kernels import patches as patch_series
 from kvmlab.kernels.build import compile_error, make_env
 from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
@@ -49,7 +49,7 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
     if not base_spec.startswith("debian:"):
         raise KvmlabError(f"{spec}: kvm-modules: rebuilds the KVM modules of a debian: kernel, "
                           f"not {base_spec!r}")
-    patches = patch_series.series(Path(patch).expanduser()) if patch else []
+    patches = patch_series.series(paths.expanded(patch, f"{spec}: patch")) if patch else []
     _refuse_unbuildable(patches)  # before hundreds of MB of Debian packages are fetched
     base = debian.fetch(base_spec, base_spec.removeprefix("debian:"), debuginfo)
     compiler, compiler_version = _compiler(base)
@@ -59,7 +59,7 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
         with cache.locked(cache.area(SCHEME) / f"{key}.lock"):
             if not (entry / "build.json").exists():
                 _build(base, patches, compiler, compiler_version, entry)
-    pinned = f"{SCHEME}:{base.pinned}" + (f"+{Path(patch).expanduser().resolve()}" if patch else "")
+    pinned = f"{SCHEME}:{base.pinned}" + (f"+{paths.resolved(patch, f'{spec}: patch')}" if patch else "")
     kvm_debug = entry / "build" / KVM_MODULE.removeprefix("kernel/")
     return Kernel(
         spec=spec, pinned=pinned, release=base.release, vmlinuz=base.vmlinuz, config=base.config,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kvmlab.errors import KvmlabError, MissingTool
+from kvmlab.kernels import paths
 
 SUFFIXES = (".patch", ".diff", ".mbox", ".eml")
 IDENTITY = {"GIT_AUTHOR_NAME": "kvmlab", "GIT_AUTHOR_EMAIL": "kvmlab@localhost",
@@ -42,9 +43,14 @@ def series(path: Path) -> list[Path]:
     raise KvmlabError(f"patch {path} does not exist")
 
 
+def _absolute(patch: Path) -> Path:
+    """The patch as git, running in the tree, must be told it."""
+    return paths.resolved(patch, "patch")
+
+
 def files_touched(tree: Path, patch: Path) -> list[str]:
     """The paths ``patch`` changes, as git reads them."""
-    listed = git(tree, "apply", "--numstat", str(patch.resolve()), check=False)
+    listed = git(tree, "apply", "--numstat", str(_absolute(patch)), check=False)
     if listed.returncode != 0:
         raise KvmlabError(f"patch {patch.name} is not a patch git can read: {first_failure(listed.stderr)}")
     return [line.split("\t")[-1] for line in listed.stdout.splitlines() if line.strip()]
@@ -54,7 +60,7 @@ def apply(tree: Path, patch: Path) -> None:
     """Apply and commit one patch on the git tree ``tree``."""
     text = patch.read_text(errors="replace")
     mail = text.startswith("From ") or "\nSubject:" in text[:2000]
-    argv = ["am", "-q", str(patch.resolve())] if mail else ["apply", "--index", str(patch.resolve())]
+    argv = ["am", "-q", str(_absolute(patch))] if mail else ["apply", "--index", str(_absolute(patch))]
     done = git(tree, *argv, check=False)
     if done.returncode != 0:
         if mail:
@@ -167,7 +173,7 @@ class _PlainTree:
         self.patched: list[Path] = []
 
     def apply(self, patch: Path) -> None:
-        done = git(self.tree, "apply", str(patch.resolve()), check=False)
+        done = git(self.tree, "apply", str(_absolute(patch)), check=False)
         if done.returncode != 0:
             raise KvmlabError(f"patch {patch.name} does not apply: {first_failure(done.stderr)}")
         self.patched.append(patch)
@@ -175,13 +181,13 @@ class _PlainTree:
     def restore(self) -> None:
         while self.patched:
             patch = self.patched[-1]
-            done = git(self.tree, "apply", "-R", str(patch.resolve()), check=False)
+            done = git(self.tree, "apply", "-R", str(_absolute(patch)), check=False)
             if done.returncode != 0:
                 raise KvmlabError(f"git apply -R {patch.name} failed: {first_failure(done.stderr)}")
             self.patched.pop()
 
     def reset_command(self) -> str:
-        undo = [f"git apply -R {shlex.quote(str(p.resolve()))}" for p in reversed(self.patched)]
+        undo = [f"git apply -R {shlex.quote(str(_absolute(p)))}" for p in reversed(self.patched)]
         return " && ".join([f"cd {shlex.quote(str(self.tree))}", *undo])
 
 

@@ -19,6 +19,7 @@ import errno
 import html
 import math
 import os
+import re
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
@@ -77,7 +78,14 @@ def _render(analysis: Analysis, traced: list | None, scratch: Path, directory: P
 
 
 def _publish(staged: dict[Path, Path]) -> list[Path]:
-    """Rename the staged files over the old ones: a rename replaces a file whole or not at all."""
+    """Rename the staged files over the old ones: a rename replaces a file whole or not at all.
+
+    What could stop a rename halfway through the set (a directory, or anything but a file,
+    where a report goes) is looked for first, so the reports change all together or not."""
+    for final in staged:
+        if final.is_symlink() or (final.exists() and not final.is_file()):
+            with _reporting_errors(final):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", str(final))
     for final, path in staged.items():
         with _reporting_errors(final):
             os.replace(path, final)
@@ -435,6 +443,15 @@ def _html_row(line: str, tag: str, css: str | None = None) -> str:
 
 
 # -- CI formats ---------------------------------------------------------------------------
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold (a guest's colour codes, NULs) shown
+    as ``\\xNN``: a fail reason comes from the guest's stderr."""
+    return _NOT_XML.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def junit(analysis: Analysis) -> str:
     """One testcase per cell: a regression is a failure, a failed test an error, n/a skipped."""
     suite = ET.Element("testsuite", name="kvmlab.qualify")
@@ -484,7 +501,8 @@ def junit(analysis: Analysis) -> str:
     suite.set("errors", str(sum(c.find("error") is not None for c in cases)))
     suite.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
     ET.indent(suite)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+    body = _xml_text(ET.tostring(suite, encoding="unicode"))
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'
 
 
 def ktap(analysis: Analysis) -> str:

@@ -74,34 +74,56 @@ def _is_number(value) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _is_time(value) -> bool:
+    """A measured time: positive, or null for a run that finished no iteration."""
+    return value is None or (_is_number(value) and value > 0)
+
+
 #: What a field may hold, by the words an error message uses for it.
 _TYPES = {
     "a number": _is_number,
+    "a time in ns or null": _is_time,
+    "a positive number": lambda value: _is_number(value) and value > 0,
+    "a fraction in [0, 1)": lambda value: _is_number(value) and 0 <= value < 1,
     "an integer": _is_int,
-    "a string": lambda value: isinstance(value, str),
+    "an integer of at least 0": lambda value: _is_int(value) and value >= 0,
+    "an integer of at least 1": lambda value: _is_int(value) and value >= 1,
+    "an integer of at least 2": lambda value: _is_int(value) and value >= 2,
     "a string or null": lambda value: value is None or isinstance(value, str),
+    "an object or null": lambda value: value is None or isinstance(value, dict),
+    "true or false": lambda value: isinstance(value, bool),
+    "icount or wall": lambda value: value in ("icount", "wall"),
+    "a string": lambda value: isinstance(value, str),
     "an integer or null": lambda value: value is None or _is_int(value),
     "a list of test names": lambda value: isinstance(value, list) and bool(value)
     and all(isinstance(v, str) for v in value),
     "a list of slot counts": lambda value: isinstance(value, list) and bool(value)
-    and all(map(_is_int, value)),
+    and all(_is_int(v) and v >= 2 for v in value),
 }
 _KEY_FIELDS = {"test": "a string or null", "slots": "an integer or null", "run": "an integer or null"}
 #: Per kind, the fields beyond side/test/slots/run that readers of the store rely on.
 _KIND_FIELDS = {
-    RUN: {"test": "a string", "slots": "an integer", "run": "an integer", "iteration_ns": "a number",
-          "iterations": "an integer", "slot_setup_ns": "a number", "release": "a string"},
+    RUN: {"test": "a string", "slots": "an integer", "run": "an integer of at least 0",
+          "iteration_ns": "a time in ns or null", "iterations": "an integer of at least 0",
+          "slot_setup_ns": "a time in ns or null", "release": "a string"},
     SKIP: {"test": "a string", "slots": "an integer", "reason": "a string"},
-    FAIL: {"test": "a string", "slots": "an integer", "reason": "a string"},
-    CRASH: {"outcome": "a string"},
+    FAIL: {"test": "a string", "slots": "an integer", "run": "an integer of at least 0",
+           "reason": "a string"},
+    CRASH: {"outcome": "a string", "message": "a string or null"},
     SPLAT: {"summary": "a string"},
     INVARIANT: {"summary": "a string"},
-    CHECKS: {"checks": "an integer"},
+    CHECKS: {"checks": "an integer of at least 0", "max_slots": "an integer of at least 0",
+             "violations": "an integer of at least 0"},
 }
+_CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot counts",
+                  "runs": "an integer of at least 2", "seconds": "a positive number",
+                  "threshold": "a fraction in [0, 1)"}
+#: Fields an older kvmlab did not write; checked when there.
+_OPTIONAL_CONFIG_FIELDS = {"cpus": "an integer of at least 1", "clock": "icount or wall",
+                           "emulator": "an object or null", "check_invariants": "true or false",
+                           "append": "a string", "trace": "an object or null", "accel": "a string or null"}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
-_CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot counts", "runs": "an integer",
-                  "seconds": "a number", "threshold": "a number"}
 
 
 def record_problem(record) -> str | None:
@@ -135,6 +157,9 @@ def config_problem(config) -> str | None:
         if name not in config:
             return f"no {name!r}"
         if not _TYPES[wanted](config[name]):
+            return f"{name!r} wants {wanted}, found {config[name]!r}"
+    for name, wanted in _OPTIONAL_CONFIG_FIELDS.items():
+        if name in config and not _TYPES[wanted](config[name]):
             return f"{name!r} wants {wanted}, found {config[name]!r}"
     return None
 
@@ -183,15 +208,18 @@ class Store:
     def claim(self) -> None:
         """Be the directory's one writer while this process lives: two processes appending
         to one store would measure the same runs twice. The lock goes with the process."""
-        path = (self.directory / LOCK).resolve()
+        path = Path(os.path.abspath(self.directory / LOCK))
         if path in _HELD:  # this process writes here already
             return
-        handle = open(path, "a+")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise KvmlabError(f"{path}: cannot lock it: {_reason(err)}") from None
+        handle = os.fdopen(fd, "r+", errors="replace")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
+            holder = handle.read().strip()[:20]
             handle.close()
             raise KvmlabError(
                 f"{self.directory} is being written by another kvmlab qualify"
@@ -204,7 +232,7 @@ class Store:
 
     def release(self) -> None:
         """Stop being the directory's writer (the end of the process does the same)."""
-        handle = _HELD.pop((self.directory / LOCK).resolve(), None)
+        handle = _HELD.pop(Path(os.path.abspath(self.directory / LOCK)), None)
         if handle is not None:
             handle.close()
 
@@ -214,7 +242,7 @@ class Store:
             config = json.loads(self.config_path.read_text())
         except (OSError, UnicodeDecodeError) as err:
             raise KvmlabError(f"{self.config_path}: cannot read it: {_reason(err)}") from None
-        except json.JSONDecodeError as err:
+        except ValueError as err:
             raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
         problem = config_problem(config)
         if problem:
@@ -226,14 +254,17 @@ class Store:
         if not self.runs_path.exists():
             return []
         try:
-            lines = self.runs_path.read_text().splitlines()
+            text = self.runs_path.read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise KvmlabError(f"{self.runs_path}: cannot read it: {_reason(err)}") from None
+        lines = text.splitlines()
+        if lines and not text.endswith("\n") and not _whole(lines[-1]):
+            lines.pop()  # cut short by a kill mid-write: never a record (open() drops it)
         records, final_at = [], {}
         for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or a number too long for Python to read
                 raise KvmlabError(f"{self.runs_path}:{number}: not a JSON record") from None
             problem = record_problem(record)
             if problem is None and record["kind"] in (RUN, FAIL, SKIP):
@@ -262,10 +293,7 @@ class Store:
         if not data or data.endswith(b"\n"):
             return
         start = data.rfind(b"\n") + 1
-        try:
-            whole = isinstance(json.loads(data[start:]), dict)
-        except ValueError:
-            whole = False
+        whole = _whole(data[start:])
         with open(self.runs_path, "r+b") as handle:
             if whole:
                 handle.seek(0, os.SEEK_END)
@@ -279,6 +307,14 @@ class Store:
 def _describe(key: RunKey | Cell) -> str:
     where = f"{key.side} {key.test} @{key.slots}"
     return f"{where} run {key.run}" if isinstance(key, RunKey) else f"{where} (n/a)"
+
+
+def _whole(line: str | bytes) -> bool:
+    """Whether a last line that lacks its newline is a whole record all the same."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _reason(err: Exception) -> str:

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from kvmlab import apt, cache
@@ -36,6 +36,8 @@ LINUX_6_12_MIN_VERSION = (10, 0)
 QBOOT = "qboot.rom"
 SYSTEM_DATA = Path("/usr/share/qemu")
 RECORD = "emulator.json"
+#: QEMU's version as ``--version`` prints it: 10.0.2, or 7.2.
+VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,34 @@ def fetch() -> Emulator:
 
 
 def load(directory: Path) -> Emulator:
+    """The QEMU recorded in ``directory``, trusted only once its record is checked: the
+    version picks the clock and the kernels it may boot, and the binary is what runs."""
     try:
-        return Emulator(**json.loads((directory / RECORD).read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise KvmlabError(f"{directory / RECORD} is damaged ({err}); delete {directory} to fetch again") \
-            from None
+        record = json.loads((directory / RECORD).read_text())
+        problem = _record_problem(record)
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        problem = str(err)
+    if problem:
+        raise KvmlabError(f"{directory / RECORD} is damaged ({problem}); delete {directory} to fetch again")
+    return Emulator(**record)
+
+
+def _record_problem(record: object) -> str | None:
+    """What is wrong with a recorded QEMU, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    unknown = sorted(set(record) - {field.name for field in fields(Emulator)})
+    if unknown:
+        return f"unknown field {unknown[0]!r}"
+    binary, version = record.get("binary"), record.get("version")
+    if not isinstance(binary, str) or not os.path.isfile(binary) or not os.access(binary, os.X_OK):
+        return f"binary {binary!r} is not an executable file"
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        return f"version {version!r} is not a QEMU version"
+    for name in ("package", "data_dir"):
+        if not isinstance(record.get(name), str | None):
+            return f"{name} {record[name]!r} is not text"
+    return None
 
 
 def _unpack(root: apt.AptRoot, packages: list[apt.Package], scratch: Path, final: Path) -> None:
@@ -134,7 +159,7 @@ def _missing_libraries(binary: Path) -> list[str]:
 def probe_version(binary: str) -> str:
     """QEMU's version from ``BINARY --version`` (``QEMU emulator version 10.0.2 (...)``)."""
     done = _checked([binary, "--version"], f"{binary} --version")
-    match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", done.stdout)
+    match = re.search(rf"version ({VERSION.pattern})", done.stdout)
     if match is None:
         raise KvmlabError(f"{binary} --version printed no QEMU version: {done.stdout.strip()[:200]!r}")
     return match.group(1)

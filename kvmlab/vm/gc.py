@@ -9,8 +9,8 @@ two are apart so that ``kvmlab gc --dry-run`` shows exactly what a real gc would
 Kept whatever their age, besides the newest ``keep``:
 
 - a run whose QEMU is alive: kept VMs and boots in progress. The pid in run.json only
-  counts while that process's command line names the run directory
-  (``runs.qemu_alive``), so a recycled pid keeps nothing;
+  counts while that process is a qemu-system whose arguments name a file of the run
+  directory (``runs.qemu_alive``), so a recycled pid keeps nothing;
 - a boot still assembling its initramfs (state ``preparing``, no QEMU yet) whose run.json
   changed within ``BOOTING_S``. A boot refused at that point stays ``preparing`` for
   ever, so after that it may go;

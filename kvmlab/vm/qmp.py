@@ -7,6 +7,7 @@ QMP client at a time, so every call connects, runs its commands and disconnects.
 import asyncio
 import contextlib
 import socket as socket_mod
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,19 @@ def await_greeting(socket: Path, timeout_s: float, who: str) -> None:
     backlog but never greeted while the first stays. drgn's ``set_qemu_qmp`` waits for
     that greeting with no deadline, inside C code that neither Ctrl-C nor SIGTERM
     reaches, so the greeting is awaited here first, where a deadline holds.
+
+    A timeout beyond what a socket can take (``inf``, ``1e300``: more than
+    ``threading.TIMEOUT_MAX``, some 292 years) means no deadline: wait as long as it takes,
+    Ctrl-C still ending the wait.
     """
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s if timeout_s < threading.TIMEOUT_MAX else None
     with socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM) as conn:
-        conn.settimeout(timeout_s)
         try:
+            conn.settimeout(_left(deadline))
             conn.connect(str(socket))
             received = b""
             while b"\n" not in received:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                conn.settimeout(_left(deadline))
                 chunk = conn.recv(4096)
                 if not chunk:
                     raise KvmlabError(f"{who}: QEMU closed {socket} without a QMP greeting")
@@ -76,3 +81,8 @@ def await_greeting(socket: Path, timeout_s: float, who: str) -> None:
             raise KvmlabError(f"{who}: cannot connect to {socket}: {err.strerror or err}") from None
     if b'"QMP"' not in received:
         raise KvmlabError(f"{who}: {socket} is not a QMP socket (it said {received[:80]!r})")
+
+
+def _left(deadline: float | None) -> float | None:
+    """The socket timeout that keeps ``deadline`` (None: no deadline, block)."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)

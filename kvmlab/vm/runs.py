@@ -63,12 +63,45 @@ class KeptVm:
 
 
 def qemu_alive(run_dir: Path, pid: int) -> bool:
-    """True if ``pid`` is still this run's QEMU (not a recycled pid)."""
+    """True if ``pid`` is still this run's QEMU (not a recycled pid, nor another program
+    that merely names the run, such as ``tail -f RUN/console.log``)."""
+    proc = Path(f"/proc/{pid}")
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = (proc / "cmdline").read_bytes()
     except OSError:
         return False
-    return str(run_dir).encode() in cmdline
+    try:
+        cwd: str | None = os.readlink(proc / "cwd")
+    except OSError:  # another user's process: its relative paths cannot be placed
+        cwd = None
+    return is_qemu_of(run_dir, [os.fsdecode(arg) for arg in cmdline.split(b"\0")[:-1]], cwd)
+
+
+def is_qemu_of(run_dir: Path, argv: list[str], cwd: str | None) -> bool:
+    """Whether ``argv``, run in ``cwd``, is a QEMU command line of this run: its program is
+    a qemu-system binary and one of its arguments names a file of the run directory, as
+    ``qemu.command`` writes them (``-pidfile RUN/qemu.pid``, ``-qmp unix:RUN/qmp.sock,...``,
+    ``-chardev file,...,path=RUN/console.log``)."""
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return False
+    run = os.path.abspath(run_dir)
+    named = (_placed(path, cwd) for arg in argv[1:] for path in _paths_in(arg))
+    return any(path is not None and os.path.dirname(path) == run for path in named)
+
+
+def _paths_in(arg: str) -> list[str]:
+    """The paths a QEMU argument may name: itself, and each of its comma-separated
+    options' values, less a ``unix:`` prefix; only what has a directory part."""
+    options = [part.partition("=")[2] or part for part in arg.split(",")]
+    candidates = [arg, *(option.removeprefix("unix:") for option in options)]
+    return [path for path in candidates if "/" in path]
+
+
+def _placed(path: str, cwd: str | None) -> str | None:
+    """``path`` made absolute from the directory QEMU runs in (None: that is unknown)."""
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    return None if cwd is None else os.path.normpath(os.path.join(cwd, path))
 
 
 def kept() -> list[KeptVm]:
@@ -89,7 +122,9 @@ def kept() -> list[KeptVm]:
 
 
 def resolve(name: str) -> Path:
-    """A run directory from its name or path."""
+    """A run directory from its name or path (an empty name names none: not the current directory)."""
+    if not name:
+        raise KvmlabError(f"no kvmlab run {name!r} (see {cache.area('runs')})")
     path = Path(name)
     if not path.is_dir():
         path = cache.area("runs") / name

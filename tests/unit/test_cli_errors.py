@@ -145,7 +145,8 @@ def test_a_damaged_run_json_blocks_neither_stop_nor_inspect_of_the_others(tmp_pa
     damaged.mkdir(parents=True)
     (damaged / "run.json").write_text("\0\0\0")
     alive.mkdir()
-    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(alive)])
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-c", "import time; time.sleep(60)",
+                             "-pidfile", str(alive / "qemu.pid")], executable=sys.executable)
     (alive / "run.json").write_text(json.dumps({"state": "kept", "qemu_pid": qemu.pid, "argv": ["true"]}))
     env = {"KVMLAB_CACHE": str(tmp_path)}
     try:

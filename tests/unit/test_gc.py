@@ -32,8 +32,8 @@ def processes():
     """Start real processes for a test; all are killed after it."""
     started: list[subprocess.Popen] = []
 
-    def start(argv: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    def start(argv: list[str], executable: str | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(argv, executable=executable, stdin=subprocess.DEVNULL)
         started.append(process)
         return process
 
@@ -76,13 +76,22 @@ def changed(path: Path, when: float) -> None:
 
 
 def fake_qemu(start, run_dir: Path) -> int:
-    """A real ``sleep`` whose command line names the run's QMP socket, as QEMU's does."""
-    process = start(["bash", "-c", f'exec -a "qemu-system-x86_64 -qmp unix:{run_dir}/qmp.sock" sleep 600'])
+    """A real process standing in for the run's QEMU: its program is named qemu-system-x86_64
+    and it names the run's QMP socket as QEMU's command line does (python sleeping, with
+    that argv)."""
+    process = start(qemu_argv(run_dir), executable=sys.executable)
     deadline = time.monotonic() + 10
     while not Path(f"/proc/{process.pid}/cmdline").read_bytes().startswith(b"qemu-system"):
         assert time.monotonic() < deadline, "the stand-in QEMU never started"
-        time.sleep(0.01)
+        time.sleep(0.01)  # a command line reads empty for a moment after exec
     return process.pid
+
+
+def qemu_argv(run_dir: Path) -> list[str]:
+    """What /proc/PID/cmdline of a stand-in QEMU reads: QEMU's program name and socket argument,
+    python's -c keeping it asleep."""
+    return ["qemu-system-x86_64", "-c", "import time; time.sleep(600)",
+            "-qmp", f"unix:{run_dir}/qmp.sock,server=on,wait=off"]
 
 
 def reasons(plan: gc.Plan) -> dict[str, str | None]:
@@ -124,13 +133,16 @@ def test_kept_and_running_vms_survive_whatever_their_age(processes):
     kept_dead = booted(make_run(long_ago, keep=True), gone.pid, long_ago, state="kept", exit_code=0)
     unrelated = processes(["sleep", "600"])  # alive, but not this run's QEMU: a recycled pid
     recycled = booted(make_run(long_ago, keep=True), unrelated.pid, long_ago, state="kept", exit_code=0)
+    watched = make_run(long_ago, keep=True)  # a recycled pid that names the run: not QEMU either
+    tail = processes(["tail", "-f", str(watched / "console.log")])
+    booted(watched, tail.pid, long_ago, state="kept", exit_code=0)
 
     plan = gc.plan(keep=0)
     assert reasons(plan) == {kept_vm.name: gc.KEPT_VM, running.name: gc.RUNNING,
-                             kept_dead.name: None, recycled.name: None}
+                             kept_dead.name: None, recycled.name: None, watched.name: None}
     gc.remove(plan.removable)
     assert kept_vm.exists() and running.exists()
-    assert not kept_dead.exists() and not recycled.exists()
+    assert not kept_dead.exists() and not recycled.exists() and not watched.exists()
     assert [vm.run_dir for vm in runs.kept()] == [kept_vm]
 
 
@@ -225,7 +237,8 @@ def test_damaged_run_json_is_kept_and_does_not_block_gc():
 
 
 @pytest.mark.parametrize("option, value", [
-    ("--keep", "-1"), ("--keep", "many"), ("--older-than", "-2"), ("--older-than", "nan"),
+    ("--keep", "-1"), ("--keep", "many"), ("--keep", "²"), ("--keep", "9" * 5000), ("--keep", ""),
+    ("--older-than", "-2"), ("--older-than", "nan"),
     ("--older-than", "soon"),
 ])
 def test_bad_options_are_one_line_and_exit_2(option, value):

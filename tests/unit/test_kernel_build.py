@@ -263,6 +263,30 @@ def test_a_patch_failing_halfway_through_the_series_undoes_the_ones_before(stand
     assert _state(stand_in) == before
 
 
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_a_bad_job_count_is_refused_before_any_patch(stand_in, series, jobs):
+    before = _state(stand_in)
+    done = kvmlab("kernel", "build", str(stand_in), "--patch", str(series["0001-answer.patch"]), "-j", jobs)
+    assert_one_line_error(done, f"-j wants a positive number of jobs, got {jobs}")
+    assert _state(stand_in) == before
+
+
+def test_a_refused_build_leaves_no_build_directory_in_the_tree(stand_in, series):
+    """The default OUT, TREE/kvmlab-build, appears only once every check has passed."""
+    before = _state(stand_in)
+    message, _ = _refused(stand_in, [series["0002-stale.diff"]])
+    assert message.startswith("patch 0002-stale.diff does not apply")
+    assert _state(stand_in) == before
+
+
+def test_a_build_directory_that_is_a_file_is_refused_first(stand_in, series, tmp_path):
+    before, taken = _state(stand_in), tmp_path / "taken"
+    taken.write_text("mine\n")
+    message, log = _refused(stand_in, [series["0001-answer.patch"]], out=taken)
+    assert message == f"build directory {taken} exists and is not a directory"
+    assert log == "" and _state(stand_in) == before and taken.read_text() == "mine\n"
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

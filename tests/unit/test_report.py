@@ -243,3 +243,28 @@ def test_a_read_only_file_system_fails_in_one_line_and_spares_the_store(tmpfs):
         report.write_all(_analysis(), tmpfs)
     _assert_one_line_naming(err, tmpfs, os.strerror(errno.EROFS))
     _assert_untouched(tmpfs, before)
+
+
+def test_a_report_that_cannot_be_replaced_leaves_every_report_as_it_was(tmp_path):
+    """report.html a directory: not one report changes (report.md went first, and alone)."""
+    before = _a_finished_qualification(tmp_path)
+    (tmp_path / "report.html").unlink()
+    (tmp_path / "report.html" / "sub").mkdir(parents=True)
+    del before[tmp_path / "report.html"]
+    with pytest.raises(KvmlabError) as err:
+        report.write_all(_analysis(), tmp_path)
+    _assert_one_line_naming(err, tmp_path / "report.html", "not a regular file")
+    _assert_untouched(tmp_path, before)
+
+
+def test_junit_holds_a_guest_reason_with_control_characters(tmp_path):
+    """A fail reason is the guest's stderr: colour codes and NULs must not break the XML."""
+    import xml.etree.ElementTree as ET
+
+    records = _records(_same_everywhere(KVM_MODULES_AB))
+    test, slots = KVM_MODULES_AB["tests"][0], KVM_MODULES_AB["slots"][0]
+    records.append({"kind": "fail", "side": "patched", "test": test, "slots": slots, "run": 0,
+                    "reason": "exit 1: \x1b[31mTraceback\x1b[0m\x00 end"})
+    suite = ET.fromstring(report.junit(analysis.analyse(KVM_MODULES_AB, records)).split("\n", 1)[1])
+    messages = [e.get("message") for e in suite.iter("error")]
+    assert messages == ["exit 1: \\x1b[31mTraceback\\x1b[0m\\x00 end"]

@@ -11,6 +11,7 @@ from conftest import REPO, assert_one_line_error, kvmlab
 
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify.store import Store
+from kvmlab.vm import emulator
 
 CONFIG = {
     "base": {"spec": "debian:bullseye", "exact": "x", "release": "5.10"},
@@ -44,8 +45,14 @@ def _store_with(tmp_path, *lines: str) -> Store:
     (json.dumps({**RUN, "kind": "runn"}), "unknown record kind 'runn'"),
     (json.dumps({**RUN, "side": "left"}), "'side' is 'left'"),
     (json.dumps({k: v for k, v in RUN.items() if k != "iteration_ns"}), "run record without 'iteration_ns'"),
-    (json.dumps({**RUN, "iteration_ns": "fast"}), "'iteration_ns' wants a number, found 'fast'"),
-    (json.dumps({**RUN, "iteration_ns": None}), "'iteration_ns' wants a number, found None"),
+    (json.dumps({**RUN, "iteration_ns": "fast"}), "'iteration_ns' wants a time in ns or null, found 'fast'"),
+    (json.dumps({**RUN, "iteration_ns": 0}), "'iteration_ns' wants a time in ns or null, found 0"),
+    (json.dumps({**RUN, "run": -1}), "'run' wants an integer of at least 0, found -1"),
+    ('{"kind": "crash", "side": "base", "test": null, "slots": null, "run": null, "outcome": "hang"}',
+     "crash record without 'message'"),
+    ('{"kind": "checks", "side": "base", "test": null, "slots": null, "run": null, "checks": 3}',
+     "checks record without 'max_slots'"),
+    ('{"kind": "run", "n": ' + "9" * 5000 + "}", "not a JSON record"),
     (json.dumps({**RUN, "slots": True}), "'slots' wants an integer, found True"),
     ('{"kind": "crash", "side": "base", "test": null, "slots": null, "run": null}',
      "crash record without 'outcome'"),
@@ -58,7 +65,8 @@ def test_a_record_kvmlab_did_not_write_is_named_by_its_line(tmp_path, line, comp
 
 
 def test_a_second_result_for_one_run_is_refused(tmp_path):
-    crash = {"kind": "crash", "side": "base", "test": "unmap", "slots": 10, "run": 1, "outcome": "hang"}
+    crash = {"kind": "crash", "side": "base", "test": "unmap", "slots": 10, "run": 1, "outcome": "hang",
+             "message": "no heartbeat for 20 s"}
     other_run = {**RUN, "run": 1}
     store = _store_with(tmp_path, json.dumps(RUN), json.dumps(crash), json.dumps(other_run))
     assert len(store.records()) == 3  # a crash and then the run that worked: one result
@@ -66,6 +74,19 @@ def test_a_second_result_for_one_run_is_refused(tmp_path):
     with pytest.raises(KvmlabError, match=r"runs.jsonl:4: a second result for base unmap @10 run 0 "
                                           r"\(the first is line 1\): were two processes writing"):
         store.records()
+
+
+def test_a_record_cut_short_by_a_kill_does_not_block_resume(tmp_path):
+    """The torn tail is no record: reading skips it, and resume drops it (it used to refuse)."""
+    store = _store_with(tmp_path, json.dumps(RUN))
+    qemu = emulator.choose()  # the resume checks the QEMU first: this host's, then
+    _with(store.config_path, {"emulator": {"version": qemu.version, "package": qemu.package}})
+    with open(store.runs_path, "a") as handle:
+        handle.write(json.dumps({**RUN, "run": 1})[:50])
+    assert store.records() == [RUN]
+    done = kvmlab("qualify", "--resume", "-o", str(store.directory))
+    assert_one_line_error(done, "unknown kernel spec 'x'")  # past every check of the store, to the kernels
+    assert store.runs_path.read_text() == json.dumps(RUN) + "\n"  # and the torn tail is gone
 
 
 def test_a_second_skip_for_one_cell_is_refused(tmp_path):
@@ -95,6 +116,10 @@ def test_one_writer_per_directory(tmp_path):
     assert other.returncode == 0, other.stderr  # the lock went with its process
 
 
+def _with(path, fields: dict) -> None:
+    path.write_text(json.dumps({**CONFIG, **fields}))
+
+
 @pytest.mark.parametrize("damage, complaint", [
     (lambda path: path.write_text('{"base": '), "is damaged: Expecting value"),
     (lambda path: path.write_text("[]"), "is damaged: a JSON object is expected, found list"),
@@ -105,6 +130,13 @@ def test_one_writer_per_directory(tmp_path):
     (lambda path: path.write_text(json.dumps({**CONFIG, "base": "debian:bullseye"})),
      "'base' wants the kernel's spec and exact spec"),
     (lambda path: (path.unlink(), path.mkdir()), "cannot read it: Is a directory"),
+    (lambda path: _with(path, {"runs": 0}), "'runs' wants an integer of at least 2"),
+    (lambda path: _with(path, {"slots": [-5, 0]}), "'slots' wants a list of slot counts"),
+    (lambda path: path.write_text(json.dumps({**CONFIG, "threshold": -1})), "'threshold' wants a fraction"),
+    (lambda path: _with(path, {"seconds": -1}), "'seconds' wants a positive number"),
+    (lambda path: _with(path, {"clock": "sundial"}), "'clock' wants icount or wall"),
+    (lambda path: path.write_text(json.dumps({**CONFIG, "emulator": "abc"})), "'emulator' wants an object"),
+    (lambda path: path.write_text(json.dumps({**CONFIG, "tests": ["bogus"]})), "unknown test 'bogus'"),
 ])
 def test_a_damaged_qualify_json_refuses_resume_and_changes_nothing(tmp_path, damage, complaint):
     store = _store_with(tmp_path, json.dumps(RUN))
@@ -113,6 +145,19 @@ def test_a_damaged_qualify_json_refuses_resume_and_changes_nothing(tmp_path, dam
     done = kvmlab("qualify", "--resume", "-o", str(store.directory))
     assert_one_line_error(done, "qualify.json", complaint)
     assert store.runs_path.read_bytes() == before
+
+
+def test_a_lock_that_is_a_symlink_is_refused_in_one_line(tmp_path):
+    store = _store_with(tmp_path, json.dumps(RUN))
+    (store.directory / ".lock").unlink(missing_ok=True)
+    (store.directory / ".lock").symlink_to(".lock")
+    assert_one_line_error(kvmlab("qualify", "--resume", "-o", str(store.directory)), ".lock: cannot lock it")
+
+
+def test_resume_refuses_records_outside_its_matrix(tmp_path):
+    store = _store_with(tmp_path, json.dumps(RUN), json.dumps({**RUN, "run": 7}))
+    done = kvmlab("qualify", "--resume", "-o", str(store.directory))
+    assert_one_line_error(done, "runs.jsonl:2: ", "outside this qualification's matrix")
 
 
 def test_resume_refuses_a_damaged_record_before_anything_boots(tmp_path):

@@ -3,6 +3,7 @@ report`` on runs whose files are damaged, alike or unreadable, on the lab's 5.10
 
 import json
 import lzma
+import os
 import random
 import signal
 from pathlib import Path
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, kvmlab
 
 from kvmlab.cli import main
 from kvmlab.cli.qualify import _traced_runs
@@ -186,8 +187,8 @@ def test_labels_are_the_shortest_distinct_path_suffixes(tmp_path):
 
 
 DAMAGED_FILES = [
-    ("trace.dat", None, "cannot be read: Is a directory"),
-    ("capture.json", None, "cannot be read: Is a directory"),
+    ("trace.dat", None, "cannot be read: not a regular file but a directory"),
+    ("capture.json", None, "cannot be read: not a regular file but a directory"),
     ("capture.json", "{", "not JSON"),
     ("capture.json", "[]", "wants a JSON object, found list"),
     ("capture.json", '{"set": "memslot-update"}', "no 'release'"),
@@ -195,7 +196,7 @@ DAMAGED_FILES = [
     ("capture.json", '{"release": "5.10", "calibration": 3}', "'calibration' wants an object, found int"),
     ("capture.json", '{"release": "5.10", "calibration": {"overhead_ns_per_call": "2"}}',
      "'calibration.overhead_ns_per_call' wants a number"),
-    ("latency_hist.json", None, "cannot be read: Is a directory"),
+    ("latency_hist.json", None, "cannot be read: not a regular file but a directory"),
     ("latency_hist.json", "hits: 3", "not JSON"),
     ("latency_hist.json", "[]", "wants an object of functions, found list"),
     ("latency_hist.json", '{"kvm_set_memslot": {"hits": 1}}',
@@ -204,6 +205,24 @@ DAMAGED_FILES = [
     ("latency_hist.json", '{"f": {"latencies": [900, 2]}}', "f: 'latencies' wants [[ns, count], ...]"),
     ("latency_hist.json", '{"f": {"latencies": [], "dropped": -1}}', "f: 'dropped' wants a non-negative"),
 ]
+
+
+@pytest.mark.parametrize("name, partial", [("trace.dat", False), ("trace.dat", True), ("capture.json", False),
+                                           ("latency_hist.json", False)])
+def test_a_fifo_for_a_run_file_is_refused_not_waited_on(tmp_path, bullseye, name, partial):
+    """Nothing would ever write to the FIFO: reading it would block for ever. The report runs
+    in a child process, so that the old hang fails the test instead of hanging it."""
+    run = run_dir(tmp_path / "run", bullseye)
+    path = run / name
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    done = kvmlab("trace", "report", str(run), "-o", str(tmp_path / "out"), *["--partial"] * partial,
+                  timeout=60)
+    if partial:  # the run is left out with a warning naming the FIFO, and then no run is left
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"{path}: cannot be read: not a regular file but a FIFO" in done.stderr
+    else:
+        assert_one_line_error(done, f"{path}: cannot be read: not a regular file but a FIFO")
 
 
 @pytest.mark.parametrize("name, content, what", DAMAGED_FILES)
