@@ -1,4 +1,7 @@
-"""``kvmlab qualify``: set up or resume a qualification, run it, report, and exit with the verdict."""
+"""``kvmlab qualify``: set up or resume a qualification, run it, report, and exit with the verdict.
+
+The analysis and the reports (pandas, scipy, matplotlib) are imported when a report is
+made: every other kvmlab command parses this verb's options and should not pay for them."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from pathlib import Path
 
 from kvmlab import kernels, stats
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify import analysis, matrix, report
-from kvmlab.qualify.driver import CHECK_EVERY_S, Driver
+from kvmlab.qualify import matrix, merge, plan
+from kvmlab.qualify.driver import CHECK_EVERY_S, Driver, default_jobs
 from kvmlab.qualify.store import Store
 from kvmlab.vm import accel, boot, clock, emulator
 from traces.errors import TraceError
@@ -70,34 +73,71 @@ def add_parsers(sub) -> None:
     )
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None)
     parser.add_argument(
-        "--resume", action="store_true", help="finish the qualification in DIR, skipping done runs"
+        "--jobs", type=int, metavar="N",
+        help="lanes (pairs of guests) running at once (icount: one per host core, as memory allows; "
+        "wall: 1, since parallel runs disturb each other's timing)",
     )
     parser.add_argument(
-        "-o", "--out", type=Path, required=True, metavar="DIR", help="where the raw store and the reports go"
+        "--resume", action="store_true", help="finish the qualification in DIR, skipping done runs"
+    )
+    parser.add_argument("--plan", action="store_true",
+                        help="write the plan of this qualification to -o PLAN instead of running it")
+    parser.add_argument("--shards", type=int, default=1, metavar="N",
+                        help="with --plan: deal the matrix's cells into N shards")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="run shard K of the plan file given as the argument (1-based K)")
+    parser.add_argument("operands", nargs="*", metavar="PLAN | merge DIR...",
+                        help="the plan file of --shard; or 'merge' and the shard directories to "
+                        "merge into -o")
+    parser.add_argument(
+        "-o", "--out", type=Path, required=True, metavar="DIR",
+        help="where the raw store and the reports go (with --plan: the plan file)"
     )
     parser.set_defaults(func=qualify)
 
 
 def qualify(args: argparse.Namespace) -> int:
-    store = _resume(args) if args.resume else _create(args)
+    if args.jobs is not None and args.jobs < 1:
+        raise KvmlabError("--jobs wants at least 1 lane")
+    if args.operands[:1] == ["merge"]:
+        return _merge(args)
+    if args.plan:
+        return _write_plan(args)
+    if args.shard:
+        store = _start_shard(args)
+    elif args.operands:
+        raise KvmlabError(f"qualify: unexpected {args.operands[0]!r} (a plan file goes with --shard K/N)")
+    else:
+        store = _resume(args) if args.resume else _create(args)
     config = store.config
     if args.resume and args.threshold is not None and args.threshold != config["threshold"]:
         print(f"kvmlab qualify: judging with --threshold {args.threshold:g} (the qualification was started "
               f"with {config['threshold']:g}; {store.config_path} keeps that)", file=sys.stderr)
         config = {**config, "threshold": args.threshold}
     kernels_by_side = {
-        side: kernels.fetch(config[side]["exact"], debuginfo=config["check_invariants"])
+        side: kernels.fetch(config[side]["exact"], debuginfo=config.get("check_invariants", False))
         for side in matrix.SIDES
     }
     options = {
         "accel": config.get("accel"),
         "append": config.get("append", ""),
         "clock": config["clock"],
-        "cpus": config["cpus"],
+        "cpus": config.get("cpus") or matrix.DEFAULTS[config["clock"]]["cpus"],
     }
     if config.get("trace"):
         options["files"] = boot.trace_files(config["trace"])
-    Driver(store, kernels_by_side, options, check_invariants=config["check_invariants"]).run()
+    jobs = default_jobs(config["clock"]) if args.jobs is None else args.jobs
+    Driver(store, kernels_by_side, options, check_invariants=config.get("check_invariants", False),
+           jobs=jobs).run()
+    if config.get("plan"):
+        return _shard_done(store, config)
+    return _report(store, config)
+
+
+def _report(store: Store, config: dict) -> int:
+    """Analyse, write the reports, print the table, and return the verdict's exit code."""
+    from kvmlab.qualify import analysis, report
+
     result = analysis.analyse(config, store.records())
     traced = _traced_runs(store, config) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
@@ -114,23 +154,30 @@ def _create(args: argparse.Namespace) -> Store:
     if args.out.exists() and not args.out.is_dir():
         raise KvmlabError(f"-o {args.out}: not a directory")
     Store.refuse_existing(args.out)  # before anything is fetched
+    return Store.create(args.out, _new_config(args))
+
+
+def _new_config(args: argparse.Namespace) -> dict:
+    """What a new qualification records in its qualify.json (or a plan), from the options."""
     if not args.base or not args.patched:
         raise KvmlabError("kvmlab qualify needs --base SPEC and --patched SPEC (or --resume -o DIR)")
+    # Every option is checked before QEMU or a kernel is fetched.
+    if args.runs is not None and args.runs < 2:
+        raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise KvmlabError("--seconds wants a positive time")
+    if args.threshold is not None:
+        _check_threshold(args.threshold)
+    if args.cpus is not None and args.cpus < 1:
+        raise KvmlabError("--cpus wants at least 1 vCPU")
+    tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
+    trace = _trace_spec(args.trace)
     measured = _measurement(args)
     defaults = matrix.DEFAULTS[measured["clock"]]
     runs = defaults["runs"] if args.runs is None else args.runs
     seconds = 1.0 if args.seconds is None else args.seconds
     threshold = defaults["threshold"] if args.threshold is None else args.threshold
     cpus = defaults["cpus"] if args.cpus is None else args.cpus
-    if runs < 2:
-        raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise KvmlabError("--seconds wants a positive time")
-    _check_threshold(threshold)
-    if cpus < 1:
-        raise KvmlabError("--cpus wants at least 1 vCPU")
-    tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
-    trace = _trace_spec(args.trace)
     if runs < matrix.MIN_RUNS and measured["method"] == stats.MANN_WHITNEY:
         print(
             f"kvmlab qualify: warning: with {runs} runs per kernel Mann-Whitney U cannot reach p < 0.05; "
@@ -140,7 +187,8 @@ def _create(args: argparse.Namespace) -> Store:
     sides = {}
     for side, spec in (("base", args.base), ("patched", args.patched)):
         kernel = kernels.fetch(spec, debuginfo=args.check_invariants)
-        sides[side] = {"spec": spec, "exact": kernel.pinned, "release": kernel.release}
+        sides[side] = {"spec": spec, "exact": kernel.pinned, "release": kernel.release,
+                       "version": kernel.version}
         if kernel.patches:
             sides[side]["patches"] = kernel.patches
     config = {
@@ -158,7 +206,7 @@ def _create(args: argparse.Namespace) -> Store:
         "append": args.append,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return Store.create(args.out, config)
+    return config
 
 
 def _measurement(args: argparse.Namespace) -> dict:
@@ -180,6 +228,59 @@ def _measurement(args: argparse.Namespace) -> dict:
     }
 
 
+def _write_plan(args: argparse.Namespace) -> int:
+    if args.resume or args.shard:
+        raise KvmlabError("--plan writes a new plan: it takes neither --resume nor --shard")
+    if args.out.exists():
+        raise KvmlabError(f"-o {args.out}: already exists; a plan is written once")
+    record = plan.write(args.out, _new_config(args), args.shards)
+    sizes = ", ".join(str(len(cells)) for cells in record["cells"])
+    print(f"kvmlab qualify: plan {record['id']}: {record['shards']} shards of {sizes} cells in {args.out}; "
+          f"run each with: kvmlab qualify --shard K/{record['shards']} {args.out} -o DIR", file=sys.stderr)
+    return 0
+
+
+def _start_shard(args: argparse.Namespace) -> Store:
+    """A new shard directory, once this machine is seen to resolve the plan's kernels and QEMU."""
+    given = [name for name, value in (("--base", args.base), ("--patched", args.patched),
+                                      ("--tests", args.tests), ("--slots", args.slots),
+                                      ("--runs", args.runs), ("--seconds", args.seconds),
+                                      ("--clock", args.clock), ("--cpus", args.cpus), ("--trace", args.trace),
+                                      ("--append", args.append), ("--resume", args.resume),
+                                      ("--check-invariants", args.check_invariants)) if value]
+    if given:
+        raise KvmlabError(f"--shard takes the whole qualification from its plan: drop {', '.join(given)}")
+    if len(args.operands) != 1:
+        raise KvmlabError("--shard K/N wants one plan file: kvmlab qualify --shard K/N PLAN -o DIR")
+    k, n = plan.parse_shard(args.shard)
+    if args.out.exists() and not args.out.is_dir():
+        raise KvmlabError(f"-o {args.out}: not a directory")
+    Store.refuse_existing(args.out)
+    config = plan.shard_config(plan.read(Path(args.operands[0])), k, n)
+    _refuse_other_emulator(config, f"plan {config['plan']['id']}")
+    for side in matrix.SIDES:
+        kernel = kernels.fetch(config[side]["exact"], debuginfo=config.get("check_invariants", False))
+        plan.refuse_other_kernel(config, side, kernel)
+    config["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return Store.create(args.out, config)
+
+
+def _shard_done(store: Store, config: dict) -> int:
+    shard = config["plan"]
+    runs = sum(1 for record in store.records() if record["kind"] == "run")
+    print(f"kvmlab qualify: shard {shard['shard']}/{shard['shards']} of plan {shard['id']} done: {runs} "
+          f"runs in {store.directory}; when every shard is done: kvmlab qualify merge DIR... -o OUT",
+          file=sys.stderr)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    if args.plan or args.shard or args.resume:
+        raise KvmlabError("qualify merge takes only shard directories and -o OUT")
+    store = merge.merge([Path(d) for d in args.operands[1:]], args.out)
+    return _report(store, store.config)
+
+
 def _check_threshold(threshold: float) -> None:
     if not 0 <= threshold < 1:  # also refuses nan
         raise KvmlabError("--threshold wants a fraction in [0, 1)")
@@ -192,6 +293,9 @@ def _resume(args: argparse.Namespace) -> Store:
     ``--threshold`` only changes the judging, so it is honoured."""
     store = Store.read(args.out)
     config = store.config
+    unknown = [test for test in config["tests"] if test not in matrix.TEST_NAMES]
+    if unknown:
+        raise KvmlabError(f"{store.config_path} is damaged: unknown test {unknown[0]!r}")
     if args.threshold is not None:
         _check_threshold(args.threshold)
     given = {
@@ -220,16 +324,33 @@ def _resume(args: argparse.Namespace) -> Store:
             f"--resume: {args.out} records no clock or QEMU (made by an older kvmlab); "
             "its runs cannot be combined with new ones: start a new qualification"
         )
+    _refuse_other_emulator(config, str(args.out), "--resume")
+    _refuse_foreign_records(store, config)  # before anything boots
+    return Store.open(args.out)
+
+
+def _refuse_foreign_records(store: Store, config: dict) -> None:
+    """A damaged or doubled record, or one of a cell or run this qualification does not
+    have, refuses the resume: its analysis would count runs it never asked for."""
+    cells = {(test, count) for test in config["tests"] for count in config["slots"]}
+    for number, record in enumerate(store.records(), 1):
+        outside = record["test"] is not None and (record["test"], record["slots"]) not in cells
+        if outside or (record["run"] is not None and not 0 <= record["run"] < config["runs"]):
+            raise KvmlabError(f"{store.runs_path}:{number}: a {record['kind']} record of {record['test']} "
+                              f"@{record['slots']} run {record['run']}, outside this qualification's matrix")
+
+
+def _refuse_other_emulator(config: dict, what: str, option: str = "--shard") -> None:
+    """Runs of two emulators do not combine: this host must use the QEMU ``config`` recorded."""
+    recorded = config.get("emulator") or {}
     qemu = emulator.choose()
     other_package = recorded.get("package") and qemu.package != recorded["package"]
-    if qemu.version != recorded["version"] or other_package:
+    if qemu.version != recorded.get("version") or other_package:
         raise KvmlabError(
-            f"--resume: {args.out} was measured under QEMU {recorded['version']} "
+            f"{option}: {what} was measured under QEMU {recorded.get('version')} "
             f"({recorded.get('package') or 'KVMLAB_QEMU'}), this host would use {qemu.describe()}; "
-            "runs of two emulators do not combine: resume with the same QEMU, or start anew"
+            "runs of two emulators do not combine: use the same QEMU, or start anew"
         )
-    store.records()  # a damaged or doubled record refuses the resume before anything boots
-    return Store.open(args.out)
 
 
 def _trace_spec(name: str | None) -> dict | None:
@@ -245,6 +366,7 @@ def _traced_runs(store: Store, config: dict) -> list:
     reference). A run whose trace files are damaged is named and left out: the
     measurements in the store stand without it."""
     from kvmlab import trace_report
+    from kvmlab.qualify import report
 
     traced, records, names = [], store.records(), report.spec_names(config)
     for side in matrix.SIDES:

@@ -24,6 +24,7 @@ def _option(name: str) -> str:
 
 #: CLI name → memslot_perf's test number and name (as the scalable-memslots tables call them).
 TESTS = {_option(test.name): (number, test.name) for number, test in enumerate(memslot_perf.TESTS)}
+TEST_NAMES = tuple(name for _, name in TESTS.values())
 #: memslot_perf's tests whose runs give upstream's "slot setup time for the whole test area".
 WHOLE_AREA = ("move active area", "move inactive area", "RW")
 DEFAULT_SLOTS = (10, 30, 50, 100, 509, 32764)
@@ -105,3 +106,14 @@ def plan(tests: list[str], slots: list[int], runs: int, rounds_first: bool = Fal
         sides = SIDES if run % 2 == 0 else SIDES[::-1]
         items += [Item(side, test, count, run) for side in sides]
     return items
+
+
+def units(items: list[Item], by_cell: bool) -> list[list[Item]]:
+    """The plan cut into what one lane runs at a stretch: whole cells (``by_cell``, the
+    wall clock: a cell's two kernels on one pair of guests), else single runs."""
+    if not by_cell:
+        return [[item] for item in items]
+    cells: dict[tuple[str, int], list[Item]] = {}
+    for item in items:
+        cells.setdefault((item.test, item.slots), []).append(item)
+    return list(cells.values())

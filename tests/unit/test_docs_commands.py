@@ -75,7 +75,7 @@ SPEC_FIELDS = ("kernel", "spec", "base", "patched")
 PLACEHOLDERS = {
     "SPEC": "debian:bookworm", "KERNEL": "debian:bookworm", "TREE": "~/linux",
     "PATCH": "fix.patch", "DIR": "out", "OUT": "out", "RUN": "20261125-141438-e27407",
-    "N": "2", "SET": "memslot-lookup",
+    "N": "2", "K": "1", "SET": "memslot-lookup", "PLAN": "plan.json",
 }
 
 

@@ -85,6 +85,43 @@ def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
     assert ktap[:2] == ["KTAP version 1", "1..6"]
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
+    # The same qualification planned for two machines, both shards run here at once, merged.
+    plan = tmp_path / "plan.json"
+    planned = kvmlab("qualify", "--plan", *kernels, *matrix, "--shards", "2", "-o", str(plan))
+    assert planned.returncode == 0, planned.stderr
+    shards = [subprocess.Popen([sys.executable, "-m", "kvmlab.cli", "qualify", "--shard", f"{k}/2", str(plan),
+                                "--jobs", "1", "-o", str(tmp_path / f"shard{k}")], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (1, 2)]
+    for shard in shards:
+        _, stderr = shard.communicate(timeout=1500)
+        assert shard.returncode == 0, stderr[-3000:]
+    merged = kvmlab("qualify", "merge", str(tmp_path / "shard1"), str(tmp_path / "shard2"),
+                    "-o", str(tmp_path / "merged"))
+    assert merged.returncode == done.returncode, merged.stderr[-3000:]
+    store = Store(tmp_path / "merged")
+    again = {(c.test, c.slots): c for c in analysis.analyse(store.config, store.records()).cells}
+    assert {key: c.verdict for key, c in again.items()} == {key: c.verdict for key, c in cells.items()}
+    for key, cell in cells.items():  # icount: another lane, another process, the same counts
+        for side in ("base_median", "patched_median"):
+            assert abs(getattr(again[key].comparison, side) / getattr(cell.comparison, side) - 1) < 0.02, key
+    assert _table(tmp_path / "merged" / "report.md") == _table(out / "report.md")
+
+
+def _table(report_md) -> list[tuple[str, str, str]]:
+    """report.md's tables as (heading, row, verdict): the improvement column read as
+    regressed, None or improved (its rounded percentage may move by a point)."""
+    rows, heading = [], ""
+    for line in report_md.read_text().splitlines():
+        if line.startswith("#"):
+            heading = line
+        columns = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(columns) < 4 or set(columns[1]) <= set("-: "):
+            continue
+        verdict = ("regressed" if "regressed" in columns[3] else
+                   "improved" if columns[3].endswith("%") else columns[3])
+        rows.append((heading, columns[0], verdict))
+    return rows
+
 
 def _wait_for_runs(out, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout

@@ -1,0 +1,100 @@
+"""`make qualify` with --jobs 1 and --jobs N in one run: the speed-up, how busy the host
+was, and whether the cells agree (under icount they must, within the repeatability
+bound of docs/benchmarks.md).
+
+Both qualifications use the warm cache (kernels, QEMU and the guest image fetched
+before the first is timed), the Makefile's matrix and clock, and run one after the
+other, --jobs 1 first, so that neither competes with the other. "Cores busy" is the
+host's non-idle CPU time over the wall time, from /proc/stat.
+
+    python bench/qualify_jobs.py            # --jobs 1 against --jobs 2
+    python bench/qualify_jobs.py --jobs 4   # against --jobs 4
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kvmlab.qualify import analysis  # noqa: E402
+from kvmlab.qualify.store import Store  # noqa: E402
+
+#: Per-cell medians of one plan measured twice under icount repeat within this
+#: (docs/benchmarks.md, repeatability: within 1 % across boots, 2 % on move cells).
+AGREEMENT = 0.02
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(non-idle, all) CPU jiffies of the host so far."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def qualify(jobs: int, out: Path) -> dict:
+    busy_before, _ = busy_jiffies()
+    started = time.monotonic()
+    done = subprocess.run(["make", "-s", "qualify", f"QUALIFY_DIR={out}", f"QUALIFY_ARGS=--jobs {jobs}"],
+                          cwd=REPO, capture_output=True, text=True)
+    took = time.monotonic() - started
+    busy_after, _ = busy_jiffies()
+    if done.returncode not in (0, 1):
+        sys.exit(f"qualify --jobs {jobs} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    store = Store(out)
+    records = store.records()
+    crashes = sum(1 for r in records if r["kind"] == "crash")
+    boots = len({r["boot"] for r in records if r["kind"] == "run"})
+    result = analysis.analyse(store.config, records)
+    return {
+        "jobs": jobs, "wall_s": round(took, 1),
+        "cores_busy": round((busy_after - busy_before) / os.sysconf("SC_CLK_TCK") / took, 2),
+        "runs": sum(1 for r in records if r["kind"] == "run"), "boots": boots, "crashes": crashes,
+        "verdict": next((line for line in done.stdout.splitlines() if line.startswith("Verdict:")), "?"),
+        "cells": {f"{c.test}@{c.slots}": (c.comparison.base_median, c.comparison.patched_median, c.verdict)
+                  for c in result.cells if c.comparison},
+    }
+
+
+def agreement(one: dict, many: dict) -> list[str]:
+    """Cells whose medians moved by more than AGREEMENT, or whose verdict differs."""
+    problems = []
+    for cell, (base, patched, verdict) in one["cells"].items():
+        other = many["cells"].get(cell)
+        if other is None:
+            problems.append(f"{cell}: missing with --jobs {many['jobs']}")
+            continue
+        moved = max(abs(other[0] / base - 1), abs(other[1] / patched - 1))
+        if moved > AGREEMENT or other[2] != verdict:
+            problems.append(f"{cell}: medians moved {moved:.1%}, verdict {verdict} → {other[2]}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="the parallel side (default 2)")
+    args = parser.parse_args()
+    subprocess.run(["make", "-s", "setup"], cwd=REPO, check=True)
+    with tempfile.TemporaryDirectory(prefix="kvmlab-jobs-") as scratch:
+        one = qualify(1, Path(scratch) / "jobs1")
+        many = qualify(args.jobs, Path(scratch) / f"jobs{args.jobs}")
+    problems = agreement(one, many)
+    for row in (one, many):
+        print(f"--jobs {row['jobs']}: {row['wall_s'] / 60:.1f} min, {row['cores_busy']} cores busy, "
+              f"{row['runs']} runs in {row['boots']} boots, {row['crashes']} crashes; {row['verdict']}")
+    print(f"speed-up --jobs {args.jobs} / --jobs 1: {one['wall_s'] / many['wall_s']:.2f}x "
+          f"(cores {many['cores_busy'] / one['cores_busy']:.2f}x busier)")
+    print(f"cells agree within {AGREEMENT:.0%}" if not problems else "cells differ:\n  " +
+          "\n  ".join(problems))
+    print(json.dumps({"one": one, "many": many}, default=str))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

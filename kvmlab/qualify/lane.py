@@ -1,0 +1,230 @@
+"""One lane of a qualification: a pair of guests, one per kernel, running items in turn.
+
+The guest whose turn it is runs, the other is paused over QMP (a paused TCG guest
+costs the host nothing), so one lane keeps about one host core busy. A guest that
+hangs, crashes or vanishes mid-run is recorded with its console excerpt, and the run
+is tried once more in a fresh boot of that kernel; the lane goes on either way.
+
+Lanes share nothing but their ``Driver``: the store, the log, and the cells found n/a.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kselftest_py.ktap import KSFT_SKIP
+from kvmlab.inspect.watch import InvariantWatch
+from kvmlab.qualify import matrix
+from kvmlab.vm import boot
+from kvmlab.vm.session import GuestDown, GuestSession
+
+RESULT_JSON = "/tmp/kvmlab-qualify-run.json"
+TRACE_OUT = "/tmp/kvmlab-qualify-trace"
+TRACE_FILES = ("trace.dat", "capture.json", "latency_hist.json")
+ATTEMPTS = 2
+"""Tries of one run before it counts as failed: one fresh boot after a guest went down."""
+CHECK_EVERY_S = 5.0
+
+
+class Lane:
+    def __init__(self, driver, number: int):
+        """``driver``: the ``driver.Driver`` whose queue this lane works through."""
+        self.driver, self.number = driver, number
+        self.config = driver.config
+        self.sessions: dict[str, GuestSession | None] = dict.fromkeys(matrix.SIDES)
+        self.round: int | None = None
+        self.current: matrix.Item | None = None
+        self._reported_watch: set[str] = set()
+
+    def run(self, item: matrix.Item) -> None:
+        """Run ``item`` (and again in a fresh boot if its guest goes down), recording how it went."""
+        if self.driver.per_round and item.run != self.round:
+            self.close()  # a round's runs come from boots of their own
+            self.round = item.run
+        self.current = item
+        try:
+            self._attempt(item)
+        finally:
+            self.current = None
+
+    def close(self) -> None:
+        for side in matrix.SIDES:
+            self._retire(side, close=True)
+
+    def kill(self) -> None:
+        """End this lane's QEMUs at once (another thread is interrupted: no goodbyes)."""
+        for session in self.sessions.values():
+            if session is not None and session.process is not None:
+                session.process.kill()
+
+    # -- one run ----------------------------------------------------------------------
+    def _attempt(self, item: matrix.Item) -> None:
+        while True:
+            try:
+                self._run_item(item)
+                return
+            except GuestDown as down:
+                self._retire(item.side)
+                if self.driver.stopping.is_set():
+                    return  # we killed it: the run was cut short, not crashed
+                tries = self.driver.count_crash(item)
+                result = down.result
+                self.driver.record({"kind": "crash", **_fields(item), "outcome": result.outcome,
+                                    "message": result.message, "boot": result.run_dir.name})
+                first = result.message.splitlines()[0] if result.message else result.outcome
+                again = tries < ATTEMPTS
+                self.driver.say(
+                    f"{item.describe()}: guest {result.outcome}: {first}; "
+                    f"{'trying again in a fresh boot' if again else 'giving up on this run'} "
+                    f"(console: {result.run_dir / 'console.log'})"
+                )
+                if not again:
+                    self.driver.record({"kind": "fail", **_fields(item),
+                                        "reason": f"guest {result.outcome} in {ATTEMPTS} boots"})
+                    return
+
+    def _run_item(self, item: matrix.Item) -> None:
+        session = self._session(item.side)
+        argv, files = self._command(item)
+        reply = session.request(argv, files, timeout_s=self._timeout())
+        self._note_kernel_reports(item, session)
+        record = _json_file(reply.files.get(RESULT_JSON))
+        tests = record.get("tests", []) if record else []
+        if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
+            if self.driver.claim_skip(item.key.cell):
+                self.driver.record({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
+                self.driver.say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
+            return
+        if reply.code != 0 or not record or not record.get("runs"):
+            reason = (
+                tests[0].get("reason") if tests else None
+            ) or f"exit {reply.code}: {reply.stderr.strip()[-500:] or reply.stdout.strip()[-500:]}"
+            self.driver.record({"kind": "fail", **_fields(item), "reason": reason})
+            self.driver.say(f"{item.describe()}: FAILED: {reason}")
+            return
+        run = record["runs"][0]
+        extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.get("trace") else {}
+        self.driver.record(
+            {
+                "kind": "run",
+                **_fields(item),
+                "iteration_ns": run["iteration_ns"],
+                "iteration_cpu_ns": run.get("iteration_cpu_ns"),
+                "iterations": run["iterations"],
+                "slot_setup_ns": run["slot_setup_ns"],
+                "guest_runtime_ns": run["guest_runtime_ns"],
+                "release": record["kernel_release"],
+                "default_sizes": record.get("default_sizes"),
+                "boot": session.run_dir.name,
+                "elapsed_s": round(reply.elapsed_s, 3),
+                "lane": self.number,
+                **extra,
+            }
+        )
+
+    def _command(self, item: matrix.Item) -> tuple[list[str], tuple[str, ...]]:
+        number = matrix.test_number(item.test)
+        argv = ["python3", "-m", "kselftest_py.memslot_perf", "-s", str(item.slots), "-f", str(number),
+                "-e", str(number), "-r", "1", "-l", str(self.config["seconds"]), "--json", RESULT_JSON]
+        files = (RESULT_JSON,)
+        if self.config.get("trace"):
+            argv = boot.traced(argv, out=TRACE_OUT)
+            files += tuple(f"{TRACE_OUT}/{name}" for name in TRACE_FILES)
+        return argv, files
+
+    def _timeout(self) -> float:
+        # Slot setup at tens of thousands of slots takes minutes under TCG; the
+        # heartbeat catches a frozen guest long before this.
+        return 900.0 + 4 * float(self.config["seconds"])
+
+    # -- guests -----------------------------------------------------------------------
+    def _session(self, side: str) -> GuestSession:
+        """The guest of ``side``, running; the other one paused."""
+        for other, session in self.sessions.items():
+            if other != side and session is not None and not session.paused:
+                self._pause_idle(other, session)
+        session = self.sessions[side]
+        if session is None:
+            kernel = self.driver.kernels[side]
+            options = boot.RunOptions(argv=[], **self.driver.session_options)
+            if self.driver.check_invariants:
+                options.checker = InvariantWatch.every(kernel, CHECK_EVERY_S)
+            session = GuestSession(kernel, options, self.driver.log)
+            self.sessions[side] = session
+            try:
+                session.start()
+            except GuestDown:
+                self.sessions[side] = None
+                raise
+            self.driver.say(f"{self._name(side)}: {kernel.release} up in {session.run_dir}")
+        elif session.paused:
+            session.resume()
+        return session
+
+    def _name(self, side: str) -> str:
+        return f"lane {self.number} {side}" if self.driver.jobs > 1 else side
+
+    def _pause_idle(self, side: str, session: GuestSession) -> None:
+        """Pause the guest whose turn is over; if it went away meanwhile, say so, boot it afresh later."""
+        try:
+            session.pause()
+        except GuestDown as down:
+            self._retire(side)
+            result = down.result
+            self.driver.record({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
+                                "outcome": result.outcome, "message": result.message,
+                                "boot": result.run_dir.name})
+            self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle; "
+                            "it boots afresh for its next run")
+
+    def _retire(self, side: str, close: bool = False) -> None:
+        """Forget a guest (closing it when asked), recording what its invariant checks saw."""
+        session = self.sessions[side]
+        if session is None:
+            return
+        self.sessions[side] = None
+        if close:
+            session.close()
+        report = session.watch.report if session.watch else None
+        if report is not None and report.checks:
+            self.driver.record({"kind": "checks", "side": side, "test": None, "slots": None, "run": None,
+                                "checks": report.checks, "checks_with_vms": report.checks_with_vms,
+                                "max_slots": report.max_slots, "violations": len(report.violations),
+                                "boot": session.run_dir.name})
+
+    def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
+        for splat in session.new_splats():
+            self.driver.record({"kind": "splat", **_fields(item), "summary": splat.summary(),
+                                "excerpt": splat.excerpt, "boot": session.run_dir.name})
+            self.driver.say(f"{self._name(item.side)}: guest kernel reported a {splat.summary()}")
+        watch = session.watch
+        if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
+            self._reported_watch.add(session.run_dir.name)
+            self.driver.record({"kind": "invariant", **_fields(item), "summary": watch.report.summary(),
+                                "violations": watch.report.violations, "error": watch.report.error,
+                                "boot": session.run_dir.name})
+            self.driver.say(f"{self._name(item.side)}: {watch.report.summary()}")
+
+    def _save_trace(self, item: matrix.Item, files: dict) -> str:
+        slug = item.test.replace(" ", "-")
+        relative = Path("traces") / item.side / f"{slug}-{item.slots}-{item.run}"
+        target = self.driver.store.directory / relative
+        target.mkdir(parents=True, exist_ok=True)
+        for path, data in files.items():
+            if data is not None and path.startswith(TRACE_OUT):
+                (target / Path(path).name).write_bytes(data)
+        return str(relative)
+
+
+def _fields(item: matrix.Item) -> dict:
+    return {"side": item.side, "test": item.test, "slots": item.slots, "run": item.run}
+
+
+def _json_file(data: bytes | None) -> dict | None:
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,141 @@
+"""A qualification planned once and run in shards, on one machine or a CI matrix.
+
+``kvmlab qualify --plan … --shards N -o PLAN`` writes what a qualification would record
+in its qualify.json (the exact kernels with their Debian versions and patch hashes, the
+matrix, the clock, the QEMU package and CPU model), its id (a hash of all that), and
+the matrix's cells dealt into N shards. A shard holds whole cells, so both kernels of
+a cell always run on the same machine, in the same lane.
+
+``kvmlab qualify --shard K/N PLAN -o DIR`` runs shard K's cells into DIR, after checking
+that this machine resolves the same kernels and QEMU as the plan; ``merge`` (merge.py)
+puts the shards back together. Under the instruction clock the shards' numbers combine
+as one run's would; under the wall clock they come from different machines, which the
+plan's record says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from kvmlab.errors import KvmlabError
+from kvmlab.kernels.model import Kernel
+from kvmlab.qualify import matrix
+from kvmlab.qualify.store import config_problem
+
+FORMAT = "kvmlab-qualify-plan-1"
+#: Fields of a qualification's config that are the same for every shard and make the id.
+VOLATILE = ("created", "plan", "cells")
+
+
+def plan_id(config: dict) -> str:
+    fixed = {key: value for key, value in config.items() if key not in VOLATILE}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deal(tests: list[str], slots: list[int], shards: int) -> list[list[list]]:
+    """The cells (``[test, slots]``) of each shard: the costliest first, each to the shard
+    with the least work so far. A cell's cost grows with its slot count (slot setup)."""
+    if shards < 1:
+        raise KvmlabError("--shards wants at least 1 shard")
+    cells = [[test, count] for count in slots for test in tests]
+    if shards > len(cells):
+        raise KvmlabError(f"--shards {shards}: the matrix has only {len(cells)} cells to share out")
+    dealt: list[list[list]] = [[] for _ in range(shards)]
+    load = [0.0] * shards
+    for cell in sorted(cells, key=lambda c: -_cost(c[1])):
+        least = load.index(min(load))
+        dealt[least].append(cell)
+        load[least] += _cost(cell[1])
+    order = {tuple(cell): n for n, cell in enumerate(cells)}
+    return [sorted(shard, key=lambda c: order[tuple(c)]) for shard in dealt]
+
+
+def _cost(slots: int) -> float:
+    # A run's fixed part (boot share, the measured loop) plus slot setup, linear and worse in n.
+    return 1.0 + slots / 1000
+
+
+def write(path: Path, config: dict, shards: int) -> dict:
+    if path.exists():
+        raise KvmlabError(f"-o {path}: already exists; a plan is written once")
+    record = {"format": FORMAT, "id": plan_id(config), "config": config, "shards": shards,
+              "cells": deal(config["tests"], config["slots"], shards)}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read(path: Path) -> dict:
+    """A plan file, checked, or a one-line KvmlabError."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KvmlabError(f"{path}: no such plan") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise KvmlabError(f"{path} is not a kvmlab plan: {getattr(err, 'strerror', None) or err}") from None
+    problem = _plan_problem(record)
+    if problem:
+        raise KvmlabError(f"{path} is not a kvmlab plan: {problem}")
+    return record
+
+
+def _plan_problem(record) -> str | None:
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        return f"no \"format\": \"{FORMAT}\""
+    config, shards, cells = record.get("config"), record.get("shards"), record.get("cells")
+    if config_problem(config):
+        return f"its config: {config_problem(config)}"
+    if not isinstance(shards, int) or not isinstance(cells, list) or len(cells) != shards or shards < 1:
+        return "its shards and cells disagree"
+    if record.get("id") != plan_id(config):
+        return "its id does not match its config (edited by hand?)"
+    wanted = sorted([test, count] for count in config["slots"] for test in config["tests"])
+    if sorted(cell for shard in cells for cell in shard) != wanted:
+        return "its shards do not cover the matrix once"
+    return None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` (1-based, as CI matrices count) → (K, N)."""
+    number, slash, total = text.partition("/")
+    try:
+        k, n = int(number), int(total)
+    except ValueError:
+        raise KvmlabError(f"--shard wants K/N, e.g. 1/4; got {text!r}") from None
+    if not slash or not 1 <= k <= n:
+        raise KvmlabError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def shard_config(record: dict, k: int, n: int) -> dict:
+    """The qualify.json of shard K: the plan's config, the shard's cells, and which plan."""
+    if n != record["shards"]:
+        raise KvmlabError(f"--shard {k}/{n}: the plan has {record['shards']} shards")
+    return {**record["config"], "cells": record["cells"][k - 1],
+            "plan": {"id": record["id"], "shard": k, "shards": n}}
+
+
+def refuse_other_kernel(config: dict, side: str, kernel: Kernel) -> None:
+    """This machine must boot the very kernel the plan names: same package version and patches."""
+    planned = config[side]
+    mismatch = []
+    if kernel.pinned != planned["exact"] and kernel.release != planned.get("release"):
+        mismatch.append(f"release {kernel.release}, not {planned.get('release')}")
+    if planned.get("version") and kernel.version != planned["version"]:
+        mismatch.append(f"Debian version {kernel.version}, not {planned['version']}")
+    ours = [p["sha256"] for p in kernel.patches or []]
+    if ours != [p["sha256"] for p in planned.get("patches") or []]:
+        mismatch.append("other patch contents")
+    if mismatch:
+        raise KvmlabError(f"--shard: {side} {planned['spec']} resolves here to {kernel.pinned} with "
+                          f"{'; '.join(mismatch)}: the shards would not measure one plan")
+
+
+def items_of(config: dict, items: list[matrix.Item]) -> list[matrix.Item]:
+    """The plan's items that fall in this qualification's cells (all, when not a shard)."""
+    cells = config.get("cells")
+    if cells is None:
+        return items
+    chosen = {(test, count) for test, count in cells}
+    return [item for item in items if (item.test, item.slots) in chosen]

@@ -1,0 +1,155 @@
+"""Plans, shards and merging them back, on plain data: every cell in one shard, shards of
+one plan only, none missing or doubled, and the merge a qualification like any other."""
+
+import json
+
+import pytest
+from conftest import assert_one_line_error, kvmlab
+
+from kvmlab import stats
+from kvmlab.errors import KvmlabError
+from kvmlab.qualify import analysis, matrix, merge, plan
+from kvmlab.qualify.store import Store
+
+CONFIG = {
+    "base": {"spec": "debian:bullseye", "exact": "debian:linux-image-5.10.0-32-cloud-amd64",
+             "release": "5.10.0-32-cloud-amd64", "version": "5.10.223-1"},
+    "patched": {"spec": "debian:bookworm", "exact": "debian:linux-image-6.1.0-50-cloud-amd64",
+                "release": "6.1.0-50-cloud-amd64", "version": "6.1.176-1"},
+    "tests": ["unmap chunked", "move active area"], "slots": [10, 100, 509], "runs": 3, "seconds": 0.5,
+    "threshold": 0.02, "cpus": 1, "clock": "icount", "method": stats.WELCH_LOG, "boot_per_round": True,
+    "emulator": {"version": "10.0.2", "package": "qemu-system-x86 1:10.0.2+ds-2+deb13u1~bpo12+1"},
+    "cpu": "EPYC,+svm", "trace": None, "check_invariants": False, "accel": None, "append": "",
+    "created": "2026-12-01T10:00:00+0000",
+}
+
+
+def _run(side, test, slots, run, value):
+    return {"kind": "run", "side": side, "test": test, "slots": slots, "run": run, "iteration_ns": value,
+            "iterations": 10, "slot_setup_ns": slots * 1000.0 * (1 + run / 100), "release": "r",
+            "clock": "icount", "boot": f"boot-{side}-{run}"}
+
+
+def _records(cells) -> list[dict]:
+    """Runs of every item of ``cells``: the patched kernel 20 % faster at 509 slots."""
+    everything = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
+    items = plan.items_of({"cells": cells}, everything)
+    return [_run(i.side, i.test, i.slots, i.run,
+                 1e6 * (1 + i.run / 200) * (0.8 if i.side == "patched" and i.slots == 509 else 1.0))
+            for i in items]
+
+
+@pytest.fixture
+def planned(tmp_path):
+    return plan.write(tmp_path / "plan.json", CONFIG, 2)
+
+
+def _shard(tmp_path, record, k, records=None) -> Store:
+    config = plan.shard_config(record, k, record["shards"])
+    store = Store.create(tmp_path / f"shard{k}", config)
+    for line in records if records is not None else _records(config["cells"]):
+        store.append(line)
+    store.release()
+    return store
+
+
+def test_the_cells_are_dealt_once_each_and_evenly():
+    dealt = plan.deal(CONFIG["tests"], CONFIG["slots"], 2)
+    cells = sorted(cell for shard in dealt for cell in shard)
+    assert cells == sorted([t, s] for s in CONFIG["slots"] for t in CONFIG["tests"])
+    assert [sorted(s for _, s in shard) for shard in dealt] == [[10, 100, 509], [10, 100, 509]]
+    assert plan.deal(CONFIG["tests"], CONFIG["slots"], 2) == dealt  # the same plan everywhere
+    with pytest.raises(KvmlabError, match="only 6 cells"):
+        plan.deal(CONFIG["tests"], CONFIG["slots"], 7)
+
+
+def test_a_shard_runs_exactly_its_cells_in_the_plans_order(planned):
+    everything = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
+    shards = [plan.items_of(plan.shard_config(planned, k, 2), everything) for k in (1, 2)]
+    assert sorted(shards[0] + shards[1], key=everything.index) == everything
+    assert not set(shards[0]) & set(shards[1])
+    for items in shards:
+        assert items == sorted(items, key=everything.index)
+        cells = {(i.test, i.slots) for i in items}
+        assert all({(side, run) for side in matrix.SIDES for run in range(3)} ==
+                   {(i.side, i.run) for i in items if (i.test, i.slots) == cell} for cell in cells)
+
+
+def test_a_plan_edited_by_hand_or_foreign_is_refused(tmp_path, planned):
+    path = tmp_path / "plan.json"
+    edited = json.loads(path.read_text())
+    edited["config"]["threshold"] = 0.5
+    path.write_text(json.dumps(edited))
+    with pytest.raises(KvmlabError, match="its id does not match its config"):
+        plan.read(path)
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(KvmlabError, match="is not a kvmlab plan"):
+        plan.read(path)
+    with pytest.raises(KvmlabError, match="K must be between 1 and N"):
+        plan.parse_shard("3/2")
+    with pytest.raises(KvmlabError, match="the plan has 2 shards"):
+        plan.shard_config(planned, 1, 3)
+
+
+def test_merged_shards_analyse_as_one_qualification(tmp_path, planned):
+    shards = [_shard(tmp_path, planned, k) for k in (1, 2)]
+    merged = merge.merge([s.directory for s in shards], tmp_path / "merged")
+    whole = analysis.analyse({**CONFIG}, _records(None))
+    together = analysis.analyse(merged.config, merged.records())
+    assert [(c.test, c.slots, c.verdict, c.base, c.patched) for c in together.cells] == \
+        [(c.test, c.slots, c.verdict, c.base, c.patched) for c in whole.cells]
+    measured = [c.verdict for c in together.cells if c.slots == 509 and c.test != analysis.SLOT_SETUP]
+    assert measured == [stats.IMPROVED] * 2
+    assert "cells" not in merged.config and "plan" not in merged.config  # a whole qualification now
+    assert merged.config["merged"]["plan"] == planned["id"]
+
+
+def test_the_merge_command_writes_the_reports_and_the_verdicts_exit_code(tmp_path, planned):
+    shards = [_shard(tmp_path, planned, k) for k in (2, 1)]
+    done = kvmlab("qualify", "merge", *(str(s.directory) for s in shards), "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "| Move active area |" in done.stdout
+    assert all((tmp_path / "out" / name).stat().st_size for name in ("report.md", "report.html", "junit.xml"))
+
+
+@pytest.mark.parametrize("damage, complaint", [
+    ("twice", "are both shard 1/2"),
+    ("missing", "shard 2 of 2 missing"),
+    ("foreign", "not of plan"),
+    ("outside", "outside shard 2's cells"),
+    ("damaged", "runs.jsonl:1: not a JSON record"),
+    ("not a shard", "is not a shard of a plan"),
+])
+def test_a_mix_of_shards_is_refused_and_nothing_is_written(tmp_path, planned, damage, complaint):
+    one, two = _shard(tmp_path, planned, 1), _shard(tmp_path, planned, 2)
+    dirs = [one.directory, two.directory]
+    if damage == "twice":
+        dirs = [one.directory, one.directory]
+    elif damage == "missing":
+        dirs = [one.directory]
+    elif damage == "foreign":
+        other = plan.write(tmp_path / "other.json", {**CONFIG, "seconds": 1.0}, 2)
+        (tmp_path / "other").mkdir()
+        dirs = [one.directory, _shard(tmp_path / "other", other, 2).directory]
+    elif damage == "outside":
+        stray = _records(plan.shard_config(planned, 1, 2)["cells"])[0]
+        with open(two.runs_path, "a") as handle:
+            handle.write(json.dumps(stray) + "\n")
+    elif damage == "damaged":
+        two.runs_path.write_text("{not json\n")
+    elif damage == "not a shard":
+        plain = Store.create(tmp_path / "plain", CONFIG)
+        plain.release()
+        dirs = [one.directory, plain.directory]
+    done = kvmlab("qualify", "merge", *map(str, dirs), "-o", str(tmp_path / "out"))
+    assert_one_line_error(done, complaint)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_refuses_options_the_plan_decides(tmp_path, planned):
+    done = kvmlab("qualify", "--shard", "1/2", str(tmp_path / "plan.json"), "--runs", "5",
+                  "-o", str(tmp_path / "s"))
+    assert_one_line_error(done, "--shard takes the whole qualification from its plan: drop --runs")
+    done = kvmlab("qualify", "--shard", "1/2", "-o", str(tmp_path / "s"))
+    assert_one_line_error(done, "wants one plan file")
+    assert not (tmp_path / "s").exists()
