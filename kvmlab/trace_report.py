@@ -22,7 +22,6 @@ events before the damage, and a run with none is left out and named in the repor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from kvmlab.stats import bootstrap_ratio
 from traces import profile as profiler
 from traces import segments
 from traces.calls import calls as calls_table
-from traces.errors import TraceError, require_regular_file
+from traces.errors import TraceError, read_json
 from traces.tracedat import TraceFile
 
 KEYS = ["kernel", "test", "slots", "function"]
@@ -97,15 +96,9 @@ def read_capture(path: Path) -> dict:
     """capture.json, checked for what the report takes from it: a "release" string and,
     when there, a "calibration" object whose overhead is a number. KvmlabError naming
     the file and what is wrong otherwise (the capture writes it; a damaged one is a
-    damaged run, not a reason for a traceback); TraceError, before it is opened, if it
-    is not a regular file (a FIFO would block the read for ever)."""
-    try:
-        require_regular_file(path)
-        capture = json.loads(path.read_text())
-    except OSError as err:
-        raise KvmlabError(f"{path}: cannot be read: {err.strerror or err}") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise KvmlabError(f"{path}: not JSON ({err})") from None
+    damaged run, not a reason for a traceback); TraceError if it cannot be read as JSON
+    or is not a regular file (a FIFO would block the read for ever)."""
+    capture = read_json(path)
     if not isinstance(capture, dict):
         raise KvmlabError(f"{path}: wants a JSON object, found {type(capture).__name__}")
     if "release" not in capture:

@@ -1,6 +1,7 @@
 """What the traces library raises: one base class, so a caller catches one thing; and the
 check each of its readers makes before it opens a file it was given."""
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -22,3 +23,15 @@ def require_regular_file(path: Path) -> None:
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in KINDS if test(mode)), "of an unknown kind")
         raise TraceError(f"{path}: cannot be read: not a regular file but {kind}")
+
+
+def read_json(path: Path):
+    """A JSON file a capture wrote, or a one-line TraceError naming it: not a regular
+    file, unreadable, or not JSON."""
+    try:
+        require_regular_file(path)
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise TraceError(f"{path}: not JSON ({err})") from None

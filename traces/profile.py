@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.errors import TraceError, require_regular_file
+from traces.errors import TraceError, read_json
 
 
 def read_hist(path: Path) -> pd.DataFrame:
@@ -41,13 +41,7 @@ def read_hist(path: Path) -> pd.DataFrame:
 
 def _load_hist(path: Path) -> dict[str, tuple[np.ndarray, int]]:
     """Per function, its (latency ns, count) pairs as an n × 2 array and its dropped count."""
-    try:
-        require_regular_file(path)
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise TraceError(f"{path}: cannot be read: {err.strerror or err}") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise TraceError(f"{path}: not JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise TraceError(f"{path}: wants an object of functions, found {type(data).__name__}")
     return {function: _function_hist(path, function, entry) for function, entry in data.items()}
