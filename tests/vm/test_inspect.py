@@ -17,9 +17,16 @@ HOLD = "python3 -m kselftest_py.hold_memslots --detach -n"
 
 
 @pytest.mark.parametrize("spec", KERNEL_LIMITS)
-def test_dump_equals_created_layout(spec, no_leaked_qemu):
-    done = kvmlab("run", spec, "--keep", "--", "sh", "-c", f"{HOLD} 40 && {HOLD} max")
+def test_dump_equals_created_layout(spec, tmp_path, no_leaked_qemu):
+    """Also the smoke check of these two suites (tests/vm/test_suites.py boots the others)."""
+    smoke = 'ls -l /dev/kvm && python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"'
+    done = kvmlab("run", spec, "--keep", "--out", str(tmp_path), "--", "sh", "-c",
+                  f"{smoke} && {HOLD} 40 && {HOLD} max")
     assert done.returncode == 0, done.stderr
+    assert "/dev/kvm" in done.stdout
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["nr_memslots"] == KERNEL_LIMITS[spec]
+    assert [r["result"] for r in report["results"]] == ["pass"] * 4
     run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr).group(1)
     try:
         created = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
