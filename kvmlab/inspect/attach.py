@@ -67,7 +67,7 @@ def target(name: str | None, kernel_spec: str | None = None) -> Target:
 def _run_target(run_dir: Path, kernel_spec: str | None) -> Target:
     info = runs.read(run_dir)
     pid = info.get("qemu_pid")
-    if not isinstance(pid, int) or pid <= 0 or not runs.qemu_alive(run_dir, pid):
+    if not runs.is_pid(pid) or not runs.qemu_alive(run_dir, pid):
         raise KvmlabError(f"run {run_dir.name} has no running VM (state: {info.get('state', 'unknown')})")
     if "debug_qmp" not in info:
         raise KvmlabError(f"run {run_dir.name} was started by an older kvmlab without a QMP socket for drgn")

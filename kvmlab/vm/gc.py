@@ -19,8 +19,7 @@ Kept whatever their age, besides the newest ``keep``:
   the console logs that its crash records name;
 - a directory whose run.json is missing or damaged (not JSON, not an object, no
   ``state`` or ``argv``, a ``qemu_pid`` that is no pid). Without it gc cannot tell
-  whether a QEMU of that run is alive. ``runs.record`` also rewrites run.json in place,
-  so a live run can look damaged for a moment. Keeping a few small directories is the
+  whether a QEMU of that run is alive. Keeping a few small directories is the
   cheaper mistake, and ``kvmlab gc --dry-run`` names them for a person to look at.
 
 With ``older_than_s``, a run whose run.json changed more recently than that stays too.
@@ -28,7 +27,6 @@ With ``older_than_s``, a run whose run.json changed more recently than that stay
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -38,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlab import cache
+from kvmlab.errors import KvmlabError
 from kvmlab.vm import runs
 from kvmlab.vm.session import AGENT
 
@@ -184,19 +183,17 @@ def _load(path: Path) -> Run:
 
 def _read_info(path: Path) -> tuple[dict, str | None]:
     """run.json's fields, and what is wrong with it if gc cannot trust it."""
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return {}, "no run.json"
-    except (OSError, ValueError) as err:
-        return {}, f"run.json unreadable: {err}"
-    if not isinstance(info, dict):
-        return {}, "run.json holds no JSON object"
+    try:
+        info = runs.read(path.parent)
+    except KvmlabError as err:
+        return {}, str(err)
     missing = [key for key in REQUIRED if key not in info]
     if missing:
         return info, f"run.json lacks {', '.join(missing)}"
     pid = info.get("qemu_pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+    if pid is not None and not runs.is_pid(pid):
         return info, f"run.json's qemu_pid is no pid: {pid!r}"
     return info, None
 

@@ -55,6 +55,11 @@ def read(run_dir: Path) -> dict:
     return data
 
 
+def is_pid(value) -> bool:
+    """Whether a run.json's ``qemu_pid`` can name a process (JSON also allows true, -1, 1.5)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class KeptVm:
     run_dir: Path
@@ -115,8 +120,7 @@ def kept() -> list[KeptVm]:
         except KvmlabError:
             continue
         pid = info.get("qemu_pid")
-        is_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
-        if info.get("state") == "kept" and is_pid and qemu_alive(run_dir, pid):
+        if info.get("state") == "kept" and is_pid(pid) and qemu_alive(run_dir, pid):
             vms.append(KeptVm(run_dir, pid, run_dir / "qmp.sock"))
     return vms
 
