@@ -49,7 +49,15 @@ class Lane:
             self.current = None
 
     def close(self) -> None:
+        """Power both guests off; one found dead by now is recorded as lost while idle."""
         for side in matrix.SIDES:
+            session = self.sessions[side]
+            if session is not None and not self.driver.stopping.is_set():
+                try:
+                    session.check_alive()
+                except GuestDown as down:
+                    self._lost_while_idle(side, down)
+                    continue
             self._retire(side, close=True)
 
     def kill(self) -> None:
@@ -170,13 +178,17 @@ class Lane:
         try:
             session.pause()
         except GuestDown as down:
-            self._retire(side)
-            result = down.result
-            self.driver.record({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
-                                "outcome": result.outcome, "message": result.message,
-                                "boot": result.run_dir.name})
-            self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle; "
-                            "it boots afresh for its next run")
+            self._lost_while_idle(side, down)
+
+    def _lost_while_idle(self, side: str, down: GuestDown) -> None:
+        """Record a guest that went away between its runs; its next run boots afresh."""
+        self._retire(side)
+        result = down.result
+        self.driver.record({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
+                            "outcome": result.outcome, "message": result.message,
+                            "boot": result.run_dir.name})
+        self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle "
+                        f"(console: {result.run_dir / 'console.log'})")
 
     def _retire(self, side: str, close: bool = False) -> None:
         """Forget a guest (closing it when asked), recording what its invariant checks saw."""

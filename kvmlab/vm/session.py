@@ -114,6 +114,12 @@ class GuestSession:
     def paused(self) -> bool:
         return self._paused_at is not None
 
+    def check_alive(self) -> None:
+        """Raise ``GuestDown`` if QEMU ended while nobody was talking to the guest (an idle
+        guest's death would otherwise go unnoticed by whoever closes it next)."""
+        if self.process is not None and self.process.poll() is not None:
+            self._fail()
+
     def pause(self) -> None:
         self._monitor("stop")
         self._paused_at = time.monotonic()

@@ -144,8 +144,8 @@ def _qemu_of(boot: str) -> int:
 
 def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_leaked_qemu):
     """bookworm against itself under icount: no significant change and no change above
-    1 % anywhere, even after its guest was killed mid-run and qualify itself was killed
-    and resumed."""
+    1 % anywhere, even after its guests were killed (one mid-run, one idle) and qualify
+    itself was killed and resumed. One lane, so that which guest is busy is known."""
     out = tmp_path / "q"
     args = [
         "qualify",
@@ -159,6 +159,8 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
         "10,509",
         "--seconds",
         "0.5",
+        "--jobs",
+        "1",
         "-o",
         str(out),
     ]
@@ -171,9 +173,10 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
         env=os.environ,
     )
     try:
-        _wait_for_runs(out, 3, process)
-        patched_boot = next(r["boot"] for r in Store(out).records() if r["side"] == "patched")
-        os.kill(_qemu_of(patched_boot), signal.SIGKILL)  # the guest vanishes mid-matrix
+        _wait_for_runs(out, 3, process)  # base and patched @10, base @509: patched @509 is next
+        boots = {r["side"]: r["boot"] for r in Store(out).records()}
+        os.kill(_qemu_of(boots["patched"]), signal.SIGKILL)  # the busy guest vanishes mid-matrix
+        os.kill(_qemu_of(boots["base"]), signal.SIGKILL)  # and so does the paused one
         _wait_for_runs(out, 6, process)
         process.kill()  # and qualify itself dies without a word
         process.wait()
@@ -183,8 +186,11 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
             process.wait()
     before = (out / "runs.jsonl").read_bytes()
     crashes = [r for r in Store(out).records() if r["kind"] == "crash"]
-    assert crashes and crashes[0]["outcome"] == "lost" and crashes[0]["side"] == "patched"
-    assert "QEMU ended" in crashes[0]["message"]
+    during = [r for r in crashes if r["run"] is not None]
+    idle = [r for r in crashes if r["run"] is None]
+    assert [(r["side"], r["outcome"]) for r in during] == [("patched", "lost")], crashes
+    assert [(r["side"], r["boot"]) for r in idle] == [("base", boots["base"])], crashes
+    assert all("QEMU ended" in r["message"] for r in crashes), crashes
     assert len(_run_keys(out)) < 12
 
     done = kvmlab("qualify", "--resume", "-o", str(out), timeout=900)
@@ -198,3 +204,4 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
     assert [cell.verdict for cell in result.cells] == [stats.NO_CHANGE] * 4, done.stdout
     assert all(abs(cell.comparison.change) <= 0.01 for cell in result.cells), done.stdout
     assert "guest lost during patched" in done.stdout
+    assert "guest lost (base) while idle" in done.stdout
