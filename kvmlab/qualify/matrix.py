@@ -109,11 +109,17 @@ def plan(tests: list[str], slots: list[int], runs: int, rounds_first: bool = Fal
 
 
 def units(items: list[Item], by_cell: bool) -> list[list[Item]]:
-    """The plan cut into what one lane runs at a stretch: whole cells (``by_cell``, the
-    wall clock: a cell's two kernels on one pair of guests), else single runs."""
-    if not by_cell:
-        return [[item] for item in items]
-    cells: dict[tuple[str, int], list[Item]] = {}
+    """The plan cut into what one lane runs at a stretch, in the plan's order.
+
+    ``by_cell`` (the wall clock): whole cells, so that a cell's two kernels alternate on
+    one pair of guests. Otherwise (icount) one boot's worth: one kernel's runs of one
+    row (slot count) in one round. A run's figures depend a little on what its boot ran
+    before (slot setup at 10 slots moved 2 % with it), so a boot's history must not
+    depend on how many lanes or shards share the work: cut this way, every boot runs
+    the same tests in the same order with ``--jobs 1``, ``--jobs 8`` or in a shard, and
+    both kernels of a cell have the same history."""
+    groups: dict[tuple, list[Item]] = {}
     for item in items:
-        cells.setdefault((item.test, item.slots), []).append(item)
-    return list(cells.values())
+        key = (item.test, item.slots) if by_cell else (item.run, item.side, item.slots)
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())

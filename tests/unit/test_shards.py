@@ -57,10 +57,34 @@ def test_the_cells_are_dealt_once_each_and_evenly():
     dealt = plan.deal(CONFIG["tests"], CONFIG["slots"], 2)
     cells = sorted(cell for shard in dealt for cell in shard)
     assert cells == sorted([t, s] for s in CONFIG["slots"] for t in CONFIG["tests"])
-    assert [sorted(s for _, s in shard) for shard in dealt] == [[10, 100, 509], [10, 100, 509]]
+    # Whole rows, so that a shard's boots run what a one-piece run's boots run: the
+    # costliest row (509) alone, the two cheap ones together.
+    tests = CONFIG["tests"]
+    assert dealt == [[[t, 509] for t in tests], [[t, s] for s in (10, 100) for t in tests]]
     assert plan.deal(CONFIG["tests"], CONFIG["slots"], 2) == dealt  # the same plan everywhere
+    four = plan.deal(CONFIG["tests"], CONFIG["slots"], 4)  # more shards than rows: cells
+    assert sorted(len(shard) for shard in four) == [1, 1, 2, 2]
+    assert sorted(cell for shard in four for cell in shard) == cells
     with pytest.raises(KvmlabError, match="only 6 cells"):
         plan.deal(CONFIG["tests"], CONFIG["slots"], 7)
+
+
+def test_each_icount_unit_is_one_kernels_row_in_one_round_whatever_the_lanes():
+    items = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
+    units = matrix.units(items, by_cell=False)
+    assert len(units) == 3 * 2 * len(CONFIG["slots"])
+    for unit in units:
+        assert len({(i.run, i.side, i.slots) for i in unit}) == 1
+        assert [i.test for i in unit] == CONFIG["tests"]
+    flat = [i for unit in units for i in unit]
+    assert sorted(flat, key=items.index) == items  # nothing lost or doubled
+    assert all(unit == sorted(unit, key=items.index) for unit in units)
+    # A shard's units are the one-piece run's units of its rows, test for test.
+    shard = [i for i in items if i.slots == 509]
+    assert matrix.units(shard, by_cell=False) == [u for u in units if u[0].slots == 509]
+    # The wall clock keeps whole cells: both kernels of a cell on one pair of guests.
+    cells = matrix.units(matrix.plan(CONFIG["tests"], CONFIG["slots"], 3), by_cell=True)
+    assert all({i.side for i in cell} == set(matrix.SIDES) and len(cell) == 6 for cell in cells)
 
 
 def test_a_shard_runs_exactly_its_cells_in_the_plans_order(planned):

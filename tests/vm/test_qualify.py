@@ -101,13 +101,13 @@ def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
     store = Store(tmp_path / "merged")
     again = {(c.test, c.slots): c for c in analysis.analyse(store.config, store.records()).cells}
     assert {key: c.verdict for key, c in again.items()} == {key: c.verdict for key, c in cells.items()}
-    for key, cell in cells.items():  # icount: other lanes, other processes, nearly the same counts
-        # A run's boot-mates differ between the two (lanes take runs as they come free),
-        # and slot setup at 10 slots (0.5-1 ms) moved 2.2 % with that; the loops < 1 %.
-        bound = 0.05 if key[0] == analysis.SLOT_SETUP else 0.02
-        for side in ("base_median", "patched_median"):
-            moved = abs(getattr(again[key].comparison, side) / getattr(cell.comparison, side) - 1)
-            assert moved < bound, (key, side, moved)
+    # icount: two lanes in one process against one lane in each of two processes, and
+    # every boot ran the same runs in both (a row per shard; matrix.units): each median
+    # within the 2 % threshold, above the 1.8 % the repeatability benchmark's worst cell
+    # moves across boots.
+    moved = {(key, side): abs(getattr(again[key].comparison, side) / getattr(cell.comparison, side) - 1)
+             for key, cell in cells.items() for side in ("base_median", "patched_median")}
+    assert max(moved.values()) < 0.02, moved
     assert _table(tmp_path / "merged" / "report.md") == _table(out / "report.md")
 
 
