@@ -5,11 +5,13 @@ killed qualify."""
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import REPO, kvmlab
@@ -17,6 +19,7 @@ from conftest import REPO, kvmlab
 from kvmlab import cache, stats
 from kvmlab.qualify import analysis
 from kvmlab.qualify.store import Store
+from kvmlab.vm import runs
 
 pytestmark = pytest.mark.vm
 
@@ -102,13 +105,22 @@ def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
     again = {(c.test, c.slots): c for c in analysis.analyse(store.config, store.records()).cells}
     assert {key: c.verdict for key, c in again.items()} == {key: c.verdict for key, c in cells.items()}
     # icount: two lanes in one process against one lane in each of two processes, and
-    # every boot ran the same runs in both (a row per shard; matrix.units): each median
-    # within the 2 % threshold, above the 1.8 % the repeatability benchmark's worst cell
-    # moves across boots.
-    moved = {(key, side): abs(getattr(again[key].comparison, side) / getattr(cell.comparison, side) - 1)
-             for key, cell in cells.items() for side in ("base_median", "patched_median")}
-    assert max(moved.values()) < 0.02, moved
+    # every boot ran the same runs in both (a row per shard; matrix.units). No median may
+    # move by more than its cell's own runs spread (their range, at least 0.5 %): a shift
+    # with how the runs were grouped into boots (slot setup at 10 slots moved 2.2 % with
+    # 0.01 % spread, before the grouping was fixed) fails this; move active's spread of
+    # 2-3 % between runs does not.
+    for key, cell in cells.items():
+        for side in ("base", "patched"):
+            one, two = getattr(cell, side), getattr(again[key], side)
+            moved = abs(statistics.median(two) / statistics.median(one) - 1)
+            spread = max(_range(one), _range(two), 0.005)
+            assert moved <= spread, (key, side, one, two)
     assert _table(tmp_path / "merged" / "report.md") == _table(out / "report.md")
+
+
+def _range(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def _table(report_md) -> list[tuple[str, str, str]]:
@@ -138,14 +150,33 @@ def _wait_for_runs(out, count: int, process: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no {count} runs recorded in {timeout} s")
 
 
+def _next_guest(out, process: subprocess.Popen, timeout: float = 120) -> str:
+    """The boot qualify starts next: the newest run directory with a live QEMU that no
+    record names yet."""
+    recorded = {r["boot"] for r in Store(out).records()}
+    since = (out / "qualify.json").stat().st_mtime
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run_dir in cache.area("runs").iterdir():
+            if run_dir.name in recorded or run_dir.stat().st_mtime < since:
+                continue
+            run = runs.read(run_dir)
+            if run.get("state") == "running" and Path(f"/proc/{run.get('qemu_pid')}").exists():
+                return run_dir.name
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    raise AssertionError(f"qualify started no guest in {timeout} s")
+
+
 def _qemu_of(boot: str) -> int:
     return json.loads((cache.area("runs") / boot / "run.json").read_text())["qemu_pid"]
 
 
 def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_leaked_qemu):
     """bookworm against itself under icount: no significant change and no change above
-    1 % anywhere, even after its guests were killed (one mid-run, one idle) and qualify
-    itself was killed and resumed. One lane, so that which guest is busy is known."""
+    1 % anywhere, even after its guest was killed mid-run and qualify itself was killed
+    and resumed. One lane, so that which guest is busy is known: each unit of one test
+    is one boot (base @10, patched @10, base @509, then patched @509)."""
     out = tmp_path / "q"
     args = [
         "qualify",
@@ -173,10 +204,9 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
         env=os.environ,
     )
     try:
-        _wait_for_runs(out, 3, process)  # base and patched @10, base @509: patched @509 is next
-        boots = {r["side"]: r["boot"] for r in Store(out).records()}
-        os.kill(_qemu_of(boots["patched"]), signal.SIGKILL)  # the busy guest vanishes mid-matrix
-        os.kill(_qemu_of(boots["base"]), signal.SIGKILL)  # and so does the paused one
+        _wait_for_runs(out, 3, process)
+        busy = _next_guest(out, process)  # patched @509's
+        os.kill(_qemu_of(busy), signal.SIGKILL)  # the guest vanishes mid-matrix
         _wait_for_runs(out, 6, process)
         process.kill()  # and qualify itself dies without a word
         process.wait()
@@ -186,11 +216,9 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
             process.wait()
     before = (out / "runs.jsonl").read_bytes()
     crashes = [r for r in Store(out).records() if r["kind"] == "crash"]
-    during = [r for r in crashes if r["run"] is not None]
-    idle = [r for r in crashes if r["run"] is None]
-    assert [(r["side"], r["outcome"]) for r in during] == [("patched", "lost")], crashes
-    assert [(r["side"], r["boot"]) for r in idle] == [("base", boots["base"])], crashes
-    assert all("QEMU ended" in r["message"] for r in crashes), crashes
+    assert [(r["side"], r["slots"], r["outcome"], r["boot"]) for r in crashes] == [
+        ("patched", 509, "lost", busy)], crashes
+    assert "QEMU ended" in crashes[0]["message"], crashes
     assert len(_run_keys(out)) < 12
 
     done = kvmlab("qualify", "--resume", "-o", str(out), timeout=900)
@@ -204,4 +232,3 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
     assert [cell.verdict for cell in result.cells] == [stats.NO_CHANGE] * 4, done.stdout
     assert all(abs(cell.comparison.change) <= 0.01 for cell in result.cells), done.stdout
     assert "guest lost during patched" in done.stdout
-    assert "guest lost (base) while idle" in done.stdout
