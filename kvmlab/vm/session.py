@@ -158,7 +158,11 @@ class GuestSession:
             self._fail()
 
     def _send(self, message: dict) -> None:
-        self._socket.sendall((json.dumps(message) + "\n").encode())
+        """Send to the agent; a connection the guest's end dropped is a guest that went away."""
+        try:
+            self._socket.sendall((json.dumps(message) + "\n").encode())
+        except OSError:
+            self._fail()
 
     def _receive(self, deadline: float) -> dict:
         """The agent's next message, watching the guest while it comes."""
@@ -166,7 +170,10 @@ class GuestSession:
         while b"\n" not in self._pending:
             readable, _, _ = select.select([self._socket], [], [], 0.2)
             if readable:
-                chunk = self._socket.recv(1 << 20)
+                try:
+                    chunk = self._socket.recv(1 << 20)
+                except OSError:  # reset by the guest's end: as good as an end of file
+                    chunk = b""
                 if not chunk:
                     self._fail()
                 self._pending += chunk
