@@ -32,7 +32,7 @@ except ImportError:  # run as a script by drgn: the package may not be importabl
     sys.path.insert(0, __file__.rsplit("/", 2)[0])
     from drgn_scripts.memslot_model import AddressSpace, ArraySet, HvaNode, Slot, TreeSet, VmMemslots
 
-__all__ = ["layout", "read_vm", "read_vms", "render"]
+__all__ = ["SlotReader", "kvms", "layout", "read_vm", "read_vms", "render", "userspace_pid"]
 
 
 def layout(prog: Program) -> str:
@@ -45,38 +45,40 @@ def layout(prog: Program) -> str:
     raise LookupError("struct kvm_memslots has neither gfn_tree nor id_to_index")
 
 
+def kvms(prog: Program, pid: int | None = None) -> list[Object]:
+    """The ``struct kvm *`` of every VM on ``vm_list`` (or only those of ``pid``), in list order."""
+    return [kvm for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list")
+            if pid is None or userspace_pid(kvm) == pid]
+
+
 def read_vms(prog: Program, pid: int | None = None) -> list[VmMemslots]:
     """Every VM on ``vm_list`` (or only those of ``pid``), in list order."""
     kind = layout(prog)
-    vms = []
-    for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"):
-        if pid is None or _pid(kvm) == pid:
-            vms.append(read_vm(kvm, kind))
-    return vms
+    return [read_vm(kvm, kind) for kvm in kvms(prog, pid)]
 
 
 def read_vm(kvm: Object, kind: str) -> VmMemslots:
     """The memslots of one ``struct kvm *``."""
-    reader = _SlotReader(kvm.prog_)
+    reader = SlotReader(kvm.prog_)
     read_space = _tree_space if kind == "tree" else _array_space
     count = len(kvm.memslots)
     owner = kvm.slots_lock.owner.counter.value_()
     return VmMemslots(
         address=kvm.value_(),
-        pid=_pid(kvm),
+        pid=userspace_pid(kvm),
         address_spaces=[read_space(kvm, as_id, reader) for as_id in range(count)],
         vcpu_last_used_slot_ids=_vcpu_last_used(kvm, reader),
         slots_lock_held=owner != 0,
     )
 
 
-def _pid(kvm: Object) -> int:
+def userspace_pid(kvm: Object) -> int:
     if kvm.type_.type.has_member("userspace_pid"):
         return kvm.userspace_pid.value_()
     return -1
 
 
-class _SlotReader:
+class SlotReader:
     """Reads ``struct kvm_memory_slot``s as raw bytes, one read per slot, unpacked at
     offsets looked up once in the kernel's DWARF.
 
@@ -135,7 +137,7 @@ _U64, _U32, _I16 = struct.Struct("<Q"), struct.Struct("<I"), struct.Struct("<h")
 
 
 # -- the tree layout (Linux >= 5.17) ------------------------------------------------
-def _tree_space(kvm: Object, as_id: int, reader: _SlotReader) -> AddressSpace:
+def _tree_space(kvm: Object, as_id: int, reader: SlotReader) -> AddressSpace:
     active = kvm.memslots[as_id].value_()
     sets = [kvm.__memslots[as_id][index] for index in range(2)]
     active_index = next(i for i, s in enumerate(sets) if s.address_of_().value_() == active)
@@ -143,7 +145,7 @@ def _tree_space(kvm: Object, as_id: int, reader: _SlotReader) -> AddressSpace:
                         sets=[_tree_set(s, i, reader) for i, s in enumerate(sets)])
 
 
-def _tree_set(memslots: Object, index: int, reader: _SlotReader) -> TreeSet:
+def _tree_set(memslots: Object, index: int, reader: SlotReader) -> TreeSet:
     idx = memslots.node_idx.value_()
     gfn_order, depth = _gfn_walk(reader, memslots.gfn_tree.rb_node.value_(), idx)
     last_used = memslots.last_used_slot.counter.value_()
@@ -159,7 +161,7 @@ def _tree_set(memslots: Object, index: int, reader: _SlotReader) -> TreeSet:
     )
 
 
-def _gfn_walk(reader: _SlotReader, root: int, idx: int) -> tuple[list[Slot], int]:
+def _gfn_walk(reader: SlotReader, root: int, idx: int) -> tuple[list[Slot], int]:
     """In-order slots of the gfn rbtree at ``root``, and the tree's depth.
 
     Iterative (a corrupted tree must not overflow the stack), and by hand rather than
@@ -181,7 +183,7 @@ def _gfn_walk(reader: _SlotReader, root: int, idx: int) -> tuple[list[Slot], int
     return order, depth
 
 
-def _hva_nodes(reader: _SlotReader, root: int, idx: int) -> list[HvaNode]:
+def _hva_nodes(reader: SlotReader, root: int, idx: int) -> list[HvaNode]:
     nodes, pending = [], [root] if root else []
     offset = reader.hva_node[idx]
     while pending:
@@ -192,7 +194,7 @@ def _hva_nodes(reader: _SlotReader, root: int, idx: int) -> list[HvaNode]:
     return nodes
 
 
-def _id_hash(reader: _SlotReader, memslots: Object, idx: int) -> list[list[int]]:
+def _id_hash(reader: SlotReader, memslots: Object, idx: int) -> list[list[int]]:
     heads = memslots.id_hash.read_()
     buckets = []
     for head in heads:
@@ -205,7 +207,7 @@ def _id_hash(reader: _SlotReader, memslots: Object, idx: int) -> list[list[int]]
     return buckets
 
 
-def _vcpu_last_used(kvm: Object, reader: _SlotReader) -> list[int | None]:
+def _vcpu_last_used(kvm: Object, reader: SlotReader) -> list[int | None]:
     """Each vCPU's ``last_used_slot`` id (tree layout only; the array has no such field)."""
     vcpu_type = kvm.prog_.type("struct kvm_vcpu")
     if not vcpu_type.has_member("last_used_slot"):
@@ -229,7 +231,7 @@ def _vcpu(kvm: Object, number: int) -> Object | None:
 
 
 # -- the array layout (Linux <= 5.16) ------------------------------------------------
-def _array_space(kvm: Object, as_id: int, reader: _SlotReader) -> AddressSpace:
+def _array_space(kvm: Object, as_id: int, reader: SlotReader) -> AddressSpace:
     slots = kvm.memslots[as_id]
     used = slots.used_slots.value_()
     first = slots.memslots[0].address_of_().value_()

@@ -6,15 +6,22 @@ import sys
 
 from drgn_scripts import memslot_invariants, memslots
 from kvmlab.errors import KvmlabError
-from kvmlab.inspect import attach
+from kvmlab.inspect import attach, interactive
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    where = attach.target(args.target, args.kernel)
     if not args.timeout > 0:
         raise KvmlabError("--timeout wants a positive number of seconds")
+    if args.interactive and (args.check or args.json or args.pid is not None):
+        raise KvmlabError("--interactive takes no --check, --json or --pid: its helpers do those")
+    if args.interactive:
+        where = attach.target(args.target, args.kernel)
+        return interactive.run(where, args.timeout)
+    where = attach.target(args.target, args.kernel)
     snapshot = attach.Inspector(where, args.timeout).snapshot(check=args.check, pid=args.pid)
-    paused = "paused" if where.control_socket else "NOT paused (not a kvmlab run): may be inconsistent"
+    paused = ("paused" if where.control_socket else
+              f"as it panicked (from {where.vmcore})" if where.vmcore else
+              "NOT paused (not a kvmlab run): may be inconsistent")
     if args.json:
         record = {"target": where.name, "read_s": snapshot.read_s, "paused_s": snapshot.paused_s,
                   "vms": [vm.to_json() for vm in snapshot.vms]}
@@ -35,6 +42,8 @@ def add_parsers(sub) -> None:
     attach_parser = sub.add_parser("inspect", help="dump or check a lab VM's KVM memslots with drgn")
     attach_parser.add_argument("target", nargs="?",
                          help="run name or directory, or a QMP socket (default: the newest kept VM)")
+    attach_parser.add_argument("-i", "--interactive", action="store_true",
+                               help="drgn's interactive shell on the VM, with kvmlab's memslot helpers")
     attach_parser.add_argument("--check", action="store_true",
                          help="check the memslot invariants (exit 1 on a violation)")
     attach_parser.add_argument("--json", action="store_true", help="one JSON record instead of tables")

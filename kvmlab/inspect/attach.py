@@ -2,8 +2,8 @@
 
 drgn reads the guest's memory through QEMU over the run's second QMP socket (QEMU serves
 one client per socket and drgn keeps its connection; the first socket stays free for
-kvmlab's ``stop``/``cont``), with the DWARF of the kernel's -dbg package from the kernel
-cache, fetched on first use.
+kvmlab's ``stop``/``cont``), or from the vmcore of a run whose kernel panicked, with the
+DWARF of the kernel's -dbg package from the kernel cache, fetched on first use.
 
 A snapshot pauses the guest (QMP ``stop``) while it reads: a running guest changes its
 memslots under the reader, and the invariants only hold for a structure read whole.
@@ -18,7 +18,7 @@ from pathlib import Path
 from kvmlab import kernels
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import qmp, runs
+from kvmlab.vm import qmp, runs, vmcore
 
 #: How long QEMU may take to greet drgn on the debug QMP socket (it greets at once when free).
 GREETING_TIMEOUT_S = 10.0
@@ -29,10 +29,14 @@ class Target:
     """A VM to inspect: the socket drgn reads through, the one to pause it through (None
     for a QEMU that kvmlab did not start), and its kernel."""
 
-    debug_socket: Path
+    debug_socket: Path | None
     control_socket: Path | None
     kernel_spec: str
     name: str
+    run_dir: Path | None = None
+    """The kvmlab run directory, None for a QMP socket kvmlab did not start."""
+    vmcore: Path | None = None
+    """A dead run's vmcore (``kvmlab.vm.vmcore``): drgn reads it instead of a live guest."""
 
 
 @dataclass
@@ -66,15 +70,20 @@ def target(name: str | None, kernel_spec: str | None = None) -> Target:
 
 def _run_target(run_dir: Path, kernel_spec: str | None) -> Target:
     info = runs.read(run_dir)
-    pid = info.get("qemu_pid")
-    if not runs.is_pid(pid) or not runs.qemu_alive(run_dir, pid):
-        raise KvmlabError(f"run {run_dir.name} has no running VM (state: {info.get('state', 'unknown')})")
-    if "debug_qmp" not in info:
-        raise KvmlabError(f"run {run_dir.name} was started by an older kvmlab without a QMP socket for drgn")
     spec = kernel_spec or info.get("kernel_exact") or info.get("kernel")
     if not isinstance(spec, str):
         raise KvmlabError(f"{run_dir / 'run.json'} names no kernel: say which it runs with --kernel SPEC")
-    return Target(_socket(run_dir, info, "debug_qmp"), _socket(run_dir, info, "qmp"), spec, run_dir.name)
+    pid = info.get("qemu_pid")
+    if not runs.is_pid(pid) or not runs.qemu_alive(run_dir, pid):
+        if (run_dir / vmcore.FILE).is_file() and info.get("vmcore"):
+            return Target(None, None, spec, run_dir.name, run_dir, run_dir / vmcore.FILE)
+        skipped = f"; {info['vmcore_skipped']}" if isinstance(info.get("vmcore_skipped"), str) else ""
+        raise KvmlabError(f"run {run_dir.name} has no running VM and no vmcore "
+                          f"(state: {info.get('state', 'unknown')}{skipped})")
+    if "debug_qmp" not in info:
+        raise KvmlabError(f"run {run_dir.name} was started by an older kvmlab without a QMP socket for drgn")
+    return Target(_socket(run_dir, info, "debug_qmp"), _socket(run_dir, info, "qmp"), spec,
+                  run_dir.name, run_dir)
 
 
 def _socket(run_dir: Path, info: dict, key: str) -> Path:
@@ -99,6 +108,7 @@ class Inspector:
         self.where = where
         self.greeting_timeout_s = greeting_timeout_s
         self.prog = None
+        self.kernel: Kernel | None = None
 
     def attach(self) -> None:
         """Load the kernel's debuginfo (fetching the -dbg package if needed) and connect.
@@ -108,14 +118,18 @@ class Inspector:
         import drgn  # host side only; imported here so the rest of kvmlab runs without it
 
         who = f"drgn cannot attach to {self.where.name}"
-        qmp.await_greeting(self.where.debug_socket, self.greeting_timeout_s, who)
-        kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
+        if self.where.vmcore is None:
+            qmp.await_greeting(self.where.debug_socket, self.greeting_timeout_s, who)
+        kernel = self.kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
         files = debug_files(kernel)
         prog = drgn.Program()
         try:
-            prog.set_qemu_qmp(str(self.where.debug_socket))
+            if self.where.vmcore is not None:
+                prog.set_core_dump(str(self.where.vmcore))
+            else:
+                prog.set_qemu_qmp(str(self.where.debug_socket))
         except Exception as err:  # drgn raises OSError, ValueError or its own errors
-            raise KvmlabError(f"drgn cannot attach to {self.where.name}: {err}") from None
+            raise KvmlabError(f"{who}: {err}") from None
         try:
             prog.load_debug_info([str(f) for f in files])
         except drgn.MissingDebugInfoError:

@@ -76,7 +76,8 @@ class Lane:
                 tries = self.driver.count_crash(item)
                 result = down.result
                 self.driver.record({"kind": "crash", **_fields(item), "outcome": result.outcome,
-                                    "message": result.message, "boot": result.run_dir.name})
+                                    "message": result.message, "boot": result.run_dir.name,
+                                    "vmcore": result.vmcore})
                 first = result.message.splitlines()[0] if result.message else result.outcome
                 again = tries < ATTEMPTS
                 self.driver.say(

@@ -250,8 +250,9 @@ def problems_markdown(analysis: Analysis) -> list[str]:
         when = ("while idle" if record["run"] is None else
                 f"during {record['side']} {record['test']} @{record['slots']} run {record['run'] + 1}")
         idle = f" ({record['side']})" if record["run"] is None else ""
+        core = f" (vmcore: {record['vmcore']})" if record.get("vmcore") else ""
         lines.append(f"- guest {record['outcome']}{idle} {when} (boot {record['boot']}): "
-                     f"{first.split('; console tail')[0]}")
+                     f"{first.split('; console tail')[0]}{core}")
     checks = problems.get("checks", [])
     if checks:
         total = {side: sum(r["checks"] for r in checks if r["side"] == side) for side in matrix.SIDES}

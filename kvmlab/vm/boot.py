@@ -21,7 +21,7 @@ from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.vm import accel as accel_mod
 from kvmlab.vm import clock as clock_mod
-from kvmlab.vm import emulator, image, initramfs, layer, lifecycle, qemu, runs
+from kvmlab.vm import emulator, image, initramfs, layer, lifecycle, qemu, runs, vmcore
 from kvmlab.vm import modules as modules_archive
 
 TRACE_SPEC = "trace.json"
@@ -129,20 +129,22 @@ def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) 
         env = {**clock_mod.QUIET_ENV, **env}
     recipe = image.recipe(options.recipe)
     parts = [image.build(recipe, log=log)]
-    modules = modules_archive.archive(kernel, recipe.modules, kernel.store or run_dir)
+    panic_driver = modules_archive.first_available(kernel, vmcore.GUEST_MODULES)
+    wanted = recipe.modules + ([panic_driver] if panic_driver else [])
+    modules = modules_archive.archive(kernel, wanted, kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
     argv, files = options.argv, dict(options.files)
     if options.trace:
         files.update(trace_files(options.trace))
         argv = traced(argv)
-    job = protocol.Job(argv=argv, env=env, modules=recipe.modules, keep=options.keep)
+    job = protocol.Job(argv=argv, env=env, modules=wanted, keep=options.keep)
     parts.append(layer.build(run_dir, job, options.added, files))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
     print(f"kvmlab: {chosen.describe()}; {qemu_emulator.describe()}; {clock.describe()}", file=log)
     runs.record(run_dir, qemu=qemu_emulator.to_json(), accel=chosen.name, cpu=chosen.cpu, clock=clock.name,
-                cpus=options.cpus)
+                cpus=options.cpus, memory_mb=options.memory_mb, panic_driver=panic_driver)
     return qemu.Machine(
         vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen, emulator=qemu_emulator,
         clock=clock, cpus=options.cpus, memory_mb=options.memory_mb, append=append,

@@ -26,6 +26,8 @@ from kvmlab.errors import EXIT_HANG, EXIT_INVARIANT, EXIT_LOST, EXIT_SPLAT
 from kvmlab.vm import console
 
 PR_SET_PDEATHSIG = 1
+#: What Linux prints first when it panics (``console.SPLATS`` knows it too).
+PANIC_LINE = b"Kernel panic - not syncing"
 POWEROFF_GRACE_S = 15.0
 
 
@@ -83,6 +85,8 @@ class Status:
     last_beat: float | None = None
     timed_out: bool = False
     stalled: bool = False
+    panicked: bool = False
+    """The console shows the kernel's panic line (QEMU may have paused it for a vmcore)."""
 
 
 class Liveness:
@@ -96,17 +100,18 @@ class Liveness:
         self._status_file = run_dir / "status.jsonl"
         self._console_log = run_dir / "console.log"
         self._seen = 0
+        self._console_read = 0
 
     def over(self) -> bool:
         """Read what the guest said since the last call; True once the job exited, QEMU
         ended, the deadline passed or the heartbeats stopped (``status`` says which)."""
         self.catch_up()
         status = self.status
-        if status.userspace_at is None and self._console_log.exists():
-            if protocol.USERSPACE_MARK.encode() in self._console_log.read_bytes():
-                status.userspace_at = time.monotonic() - self.started
+        self._read_console()
         if status.exit_code is not None or self.process.poll() is not None:
             self.catch_up()
+            return True
+        if status.panicked:  # QEMU pauses a guest with pvpanic there: its vmcore is next
             return True
         now = time.monotonic()
         if now > self.deadline:
@@ -119,6 +124,24 @@ class Liveness:
             status.timed_out = status.stalled = True
             return True
         return False
+
+    def _read_console(self) -> None:
+        """Look at what the console gained since the last call for the userspace mark
+        and the panic line (re-reading a little, so that a line cut between two reads
+        is still seen)."""
+        overlap = max(len(PANIC_LINE), len(protocol.USERSPACE_MARK))
+        start = max(0, self._console_read - overlap)
+        try:
+            with open(self._console_log, "rb") as console_file:
+                console_file.seek(start)
+                fresh = console_file.read()
+        except FileNotFoundError:
+            return
+        self._console_read = start + len(fresh)
+        if self.status.userspace_at is None and protocol.USERSPACE_MARK.encode() in fresh:
+            self.status.userspace_at = time.monotonic() - self.started
+        if PANIC_LINE in fresh:
+            self.status.panicked = True
 
     def paused(self, seconds: float) -> None:
         """The guest was paused this long: that was neither silence nor running time."""
@@ -180,6 +203,8 @@ class RunResult:
     total_s: float = 0.0
     splats: list[console.Splat] = field(default_factory=list)
     checks: CheckReport | None = None
+    vmcore: str | None = None
+    """The vmcore saved when the guest panicked (``vmcore.save``), if one was."""
 
 
 def judge(status: Status, run_dir: Path, started: float, kept: bool, qmp_socket: Path,

@@ -40,6 +40,19 @@ def archive(kernel: Kernel, modules: list[str], store: Path) -> Path | None:
     return out
 
 
+def first_available(kernel: Kernel, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` this kernel has, as a module or built in (None: none)."""
+    if kernel.modules_root is None:
+        return None
+    for name in names:
+        try:
+            _closure(kernel, [name])
+        except KvmlabError:
+            continue
+        return name
+    return None
+
+
 def _closure(kernel: Kernel, modules: list[str]) -> set[Path]:
     """The .ko files modprobe would insert for ``modules``; built-in ones need none."""
     assert kernel.modules_root is not None

@@ -4,8 +4,10 @@ Fixed parts of the contract with the guest (``kvmlab_guest.protocol``): the seri
 console goes to ``console.log``; four virtio-serial output ports, each written by QEMU
 to a file in the run directory, and the control port on a UNIX socket for the guest
 agent; ``-device vmcoreinfo`` and a QMP socket so that drgn can
-attach; ``panic=-1`` with ``-no-reboot`` so that a crashed kernel ends QEMU instead of
-rebooting, and ``oops=panic`` so that an Oops does not leave a half-dead guest.
+attach; ``oops=panic`` so that an Oops does not leave a half-dead guest; a pvpanic
+device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels
+without its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU
+instead of rebooting.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from kvmlab_guest import protocol
 
+from kvmlab.vm import vmcore
 from kvmlab.vm.accel import Accel
 from kvmlab.vm.clock import Clock
 from kvmlab.vm.emulator import Emulator
@@ -74,7 +77,7 @@ def command(machine: Machine) -> list[str]:
         "-chardev", f"file,id=console,path={machine.console_log}",
         "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=vser",
-        "-device", "vmcoreinfo",
+        "-device", "vmcoreinfo", *vmcore.qemu_args(),
         "-qmp", f"unix:{machine.qmp_socket},server=on,wait=off",
         "-qmp", f"unix:{machine.debug_socket},server=on,wait=off",
         "-pidfile", str(run / "qemu.pid"),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import boot, lifecycle, results, runs
+from kvmlab.vm import boot, lifecycle, results, runs, vmcore
 from kvmlab.vm.boot import RunOptions
 from kvmlab.vm.lifecycle import RunResult
 
@@ -39,6 +39,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
         kept = options.keep and status.exit_code is not None
         if status.exit_code is not None and not kept:
             lifecycle.wait_for_exit(vm.process, lifecycle.POWEROFF_GRACE_S)
+        dump = _dump_if_panicked(vm, status, options, log)
     finally:
         if not kept:
             lifecycle.kill(vm.process)
@@ -51,11 +52,24 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
                              options.timeout_s, options.stall_s)
     if checker is not None:
         lifecycle.judge_checks(result, checker.report)
+    if dump is not None:
+        result.message = f"{result.message}\n{dump.describe()}".strip()
+        result.vmcore = str(dump.path) if dump.path else None
     _collect_results(vm.run_dir, options.out, log, job_ended=status.exit_code is not None)
     runs.record(vm.run_dir, state=result.outcome, exit_code=result.exit_code,
                 job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
                 total_s=result.total_s)
     return result
+
+
+def _dump_if_panicked(vm: boot.Booted, status: lifecycle.Status, options: RunOptions, log):
+    """The panicked guest's vmcore, saved before QEMU is ended (None: it did not panic)."""
+    if not status.panicked:
+        return None
+    print("kvmlab: the guest kernel panicked; saving its memory for drgn", file=log)
+    dump = vmcore.save(vm.run_dir, vm.machine.qmp_socket, vm.process, options.memory_mb)
+    runs.record(vm.run_dir, **dump.to_json())
+    return dump
 
 
 def _collect_results(run_dir: Path, out: Path | None, log, job_ended: bool) -> None:

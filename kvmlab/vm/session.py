@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import boot, console, lifecycle, qmp, runs
+from kvmlab.vm import boot, console, lifecycle, qmp, runs, vmcore
 
 BOOT_TIMEOUT_S = 180.0
 CONNECT_TIMEOUT_S = 10.0
@@ -185,6 +185,11 @@ class GuestSession:
         return json.loads(line)
 
     def _fail(self) -> None:
+        dump = None
+        if self._liveness.status.panicked and self.process is not None:
+            dump = vmcore.save(self.run_dir, self._vm.machine.qmp_socket, self.process,
+                               self.options.memory_mb)
+            runs.record(self.run_dir, **dump.to_json())
         self._shut(state="down")
         result = lifecycle.judge(self._liveness.status, self.run_dir, self._vm.started, False,
                                  self._vm.machine.qmp_socket, self.options.timeout_s, self.options.stall_s)
@@ -193,6 +198,9 @@ class GuestSession:
                 "lost",
                 f"guest agent ended (exit {result.job_code}); its stderr: {_tail(self.run_dir / 'stderr')}",
             )
+        if dump is not None:
+            result.message = f"{result.message}\n{dump.describe()}".strip()
+            result.vmcore = str(dump.path) if dump.path else None
         runs.record(self.run_dir, outcome=result.outcome)
         raise GuestDown(result)
 

@@ -332,3 +332,15 @@ def test_icount_with_kvm_or_an_old_qemu_is_refused_before_anything_boots(tmp_pat
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     done = kvmlab("run", "debian:bookworm", "--clock", "icount", "--", "true", env={"KVMLAB_QEMU": str(old)})
     assert_one_line_error(done, "--clock icount needs QEMU >= 10.0")
+
+
+def test_a_crash_with_a_vmcore_names_it_in_the_report():
+    records = _records(_matrix(lambda n: [100.0, 101.0, 99.0], lambda n: [100.0, 101.0, 99.0]))
+    crash = {"kind": "crash", "side": "patched", "test": CONFIG["tests"][0], "slots": CONFIG["slots"][0],
+             "run": 0, "outcome": "splat", "boot": "20261201-1", "vmcore": "/runs/20261201-1/vmcore",
+             "message": "guest kernel reported a panic: Kernel panic - not syncing: sysrq\nexcerpt"}
+    lost = {**crash, "boot": "20261201-2", "outcome": "lost", "message": "VM lost", "vmcore": None}
+    lines = report.problems_markdown(analysis.analyse(CONFIG, records + [crash, lost]))
+    named = [line for line in lines if "boot 20261201-1" in line]
+    assert len(named) == 1 and named[0].endswith("(vmcore: /runs/20261201-1/vmcore)"), lines
+    assert not any("vmcore" in line for line in lines if "boot 20261201-2" in line)
