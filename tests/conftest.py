@@ -1,5 +1,6 @@
 """Shared fixtures: the kvmlab command as a user runs it, and a QEMU process census."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -111,3 +112,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.vm)
         elif item.get_closest_marker("vm") is not None:
             raise pytest.UsageError(f"{item.nodeid} is marked vm but lives outside tests/vm/")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str):
+    """A tmpfs of ``size`` (mount's ``4m``, ``1g``) at ``mount_point``, made here and
+    unmounted afterwards: a real small file system to fill. Skips where none can be mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                              capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        pytest.skip("no mount(8) on this host")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # busy: detach it all the same

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib.figure
 import pytest
+from conftest import mounted_tmpfs
 
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
@@ -196,20 +197,8 @@ def test_a_plots_file_fails_in_one_line_and_changes_nothing(tmp_path):
 @pytest.fixture
 def tmpfs(tmp_path):
     """A small tmpfs of our own to fill or make read-only; unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                              capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        pytest.skip("no mount(8) on this host")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount_point
-    if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # busy: detach it all the same
+    with mounted_tmpfs(tmp_path / "fs", "4m") as mount_point:
+        yield mount_point
 
 
 def _fill(directory: Path, leave: int) -> Path:

@@ -1,11 +1,11 @@
 """The vmcore plumbing without a guest: the panic line seen on a real console file as
 QEMU writes it, the disk-room rule on a real small file system, and the QEMU devices."""
 
-import os
 import subprocess
 import time
 
 import pytest
+from conftest import mounted_tmpfs
 
 from kvmlab.vm import accel, clock, emulator, lifecycle, qemu, vmcore
 
@@ -39,13 +39,8 @@ def test_a_console_without_a_panic_keeps_the_run_going(tmp_path, process):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 64 MiB tmpfs: a real file system with too little room for a 4 GiB guest's dump."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "small", "64m") as mount_point:
+        yield mount_point
 
 
 def test_no_room_for_the_dump_is_said_in_one_line(small_fs):
@@ -56,15 +51,10 @@ def test_no_room_for_the_dump_is_said_in_one_line(small_fs):
     assert "1 MiB guest's dump may need up to 257 MiB" in vmcore.room_problem(small_fs, 1)
 
 
-def test_room_enough_is_no_problem(small_fs):
-    big = small_fs.parent / "big"
-    big.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(big)], check=True)
-    try:
+def test_room_enough_is_no_problem(tmp_path):
+    with mounted_tmpfs(tmp_path / "big", "512m") as big:
         assert vmcore.room_problem(big, 128) is None
         assert vmcore.room_problem(big, 400) is not None
-    finally:
-        subprocess.run(["umount", str(big)], check=True)
 
 
 def test_a_skipped_dump_and_a_saved_one_say_what_they_are(tmp_path):
