@@ -56,7 +56,9 @@ def test_the_helpers_answer_as_the_guest_made_its_memslots(spec, layout, no_leak
     out, err = done.stdout, done.stderr
     assert done.returncode == 0, err[-3000:]
     assert "Traceback" not in out + err, out + err
-    assert f"kvmlab inspect: {run_name}, kernel" in out and "guest running" in out
+    # drgn's shell (Python's code.InteractiveConsole) writes its banner to stderr.
+    assert f"kvmlab inspect: {run_name}, kernel" in err and "guest running" in err
+    assert all(f"  {name}(" in err for name in ("vms", "memslots", "lookup", "gfn_tree", "pause"))
     assert re.search(rf"\[0\] VM 0x[0-9a-f]+ pid {holder['pid']}: {layout} layout, slots as 0: 40", out), out
     ids = re.search(r"ids (\[.*\])", out).group(1)
     assert ast.literal_eval(ids) == [(s["id"], s["gpa"], s["size"]) for s in slots]
@@ -69,3 +71,14 @@ def test_the_helpers_answer_as_the_guest_made_its_memslots(spec, layout, no_leak
     gone = [line for line in err.splitlines() if "has gone away" in line]
     assert len(gone) == 2 and "its QEMU ended" in gone[0], err
     assert "still 40" in out  # the records read before stay in the session
+
+
+def test_a_session_on_a_vm_booted_for_it_stops_it_at_the_end(no_leaked_qemu):
+    done = subprocess.run([sys.executable, "-m", "kvmlab.cli", "inspect", "-i", "--boot", "debian:bookworm",
+                           "--", "python3", "-m", "kselftest_py.hold_memslots", "--detach", "-n", "5"],
+                          cwd=REPO, input="vms()\ncheck()\n", capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"\[0\] VM 0x[0-9a-f]+ pid \d+: tree layout, slots as 0: 5", done.stdout), done.stdout
+    assert "1 VMs checked, no violations" in done.stdout
+    run_name = re.search(r"kvmlab: stopped (\S+)", done.stderr).group(1)
+    assert f"kvmlab inspect: {run_name}, kernel" in done.stderr
