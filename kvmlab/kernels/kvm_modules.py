@@ -13,8 +13,10 @@ am`` (or ``git apply`` for a bare diff) on a scratch git tree, and ``virt/kvm`` 
 linux-headers. A patch that reaches outside those two directories cannot be built
 this way and is refused, naming the file.
 
-Built modules are cached under ``kvm-modules/<key>``, keyed by the base package, the
-patches' bytes and the compiler, so a second request is instant. The guest gets them
+The compiler is the one Debian built the kernel with, on the host or in a root of the
+kernel's own suite (``toolchain``; build.json says which). Built modules are cached
+under ``kvm-modules/<key>``, keyed by the base package, the patches' bytes and the
+compiler, so a second request is instant. The guest gets them
 stripped (a smaller initramfs boots faster under TCG); drgn reads the copies with DWARF.
 """
 
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, MissingTool
-from kvmlab.kernels import debian, paths
+from kvmlab.kernels import debian, paths, toolchain
 from kvmlab.kernels import patches as patch_series
 from kvmlab.kernels.build import compile_error, make_env
 from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
@@ -52,13 +54,13 @@ def load(spec: str, rest: str, debuginfo: bool) -> Kernel:
     patches = patch_series.series(paths.expanded(patch, f"{spec}: patch")) if patch else []
     _refuse_unbuildable(patches)  # before hundreds of MB of Debian packages are fetched
     base = debian.fetch(base_spec, base_spec.removeprefix("debian:"), debuginfo)
-    compiler, compiler_version = _compiler(base)
-    key = _key(base, patches, compiler_version)
+    tools = toolchain.for_kernel(base)
+    key = _key(base, patches, tools.version)
     entry = cache.area(SCHEME) / key
     if not (entry / "build.json").exists():
         with cache.locked(cache.area(SCHEME) / f"{key}.lock"):
             if not (entry / "build.json").exists():
-                _build(base, patches, compiler, compiler_version, entry)
+                _build(base, patches, tools, entry)
     pinned = f"{SCHEME}:{base.pinned}" + (f"+{paths.resolved(patch, f'{spec}: patch')}" if patch else "")
     kvm_debug = entry / "build" / KVM_MODULE.removeprefix("kernel/")
     return Kernel(
@@ -81,8 +83,7 @@ def _key(base: Kernel, patches: list[Path], compiler: str) -> str:
 
 
 # -- the build ----------------------------------------------------------------------------
-def _build(base: Kernel, patches: list[Path], compiler: str, compiler_version: str,
-           entry: Path) -> None:
+def _build(base: Kernel, patches: list[Path], tools: toolchain.Toolchain, entry: Path) -> None:
     started = time.monotonic()
     source, headers = _kvm_source(base), _headers(base)
     with cache.building(entry) as scratch:
@@ -90,11 +91,12 @@ def _build(base: Kernel, patches: list[Path], compiler: str, compiler_version: s
         for part in KVM_DIRS:
             shutil.copytree(source / part, tree / part)
         _apply(tree, patches)
-        built = _compile(tree, headers, base, compiler)
+        built = _compile(tree, headers, base, tools)
         _check_vermagic(built, base)
         _install(built, base, scratch)
         shutil.rmtree(tree)
-        record = {"base": base.pinned, "release": base.release, "compiler": compiler_version,
+        record = {"base": base.pinned, "release": base.release, "compiler": tools.version,
+                  "toolchain": tools.describe(),
                   "patches": [_patch_record(p) for p in patches],
                   "build_s": round(time.monotonic() - started, 1)}
         (scratch / "build.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -124,7 +126,7 @@ def _apply(tree: Path, patches: list[Path]) -> None:
         patch_series.apply(tree, patch)
 
 
-def _compile(tree: Path, headers: Path, base: Kernel, compiler: str) -> Path:
+def _compile(tree: Path, headers: Path, base: Kernel, tools: toolchain.Toolchain) -> Path:
     """make the two KVM directories as one external module against the headers."""
     kvm = tree / "arch" / "x86" / "kvm"
     makefile = kvm / "Makefile"
@@ -132,9 +134,9 @@ def _compile(tree: Path, headers: Path, base: Kernel, compiler: str) -> Path:
     # $(srctree), which for an external build is the headers package: point it at ours.
     text = makefile.read_text().replace("$(srctree)/virt/kvm", str(tree / "virt" / "kvm"))
     makefile.write_text(text)
-    argv = ["make", "-C", str(headers), f"M={kvm}", f"-j{os.cpu_count() or 1}", f"CC={compiler}",
+    argv = ["make", "-C", str(headers), f"M={kvm}", f"-j{os.cpu_count() or 1}", f"CC={tools.compiler}",
             f"KCFLAGS=-I{kvm} -I{tree / 'virt' / 'kvm'}", "modules"]
-    done = subprocess.run(argv, capture_output=True, text=True, env=make_env(), check=False)
+    done = tools.run(argv, make_env())
     (tree.parent / "build.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise KvmlabError(f"building the KVM modules of {base.release} failed: "
@@ -215,17 +217,6 @@ def _headers(base: Kernel) -> Path:
         makefile = scratch / "usr" / "src" / f"linux-headers-{base.release}" / "Makefile"
         makefile.write_text(makefile.read_text().replace("/usr/src/", f"{entry}/usr/src/"))
     return tree
-
-
-def _compiler(base: Kernel) -> tuple[str, str]:
-    """The compiler Debian built the kernel with: its command (gcc-N) and its version line."""
-    text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
-    name = text.split(" ")[0] or "gcc"
-    if shutil.which(name) is None:
-        raise MissingTool(f"{name} not found: {base.release} was built with {text or 'an unknown compiler'}; "
-                          f"install {name} to rebuild its modules")
-    done = subprocess.run([name, "--version"], capture_output=True, text=True)
-    return name, done.stdout.splitlines()[0] if done.stdout else name
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:

@@ -5,8 +5,8 @@ driver loaded tells QEMU when it panics, and QEMU stops it there (QMP status
 ``guest-panicked``) instead of letting ``panic=-1`` reboot it, which ``-no-reboot``
 would turn into QEMU's exit. The host sees the panic line on the console
 (``Liveness``), waits for that status, saves the guest's memory with QMP
-``dump-guest-memory`` in the compressed kdump format (zero pages left out, the rest
-zlib-compressed; drgn reads it through libkdumpfile), and only then ends QEMU.
+``dump-guest-memory`` as an ELF core, whose zero blocks are then punched out (a sparse
+file: it takes on disk what the guest had touched), and only then ends QEMU.
 
 A kernel without the driver still panics and ends QEMU as before, without a vmcore,
 and the run says so. A dump never fills the disk: it is skipped, in one line, unless
@@ -25,7 +25,9 @@ from kvmlab.errors import KvmlabError
 from kvmlab.vm import qmp
 
 FILE = "vmcore"
-FORMAT = "kdump-zlib"
+#: An ELF core, which drgn reads itself. (QEMU's kdump formats carry no architecture in
+#: their header, and libkdumpfile, through which drgn reads them, refuses them for it.)
+FORMAT = "elf"
 #: The guest driver that reports a panic to QEMU's ISA pvpanic device (ACPI QEMU0001):
 #: pvpanic-mmio on Linux >= 5.14, pvpanic itself before.
 GUEST_MODULES = ("pvpanic_mmio", "pvpanic")
@@ -48,18 +50,21 @@ class Dump:
     bytes: int = 0
     seconds: float = 0.0
     skipped: str | None = None
+    disk_bytes: int = 0
+    """What the file takes on disk: the memory the guest had touched (zero blocks are holes)."""
 
     def to_json(self) -> dict:
         if self.path is None:
             return {"vmcore_skipped": self.skipped}
-        return {"vmcore": str(self.path), "vmcore_bytes": self.bytes, "vmcore_s": round(self.seconds, 2),
-                "vmcore_format": FORMAT}
+        return {"vmcore": str(self.path), "vmcore_bytes": self.bytes, "vmcore_disk_bytes": self.disk_bytes,
+                "vmcore_s": round(self.seconds, 2), "vmcore_format": FORMAT}
 
     def describe(self) -> str:
         if self.path is None:
             return f"no vmcore: {self.skipped}"
-        return (f"vmcore: {self.path} ({self.bytes / 2**20:.0f} MiB, {self.seconds:.1f} s; "
-                f"kvmlab inspect {self.path.parent.name}, or drgn -c {self.path})")
+        mib = 2**20
+        size = f"{self.bytes / mib:.0f} MiB, {self.disk_bytes / mib:.0f} MiB on disk, {self.seconds:.1f} s"
+        return f"vmcore: {self.path} ({size}; kvmlab inspect {self.path.parent.name}, or drgn -c {self.path})"
 
 
 def room_problem(directory: Path, memory_mb: int) -> str | None:
@@ -89,7 +94,10 @@ def save(run_dir: Path, qmp_socket: Path, process: subprocess.Popen, memory_mb: 
     except KvmlabError as err:
         target.unlink(missing_ok=True)
         return Dump(skipped=str(err))
-    return Dump(target, target.stat().st_size, time.monotonic() - started)
+    # The guest's untouched memory is zeros: give those blocks back to the file system.
+    subprocess.run(["fallocate", "--dig-holes", str(target)], capture_output=True, check=False)
+    stat = target.stat()
+    return Dump(target, stat.st_size, time.monotonic() - started, disk_bytes=stat.st_blocks * 512)
 
 
 def _paused_by_panic(qmp_socket: Path, process: subprocess.Popen) -> bool:

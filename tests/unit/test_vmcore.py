@@ -60,9 +60,10 @@ def test_room_enough_is_no_problem(tmp_path):
 def test_a_skipped_dump_and_a_saved_one_say_what_they_are(tmp_path):
     skipped = vmcore.Dump(skipped="no room")
     assert skipped.to_json() == {"vmcore_skipped": "no room"} and skipped.describe() == "no vmcore: no room"
-    saved = vmcore.Dump(tmp_path / "vmcore", 3 * 2**20, 1.26)
-    assert saved.to_json()["vmcore_format"] == "kdump-zlib" and saved.to_json()["vmcore_s"] == 1.26
-    assert saved.describe().startswith(f"vmcore: {tmp_path / 'vmcore'} (3 MiB, 1.3 s; kvmlab inspect")
+    saved = vmcore.Dump(tmp_path / "vmcore", 4096 * 2**20, 1.26, disk_bytes=3 * 2**20)
+    assert saved.to_json()["vmcore_format"] == "elf" and saved.to_json()["vmcore_s"] == 1.26
+    assert saved.describe().startswith(f"vmcore: {tmp_path / 'vmcore'} (4096 MiB, 3 MiB on disk, 1.3 s; "
+                                       "kvmlab inspect")
 
 
 def test_qemu_gets_the_pvpanic_device_that_pauses_at_a_panic(tmp_path):

@@ -1,0 +1,116 @@
+"""Where the KVM modules of a Debian kernel are compiled: on the host, or in a root of the
+kernel's own suite, so that they are built by the compiler Debian built the kernel with.
+
+Debian builds each suite's kernels with that suite's gcc (its version is in
+``CONFIG_CC_VERSION_TEXT``: gcc-10 for bullseye, gcc-12 for bookworm). Modules built by
+another compiler may not load, or load and differ in more than the patch. When the host
+has that compiler, the build runs here. Otherwise kvmlab makes a minimal root of the
+kernel's suite with mmdebstrap (the compiler, make, the C library headers, libelf),
+cached by suite and package list, and runs make in it, with kvmlab's cache (the source
+tree and the headers) bound at the same path, the way tuxmake keeps one toolchain per
+build. The headers package's own tools (fixdep, modpost) come from that suite too and
+run in its root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmlab import apt, cache
+from kvmlab.errors import KvmlabError, MissingTool
+from kvmlab.kernels.model import Kernel
+
+#: What a module build needs beside the compiler, in the suite's root.
+PACKAGES = ("make", "libc6-dev", "libelf-dev", "bc", "binutils")
+_COMPILER = re.compile(r"^(gcc|gcc-\d+|clang|clang-\d+)$")
+
+
+@dataclass
+class Toolchain:
+    """A compiler to build a kernel's modules with, and where it runs."""
+
+    compiler: str
+    """The command: gcc-10, gcc-12, ..."""
+    version: str
+    """Its ``--version`` first line, part of the build's cache key."""
+    root: Path | None = None
+    """A root of the kernel's suite to run in; None: the host."""
+    suite: str | None = None
+
+    def describe(self) -> str:
+        where = f"in a Debian {self.suite} root" if self.root else "on the host"
+        return f"{self.version}, {where}"
+
+    def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        """Run ``argv`` here or in the root; in the root, kvmlab's cache and /dev appear
+        at their own paths (a private mount namespace: nothing leaks to the host)."""
+        if self.root is None:
+            return subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        steps = []
+        for path in (cache.root().resolve(), Path("/dev")):
+            inside = shlex.quote(f"{self.root}{path}")
+            steps.append(f"mkdir -p {inside} && mount --rbind {shlex.quote(str(path))} {inside}")
+        script = " && ".join(steps) + f" && exec chroot {shlex.quote(str(self.root))} {shlex.join(argv)}"
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                              capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"},
+                              check=False)
+
+
+def for_kernel(base: Kernel) -> Toolchain:
+    """The toolchain Debian built ``base`` with: the host's if it has the compiler, else a
+    root of ``base``'s suite; one clear line when neither can be had."""
+    text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
+    name = text.split(" ")[0]
+    if not _COMPILER.match(name):
+        raise KvmlabError(f"{base.release}: its config names no compiler kvmlab knows "
+                          f"(CONFIG_CC_VERSION_TEXT {text!r}), so its modules cannot be rebuilt alike")
+    if shutil.which(name) is not None:
+        return Toolchain(name, _version(subprocess.run([name, "--version"], capture_output=True, text=True)))
+    if base.suite is None:
+        raise KvmlabError(f"{name} not found, and {base.release} names no Debian suite to take it from")
+    root = _suite_root(base.suite, name)
+    done = Toolchain(name, "", root, base.suite).run([name, "--version"], os.environ.copy())
+    if done.returncode != 0:
+        raise KvmlabError(f"{name} does not run in the Debian {base.suite} root {root}: "
+                          f"{done.stderr.strip()[-300:]}")
+    return Toolchain(name, _version(done), root, base.suite)
+
+
+def _version(done: subprocess.CompletedProcess) -> str:
+    return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+
+def _suite_root(suite: str, compiler: str) -> Path:
+    """A minimal root of ``suite`` with ``compiler`` and PACKAGES, made once and cached."""
+    if os.geteuid() != 0:
+        raise KvmlabError(f"building in a Debian {suite} root (for {compiler}, which this host lacks) "
+                          "needs root: it chroots into the root it makes")
+    for tool in ("mmdebstrap", "unshare", "chroot"):
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} not found: a Debian {suite} build root needs it (make setup)")
+    packages = sorted({compiler, *PACKAGES})
+    if apt.AptRoot(suite).package(compiler) is None:
+        raise KvmlabError(f"Debian {suite} has no package {compiler}, the compiler its kernels "
+                          "were built with")
+    key = hashlib.sha256(" ".join(packages).encode()).hexdigest()[:12]
+    entry = cache.area("toolchains") / f"{suite}-{key}"
+    if (entry / "usr" / "bin" / compiler).exists():
+        return entry
+    with cache.locked(cache.area("toolchains") / f"{suite}-{key}.lock"):
+        if not (entry / "usr" / "bin" / compiler).exists():
+            with cache.building(entry) as scratch:  # an empty directory, as mmdebstrap wants
+                done = subprocess.run(
+                    ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(packages)}",
+                     suite, str(scratch), f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {suite} main"],
+                    capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise KvmlabError(f"mmdebstrap of a Debian {suite} build root failed: "
+                                      f"{done.stderr.strip()[-400:] or 'no error output'}")
+    return entry
