@@ -57,7 +57,8 @@ class Toolchain:
         for path in (cache.root().resolve(), Path("/dev")):
             inside = shlex.quote(f"{self.root}{path}")
             steps.append(f"mkdir -p {inside} && mount --rbind {shlex.quote(str(path))} {inside}")
-        script = " && ".join(steps) + f" && exec chroot {shlex.quote(str(self.root))} {shlex.join(argv)}"
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+        script = " && ".join(steps) + f" && exec {chroot} {shlex.quote(str(self.root))} {shlex.join(argv)}"
         return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                               capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"},
                               check=False)

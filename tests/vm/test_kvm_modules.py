@@ -1,6 +1,8 @@
 """kvm-modules: kernels booted: the patched module runs, drgn reads it, and qualify tells a
 planted regression from none."""
 
+import json
+
 import pytest
 from conftest import REPO, kvmlab, kvmlab_retrying
 
@@ -88,3 +90,33 @@ def test_a_three_percent_regression_on_one_cell_is_caught(tmp_path, no_leaked_qe
     assert moved.verdict == stats.REGRESSED and 0.015 < moved.comparison.change < 0.05, done.stdout
     assert setup.verdict == stats.NO_CHANGE, done.stdout
 
+
+
+BULLSEYE = "kvm-modules:debian:bullseye"
+
+
+@pytest.mark.vm
+def test_bullseye_modules_are_built_by_gcc_10_in_a_bullseye_root_and_say_hello(no_leaked_qemu):
+    """5.10 (the memslot array) was built with gcc-10, which a bookworm host lacks: its
+    modules are rebuilt in a Debian bullseye root, and the patched one loads and prints."""
+    hello = f"{BULLSEYE}+{DATA / 'kvm-hello-5.10.patch'}"
+    kernel = kernels.fetch(hello, debuginfo=True)
+    build = json.loads((kernel.store / "build.json").read_text())
+    assert build["compiler"].startswith("gcc-10 (Debian 10.") and build["toolchain"].endswith(
+        "in a Debian bullseye root"), build
+    assert kernel.release == kernels.fetch("debian:bullseye").release
+    done = kvmlab("run", hello, "--", "sh", "-c", "dmesg | grep kvmlab:")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kvm.ko rebuilt with tests/data/kvm-hello-5.10.patch" in done.stdout
+
+
+@pytest.mark.vm
+def test_bullseye_rebuilt_modules_against_themselves_change_nothing(tmp_path, no_leaked_qemu):
+    out = tmp_path / "q"
+    done = kvmlab("qualify", "--base", BULLSEYE, "--patched", BULLSEYE, "--tests", "unmap-chunked",
+                  "--slots", "10", "--seconds", "0.5", "-o", str(out), timeout=1500)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    store = Store(out)
+    assert store.config["base"]["release"].startswith("5.10.")
+    cells = analysis.analyse(store.config, store.records()).cells
+    assert [cell.verdict for cell in cells] == [stats.NO_CHANGE] * 2, done.stdout
