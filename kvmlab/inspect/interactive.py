@@ -13,6 +13,7 @@ said once, plainly, while the session stays open on what was read before.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -57,10 +58,7 @@ class Helpers:
     @_helper
     def vms(self) -> None:
         """List the VMs on the kernel's vm_list: index, struct kvm address, pid, slots."""
-        from drgn_scripts import memslots
-
-        with self._paused():
-            found = memslots.read_vms(self.inspector.prog)
+        found = self._read_all()
         if not found:
             print("no VMs on vm_list")
         for number, vm in enumerate(found):
@@ -166,34 +164,22 @@ class Helpers:
             raise KvmlabError(f"no VM number {vm}: vms() lists {len(found)}")
         return found[vm]
 
+    @contextlib.contextmanager
     def _paused(self):
-        return _Paused(self)
+        """Pause the guest around a read, unless the user holds it paused already."""
+        pausing = self.where.control_socket is not None and not self.held
+        if pausing:
+            qmp.execute(self.where.control_socket, "stop")
+        try:
+            yield
+        finally:
+            if pausing:
+                qmp.execute(self.where.control_socket, "cont")
 
     def _require_control(self, what: str) -> None:
         if self.where.control_socket is None:
             why = "it is a vmcore" if self.where.vmcore else "not a kvmlab run (no control socket)"
             raise KvmlabError(f"cannot {what} {self.where.name}: {why}")
-
-
-class _Paused:
-    """Pause the guest around a read, unless the user holds it paused already."""
-
-    def __init__(self, helpers: Helpers):
-        self.helpers = helpers
-        self.pausing = helpers.where.control_socket is not None and not helpers.held
-
-    def __enter__(self):
-        if self.pausing:
-            qmp.execute(self.helpers.where.control_socket, "stop")
-
-    def __exit__(self, *exc):
-        if self.pausing:
-            try:
-                qmp.execute(self.helpers.where.control_socket, "cont")
-            except KvmlabError:
-                if exc[0] is None:
-                    raise
-        return False
 
 
 def banner(helpers: Helpers) -> str:

@@ -206,6 +206,11 @@ class RunResult:
     vmcore: str | None = None
     """The vmcore saved when the guest panicked (``vmcore.save``), if one was."""
 
+    def note_vmcore(self, dump) -> None:
+        """Say what became of a panicked guest's memory (a ``vmcore.Dump``)."""
+        self.message = f"{self.message}\n{dump.describe()}".strip()
+        self.vmcore = str(dump.path) if dump.path else None
+
 
 def judge(status: Status, run_dir: Path, started: float, kept: bool, qmp_socket: Path,
           timeout_s: float, stall_s: float) -> RunResult:

@@ -53,8 +53,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     if checker is not None:
         lifecycle.judge_checks(result, checker.report)
     if dump is not None:
-        result.message = f"{result.message}\n{dump.describe()}".strip()
-        result.vmcore = str(dump.path) if dump.path else None
+        result.note_vmcore(dump)
     _collect_results(vm.run_dir, options.out, log, job_ended=status.exit_code is not None)
     runs.record(vm.run_dir, state=result.outcome, exit_code=result.exit_code,
                 job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
@@ -67,9 +66,7 @@ def _dump_if_panicked(vm: boot.Booted, status: lifecycle.Status, options: RunOpt
     if not status.panicked:
         return None
     print("kvmlab: the guest kernel panicked; saving its memory for drgn", file=log)
-    dump = vmcore.save(vm.run_dir, vm.machine.qmp_socket, vm.process, options.memory_mb)
-    runs.record(vm.run_dir, **dump.to_json())
-    return dump
+    return vmcore.save(vm.run_dir, vm.machine.qmp_socket, vm.process, options.memory_mb)
 
 
 def _collect_results(run_dir: Path, out: Path | None, log, job_ended: bool) -> None:

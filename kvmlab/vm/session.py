@@ -189,7 +189,6 @@ class GuestSession:
         if self._liveness.status.panicked and self.process is not None:
             dump = vmcore.save(self.run_dir, self._vm.machine.qmp_socket, self.process,
                                self.options.memory_mb)
-            runs.record(self.run_dir, **dump.to_json())
         self._shut(state="down")
         result = lifecycle.judge(self._liveness.status, self.run_dir, self._vm.started, False,
                                  self._vm.machine.qmp_socket, self.options.timeout_s, self.options.stall_s)
@@ -199,8 +198,7 @@ class GuestSession:
                 f"guest agent ended (exit {result.job_code}); its stderr: {_tail(self.run_dir / 'stderr')}",
             )
         if dump is not None:
-            result.message = f"{result.message}\n{dump.describe()}".strip()
-            result.vmcore = str(dump.path) if dump.path else None
+            result.note_vmcore(dump)
         runs.record(self.run_dir, outcome=result.outcome)
         raise GuestDown(result)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlab.errors import KvmlabError
-from kvmlab.vm import qmp
+from kvmlab.vm import qmp, runs
 
 FILE = "vmcore"
 #: An ELF core, which drgn reads itself. (QEMU's kdump formats carry no architecture in
@@ -78,7 +78,14 @@ def room_problem(directory: Path, memory_mb: int) -> str | None:
 
 
 def save(run_dir: Path, qmp_socket: Path, process: subprocess.Popen, memory_mb: int) -> Dump:
-    """Dump a guest that panicked, once QEMU has paused it; ``Dump.skipped`` says why not."""
+    """Dump a guest that panicked, once QEMU has paused it, and record it in run.json;
+    ``Dump.skipped`` says why not."""
+    dump = _save(run_dir, qmp_socket, process, memory_mb)
+    runs.record(run_dir, **dump.to_json())
+    return dump
+
+
+def _save(run_dir: Path, qmp_socket: Path, process: subprocess.Popen, memory_mb: int) -> Dump:
     if not _paused_by_panic(qmp_socket, process):
         return Dump(skipped="QEMU did not stop the guest at its panic (is the guest's pvpanic "
                             f"driver loaded? modules {', '.join(GUEST_MODULES)})")
