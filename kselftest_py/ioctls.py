@@ -146,6 +146,34 @@ class KvmSregs(ctypes.Structure):
     ]
 
 
+class KvmCpuidEntry2(ctypes.Structure):
+    """``struct kvm_cpuid_entry2``: what CPUID returns for one leaf (``function``) and
+    subleaf (``index``)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint32)
+        for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+    ] + [("padding", ctypes.c_uint32 * 3)]  # fmt: skip
+
+
+class KvmCpuid2Header(ctypes.Structure):
+    """``struct kvm_cpuid2`` less its flexible array of entries: the ioctls' size."""
+
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+def kvm_cpuid2(entries: int) -> ctypes.Structure:
+    """A ``struct kvm_cpuid2`` with room for ``entries`` entries, ``nent`` set to that."""
+
+    class KvmCpuid2(ctypes.Structure):
+        _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
+                    ("entries", KvmCpuidEntry2 * entries)]
+
+    cpuid = KvmCpuid2()
+    cpuid.nent = entries
+    return cpuid
+
+
 # --- ioctl numbers ---------------------------------------------------------------
 
 KVMIO = 0xAE
@@ -156,6 +184,7 @@ KVM_GET_API_VERSION = IO(KVMIO, 0x00)
 KVM_CREATE_VM = IO(KVMIO, 0x01)
 KVM_CHECK_EXTENSION = IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, ctypes.sizeof(KvmCpuid2Header))
 # on a VM fd
 KVM_CREATE_VCPU = IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
@@ -165,12 +194,14 @@ KVM_GET_REGS = IOR(KVMIO, 0x81, ctypes.sizeof(KvmRegs))
 KVM_SET_REGS = IOW(KVMIO, 0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS = IOR(KVMIO, 0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS = IOW(KVMIO, 0x84, ctypes.sizeof(KvmSregs))
+KVM_SET_CPUID2 = IOW(KVMIO, 0x90, ctypes.sizeof(KvmCpuid2Header))
 
 IOCTL_NAMES = {
     KVM_GET_API_VERSION: "KVM_GET_API_VERSION",
     KVM_CREATE_VM: "KVM_CREATE_VM",
     KVM_CHECK_EXTENSION: "KVM_CHECK_EXTENSION",
     KVM_GET_VCPU_MMAP_SIZE: "KVM_GET_VCPU_MMAP_SIZE",
+    KVM_GET_SUPPORTED_CPUID: "KVM_GET_SUPPORTED_CPUID",
     KVM_CREATE_VCPU: "KVM_CREATE_VCPU",
     KVM_SET_USER_MEMORY_REGION: "KVM_SET_USER_MEMORY_REGION",
     KVM_RUN: "KVM_RUN",
@@ -178,6 +209,7 @@ IOCTL_NAMES = {
     KVM_SET_REGS: "KVM_SET_REGS",
     KVM_GET_SREGS: "KVM_GET_SREGS",
     KVM_SET_SREGS: "KVM_SET_SREGS",
+    KVM_SET_CPUID2: "KVM_SET_CPUID2",
 }
 """Request number -> C name, so errors can say which ioctl failed."""
 

@@ -37,8 +37,10 @@ from kselftest_py.ioctls import (
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_RUN,
+    KVM_SET_CPUID2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_USER_MEMORY_REGION,
@@ -46,6 +48,7 @@ from kselftest_py.ioctls import (
     KvmSregs,
     KvmUserspaceMemoryRegion,
     exit_reason_name,
+    kvm_cpuid2,
 )
 
 __all__ = ["GuestMemory", "IoExit", "KvmError", "KvmSystem", "MemslotUpdate", "MmioExit", "Vcpu", "Vm"]
@@ -119,6 +122,7 @@ class KvmSystem(_FdOwner):
     def __init__(self, path: str = KVM_DEVICE):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._supported_cpuid: ctypes.Structure | None = None
 
     def api_version(self) -> int:
         """KVM_GET_API_VERSION; 12 on every kernel since 2.6.22."""
@@ -132,11 +136,36 @@ class KvmSystem(_FdOwner):
         """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (struct kvm_run and more)."""
         return _ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
 
+    def supported_cpuid(self) -> ctypes.Structure:
+        """KVM_GET_SUPPORTED_CPUID: every CPUID leaf KVM can give a vCPU, as it would set them.
+
+        The kernel answers E2BIG while the buffer is too small, so it grows until it fits.
+        """
+        if self._supported_cpuid is None:
+            room = 64
+            while True:
+                cpuid = kvm_cpuid2(room)
+                try:
+                    _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, cpuid, f"nent={room}")
+                    break
+                except KvmError as err:
+                    if err.errno != errno.E2BIG or room >= 4096:
+                        raise
+                    room *= 2
+            self._supported_cpuid = cpuid
+        return self._supported_cpuid
+
     def create_vm(self, machine_type: int = 0) -> Vm:
-        """KVM_CREATE_VM. The VM lives on after this ``KvmSystem`` is closed."""
+        """KVM_CREATE_VM. The VM lives on after this ``KvmSystem`` is closed.
+
+        Its vCPUs get KVM's supported CPUID, as upstream's selftests give theirs: since
+        "KVM: x86: Check EFER validity on KVM_SET_SREGS*" (in 7.x and stable 6.12.117)
+        KVM_SET_SREGS refuses long mode to a vCPU whose CPUID lacks LM.
+        """
+        cpuid = self.supported_cpuid()
         fd = _ioctl(self.fd, KVM_CREATE_VM, machine_type, f"type={machine_type}")
         try:
-            return Vm(fd, self.vcpu_mmap_size())
+            return Vm(fd, self.vcpu_mmap_size(), cpuid)
         except BaseException:
             os.close(fd)
             raise
@@ -222,9 +251,11 @@ class Vm(_FdOwner):
     keeps it alive for as long as the VM, as upstream's vm_userspace_mem_region_add.
     """
 
-    def __init__(self, fd: int, vcpu_mmap_size: int):
+    def __init__(self, fd: int, vcpu_mmap_size: int, cpuid: ctypes.Structure | None = None):
         self.fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
+        self.cpuid = cpuid
+        """The CPUID each new vCPU gets (None: KVM's default, an empty one)."""
         self.memory: dict[int, GuestMemory] = {}
         self.vcpus: list[Vcpu] = []
 
@@ -262,7 +293,8 @@ class Vm(_FdOwner):
         return memory
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """KVM_CREATE_VCPU; the vCPU is closed with the VM."""
+        """KVM_CREATE_VCPU, then KVM_SET_CPUID2 with the VM's CPUID, before any other
+        vCPU ioctl (as upstream's vm_vcpu_add); the vCPU is closed with the VM."""
         fd = _ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id, f"id={vcpu_id}")
         try:
             vcpu = Vcpu(fd, vcpu_id, self.vcpu_mmap_size)
@@ -270,6 +302,8 @@ class Vm(_FdOwner):
             os.close(fd)
             raise
         self.vcpus.append(vcpu)
+        if self.cpuid is not None:
+            vcpu.set_cpuid(self.cpuid)
         return vcpu
 
     def close(self) -> None:
@@ -379,7 +413,12 @@ class Vcpu(_FdOwner):
         return sregs
 
     def set_sregs(self, sregs: KvmSregs) -> None:
-        _ioctl(self.fd, KVM_SET_SREGS, sregs, f"vcpu={self.id}, cr0={sregs.cr0:#x}")
+        _ioctl(self.fd, KVM_SET_SREGS, sregs,
+               f"vcpu={self.id}, cr0={sregs.cr0:#x}, cr4={sregs.cr4:#x}, efer={sregs.efer:#x}")
+
+    def set_cpuid(self, cpuid: ctypes.Structure) -> None:
+        """KVM_SET_CPUID2: what CPUID tells the guest, and what KVM lets the vCPU set."""
+        _ioctl(self.fd, KVM_SET_CPUID2, cpuid, f"vcpu={self.id}, nent={cpuid.nent}")
 
     def close(self) -> None:
         if not self.kvm_run.closed:

@@ -228,6 +228,43 @@ def depends_names(depends: str) -> list[str]:
     return [part.split("|")[0].split("(")[0].strip() for part in depends.split(",") if part.strip()]
 
 
+def pinned_depends(depends: str, version: str) -> list[str]:
+    """The packages a Depends field requires at exactly ``version`` (``name (= version)``),
+    leaving out alternatives (``a | b``): the parts of one build, not a choice of tools."""
+    names = []
+    for part in depends.split(","):
+        if "|" in part:
+            continue
+        match = re.fullmatch(r"\s*([a-z0-9][a-z0-9+.-]*)\s*\(\s*=\s*([^)\s]+)\s*\)\s*", part)
+        if match and match.group(2) == version:
+            names.append(match.group(1))
+    return names
+
+
+def build_parts(package: Package) -> list[Package]:
+    """``package`` and every package it depends on at its very version, transitively.
+
+    Debian ships a 7.x kernel as a small ``linux-image-*`` that depends, each at its own
+    version, on ``linux-binary-*`` (vmlinuz), ``linux-modules-*`` and ``linux-base-*``
+    (config, System.map, module indexes); older kernels are one package with no such
+    dependency. Following the pins, not names, finds the parts of whatever split comes next.
+    """
+    root = AptRoot(package.suite)
+    parts, queue = {package.name: package}, [package]
+    while queue:
+        fields = root.show(queue.pop().name) or {}
+        for name in pinned_depends(fields.get("Depends", ""), package.version):
+            if name in parts:
+                continue
+            part = root.package(name)
+            if part is None:
+                raise KvmlabError(f"{package.name} depends on {name} (= {package.version}), "
+                                  f"which Debian {package.suite} does not have")
+            parts[name] = part
+            queue.append(part)
+    return list(parts.values())
+
+
 def newest_cloud_kernel(suite: str) -> Package:
     """The image package that ``linux-image-cloud-amd64`` of ``suite`` points to."""
     root = AptRoot(suite)

@@ -45,9 +45,12 @@ def _kernel_list(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("no kernels cached; try: kvmlab kernel fetch debian:bookworm")
+    else:
+        print(f"{'RELEASE':32} {'VERSION':16} {'SOURCE':34} {'DEBUGINFO':12} PATH")
     for kernel in rows:
-        debug = "debuginfo" if kernel.vmlinux else "no debuginfo"
-        print(f"{kernel.release:32} {kernel.version or '':14} {debug:13} {kernel.vmlinuz.parent}")
+        debug = "yes" if kernel.vmlinux else "no"
+        source = f"debian:{kernel.suite or '?'} ({len(kernel.parts or []) or 1} pkg)"
+        print(f"{kernel.release:32} {kernel.version or '':16} {source:34} {debug:12} {kernel.vmlinuz.parent}")
     return 0
 
 

@@ -35,28 +35,49 @@ def fetch(spec: str, what: str, debuginfo: bool) -> Kernel:
 
 def _unpack_image(image: apt.Package, entry: Path) -> None:
     with cache.building(entry) as scratch:
-        deb = apt.AptRoot(image.suite).download(image, scratch / "deb")
+        parts = apt.build_parts(image)
         root = scratch / "root"
-        _extract_deb(deb, root)
+        for part in parts:
+            _extract_deb(apt.AptRoot(part.suite).download(part, scratch / "deb"), root)
         shutil.rmtree(scratch / "deb")
-        boot = root / "boot"
-        vmlinuz = next(boot.glob("vmlinuz-*"), None)
-        if vmlinuz is None:
-            raise KvmlabError(f"{image.name} holds no /boot/vmlinuz-*: not a kernel image package")
-        release = vmlinuz.name.removeprefix("vmlinuz-")
-        for name, target in (("vmlinuz", "vmlinuz"), ("config", "config"), ("System.map", "System.map")):
-            source = boot / f"{name}-{release}"
-            if source.exists():
-                source.rename(scratch / target)
-        shutil.rmtree(boot)
+        release = _release(root, parts)
+        for name in ("vmlinuz", "config", "System.map"):
+            for source in _kernel_file_places(root, name, release):
+                if source.exists() and not (scratch / name).exists():
+                    source.rename(scratch / name)
+                source.unlink(missing_ok=True)
+        shutil.rmtree(root / "boot", ignore_errors=True)
         shutil.rmtree(root / "usr" / "share", ignore_errors=True)
         _unmerge_usr(root, Path("lib", "modules"))
         depmod(root, release)
         record = {
             "release": release, "package": image.name, "version": image.version,
             "sha256": image.sha256, "suite": image.suite,
+            "parts": [{"package": p.name, "version": p.version, "sha256": p.sha256} for p in parts],
         }
         (scratch / "kernel.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _release(root: Path, parts: list[apt.Package]) -> str:
+    """The release of the one vmlinuz the packages hold: in ``/boot`` up to 6.x, beside the
+    modules (``/usr/lib/modules/<release>/vmlinuz``) from 7.x on."""
+    found = sorted({path.name.removeprefix("vmlinuz-") for path in (root / "boot").glob("vmlinuz-*")} |
+                   {path.parent.name for tree in ("lib", "usr/lib")
+                    for path in root.glob(f"{tree}/modules/*/vmlinuz")})
+    if len(found) != 1:
+        names = ", ".join(p.name for p in parts)
+        what = "no vmlinuz" if not found else f"{len(found)} kernels ({', '.join(found)})"
+        raise KvmlabError(f"{names} hold {what} in /boot or /usr/lib/modules/<release>/: not a "
+                          "kernel package kvmlab can read (has Debian split its kernels anew?)")
+    return found[0]
+
+
+def _kernel_file_places(root: Path, name: str, release: str) -> list[Path]:
+    """Where a Debian kernel package puts ``name`` (vmlinuz, config, System.map), oldest
+    layout first."""
+    return [root / "boot" / f"{name}-{release}",
+            root / "usr" / "lib" / "modules" / release / name,
+            root / "lib" / "modules" / release / name]
 
 
 def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
@@ -67,9 +88,10 @@ def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
         unpacked = scratch / "root"
         _extract_deb(deb, unpacked)
         debug = unpacked / "usr" / "lib" / "debug"
-        vmlinux = debug / "boot" / f"vmlinux-{release}"
-        if not vmlinux.exists():
-            raise KvmlabError(f"{dbg.name} holds no vmlinux-{release}")
+        vmlinux = _debug_vmlinux(debug, release)
+        if vmlinux is None:
+            raise KvmlabError(f"{dbg.name} holds no vmlinux-{release} (looked in /usr/lib/debug/boot "
+                              "and /usr/lib/debug/lib/modules/<release>)")
         vmlinux.rename(scratch / "vmlinux")
         _unmerge_usr(debug, Path("lib", "modules"))
         modules = debug / "lib" / "modules" / release
@@ -77,6 +99,16 @@ def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
             modules.rename(scratch / "modules")
         shutil.rmtree(scratch / "deb")
         shutil.rmtree(unpacked)
+
+
+def _debug_vmlinux(debug: Path, release: str) -> Path | None:
+    """The regular file holding vmlinux in an unpacked -dbg package: ``boot/vmlinux-<release>``
+    up to 6.x; from 7.x that is a relative symlink to ``lib/modules/<release>/vmlinux``."""
+    for place in (debug / "boot" / f"vmlinux-{release}", debug / "lib" / "modules" / release / "vmlinux"):
+        real = place.resolve()
+        if real.is_file() and real.is_relative_to(debug.resolve()):
+            return real
+    return None
 
 
 def _unmerge_usr(root: Path, tree: Path) -> None:
@@ -119,6 +151,7 @@ def load_entry(entry: Path) -> Kernel:
         package=record["package"],
         version=record["version"],
         suite=record.get("suite"),
+        parts=record.get("parts"),
     )
 
 

@@ -39,6 +39,9 @@ class Kernel:
     version: str | None = None
     suite: str | None = None
     """The Debian suite of ``package``: where its source, headers and compiler come from."""
+    parts: list[dict] | None = None
+    """``{"package", "version", "sha256"}`` of each Debian package the kernel came in (7.x
+    splits one kernel over several)."""
     patches: list[dict] | None = None
     """``{"name", "sha256"}`` of each patch built in (kvm-modules: specs), for the reports."""
 

@@ -54,3 +54,79 @@ def test_classic_lib_modules_stay_put(tmp_path):
     _unmerge_usr(tmp_path, Path("lib", "modules"))
     assert (tmp_path / "lib" / "modules" / "6.1.0").is_dir()
     assert (tmp_path / "usr" / "lib" / "modules" / "other").is_dir()
+
+
+SID_IMAGE_DEPENDS = ("dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, "
+                     "linux-base-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), "
+                     "linux-binary-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), "
+                     "linux-modules-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), kmod")
+
+
+def test_pinned_depends_are_the_parts_of_one_build():
+    """sid's linux-image-7.2.13 (its real Depends): the three parts pinned to its version,
+    not the initramfs tools it names as alternatives, nor a dependency at another version."""
+    from kvmlab.apt import pinned_depends
+
+    assert pinned_depends(SID_IMAGE_DEPENDS, "7.2.13-1") == [
+        "linux-base-7.2.13+deb14-cloud-amd64", "linux-binary-7.2.13+deb14-cloud-amd64",
+        "linux-modules-7.2.13+deb14-cloud-amd64"]
+    assert pinned_depends(SID_IMAGE_DEPENDS, "7.2.14-1") == []
+    assert pinned_depends("kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool", "6.12.117-1") == []
+
+
+def _split_7x_root(root: Path, release: str) -> None:
+    """The files of linux-binary, linux-base and linux-modules 7.x, as dpkg-deb -x leaves them."""
+    modules = root / "usr" / "lib" / "modules" / release
+    (modules / "kernel" / "arch" / "x86" / "kvm").mkdir(parents=True)
+    for name in ("vmlinuz", "config", "System.map", "modules.order"):
+        (modules / name).write_text(name)
+
+
+def test_split_7x_layout_release_and_files(tmp_path):
+    from kvmlab.kernels.debian import _kernel_file_places, _release
+
+    _split_7x_root(tmp_path, "7.2.13+deb14-cloud-amd64")
+    assert _release(tmp_path, []) == "7.2.13+deb14-cloud-amd64"
+    places = _kernel_file_places(tmp_path, "config", "7.2.13+deb14-cloud-amd64")
+    assert [p for p in places if p.exists()] == [
+        tmp_path / "usr/lib/modules/7.2.13+deb14-cloud-amd64/config"]
+
+
+def test_classic_boot_layout_release(tmp_path):
+    from kvmlab.kernels.debian import _release
+
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / "vmlinuz-6.12.117+deb13-cloud-amd64").write_text("k")
+    (tmp_path / "usr/lib/modules/6.12.117+deb13-cloud-amd64").mkdir(parents=True)
+    assert _release(tmp_path, []) == "6.12.117+deb13-cloud-amd64"
+
+
+def test_no_kernel_in_the_parts_is_one_line_naming_them(tmp_path):
+    """The next repackaging: the parts are named, and the places looked in."""
+    import pytest
+
+    from kvmlab.errors import KvmlabError
+    from kvmlab.kernels.debian import _release
+
+    (tmp_path / "usr/lib/modules/7.9.0-cloud-amd64").mkdir(parents=True)
+    parts = [Package("linux-image-7.9.0-cloud-amd64", "7.9.0-1", "00" * 32, 1, "sid"),
+             Package("linux-kernel-7.9.0-cloud-amd64", "7.9.0-1", "11" * 32, 1, "sid")]
+    with pytest.raises(KvmlabError) as err:
+        _release(tmp_path, parts)
+    assert "linux-image-7.9.0-cloud-amd64, linux-kernel-7.9.0-cloud-amd64 hold no vmlinuz" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_debug_vmlinux_follows_7x_symlink(tmp_path):
+    """7.x's -dbg has boot/vmlinux-<release> as a relative symlink into lib/modules/<release>/."""
+    from kvmlab.kernels.debian import _debug_vmlinux
+
+    release = "7.3.4+deb13-cloud-amd64"
+    real = tmp_path / "lib" / "modules" / release / "vmlinux"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"ELF")
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / f"vmlinux-{release}").symlink_to(f"../lib/modules/{release}/vmlinux")
+    assert _debug_vmlinux(tmp_path, release) == real.resolve()
+    (tmp_path / "boot" / "vmlinux-other").symlink_to("/etc/passwd")
+    assert _debug_vmlinux(tmp_path, "other") is None

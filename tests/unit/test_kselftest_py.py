@@ -28,6 +28,8 @@ KNOWN_IOCTLS = {
     "KVM_SET_REGS": 0x4090AE82,
     "KVM_GET_SREGS": 0x8138AE83,
     "KVM_SET_SREGS": 0x4138AE84,
+    "KVM_GET_SUPPORTED_CPUID": 0xC008AE05,
+    "KVM_SET_CPUID2": 0x4008AE90,
 }
 
 
@@ -44,7 +46,8 @@ def test_ioctl_encoding_rejects_oversized_struct():
 
 @pytest.mark.parametrize(
     "struct,size",
-    [(ioctls.KvmRegs, 144), (ioctls.KvmSregs, 312), (ioctls.KvmUserspaceMemoryRegion, 32)],
+    [(ioctls.KvmRegs, 144), (ioctls.KvmSregs, 312), (ioctls.KvmUserspaceMemoryRegion, 32),
+     (ioctls.KvmCpuidEntry2, 40), (ioctls.KvmCpuid2Header, 8), (type(ioctls.kvm_cpuid2(3)), 8 + 3 * 40)],
 )
 def test_struct_sizes(struct, size):
     assert ctypes.sizeof(struct) == size
