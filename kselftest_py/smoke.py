@@ -2,10 +2,11 @@
 
     python3 -m kselftest_py.smoke [--json FILE] [--device /dev/kvm]
 
-Four KTAP test points, each independent so one failure does not hide the others:
+Five KTAP test points, each independent so one failure does not hide the others:
 /dev/kvm answers with API version 12; KVM_CAP_NR_MEMSLOTS is readable; a VM takes a
 64 KiB memslot and lets it go again; a real-mode vCPU runs a five-byte program that
-writes 0x2a to port 0x10 and halts. Without a usable /dev/kvm every test point is
+writes 0x2a to port 0x10 and halts; a vCPU set up in 64-bit long mode, as the memslot
+tests set theirs up, makes a ucall. Without a usable /dev/kvm every test point is
 skipped with the reason and the exit code is KSFT_SKIP (4).
 
 ``--json FILE`` records api_version, nr_memslots, kernel_release and the per-test
@@ -29,6 +30,8 @@ from kselftest_py.ioctls import (
 )
 from kselftest_py.ktap import KtapWriter
 from kselftest_py.kvm import KVM_DEVICE, KvmError, KvmSystem
+from kselftest_py.x86_asm import Assembler
+from kselftest_py.x86_guest import CODE_GPA, UCALL_DONE, emit_ucall, install_system, read_ucall, start_vcpu
 
 PROGRAM_GPA = 0x1000
 OUT_PORT = 0x10
@@ -105,11 +108,27 @@ def check_vcpu_real_mode(kvm: KvmSystem) -> dict:
     return {}
 
 
+def check_vcpu_long_mode(kvm: KvmSystem) -> dict:
+    """A vCPU in long mode (CPUID, sregs, page tables as the memslot tests have them)
+    reports done through the ucall port."""
+    asm = Assembler(origin=CODE_GPA)
+    emit_ucall(asm, UCALL_DONE)
+    with kvm.create_vm() as vm:
+        install_system(vm, asm.assemble())
+        vcpu = start_vcpu(vm)
+        reason = vcpu.run()
+        call = read_ucall(vcpu)
+        expect(call is not None and call[0] == UCALL_DONE,
+               f"exit {exit_reason_name(reason)} with ucall {call}, expected the done ucall")
+    return {}
+
+
 CHECKS = (
     ("api_version", check_api_version),
     ("nr_memslots", check_nr_memslots),
     ("memslot_add_delete", check_memslot_add_delete),
     ("vcpu_real_mode", check_vcpu_real_mode),
+    ("vcpu_long_mode", check_vcpu_long_mode),
 )
 
 

@@ -173,12 +173,13 @@ def test_smoke_on_this_host(tmp_path):
     proc, record = run_smoke(tmp_path)
     lines = proc.stdout.splitlines()
     assert proc.returncode == ktap.KSFT_PASS, proc.stdout + proc.stderr
-    assert lines[:2] == ["KTAP version 1", "1..4"]
+    assert lines[:2] == ["KTAP version 1", "1..5"]
     assert [line for line in lines if line.startswith(("ok ", "not ok "))] == [
         "ok 1 api_version",
         "ok 2 nr_memslots",
         "ok 3 memslot_add_delete",
         "ok 4 vcpu_real_mode",
+        "ok 5 vcpu_long_mode",
     ]
     assert "# api_version: 12" in lines
     nr_memslots = [line for line in lines if line.startswith("# nr_memslots: ")]
@@ -188,7 +189,7 @@ def test_smoke_on_this_host(tmp_path):
     assert record["kernel_release"] == os.uname().release
     assert record["results"] == [
         {"name": name, "result": "pass"}
-        for name in ("api_version", "nr_memslots", "memslot_add_delete", "vcpu_real_mode")
+        for name in ("api_version", "nr_memslots", "memslot_add_delete", "vcpu_real_mode", "vcpu_long_mode")
     ]
 
 
@@ -196,7 +197,7 @@ def test_smoke_without_kvm_device_skips_everything(tmp_path):
     proc, record = run_smoke(tmp_path, "--device", str(tmp_path / "no-kvm"))
     assert proc.returncode == ktap.KSFT_SKIP
     results = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "not ok"))]
-    assert len(results) == 4
+    assert len(results) == 5
     assert all(" # SKIP " in line and "no-kvm unavailable" in line for line in results)
     assert record["api_version"] is None and record["nr_memslots"] is None
     assert {r["result"] for r in record["results"]} == {"skip"}

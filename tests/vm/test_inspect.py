@@ -26,7 +26,7 @@ def test_dump_equals_created_layout(spec, tmp_path, no_leaked_qemu):
     assert "/dev/kvm" in done.stdout
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["nr_memslots"] == KERNEL_LIMITS[spec]
-    assert [r["result"] for r in report["results"]] == ["pass"] * 4
+    assert [r["result"] for r in report["results"]] == ["pass"] * 5
     run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr).group(1)
     try:
         created = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
