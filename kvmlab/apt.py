@@ -20,7 +20,7 @@ from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 APT_SOURCES = [Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d")]
 #: Suites searched, in order, for an exact package name.
-KNOWN_SUITES = ("bookworm", "bullseye", "trixie", "bookworm-backports")
+KNOWN_SUITES = ("bookworm", "bullseye", "trixie", "bookworm-backports", "trixie-backports", "sid")
 CLOUD_META = "linux-image-cloud-amd64"
 LISTS_MAX_AGE_S = 24 * 3600
 
