@@ -146,10 +146,19 @@ def _compile(tree: Path, headers: Path, base: Kernel, tools: toolchain.Toolchain
 
 def _check_vermagic(built: Path, base: Kernel) -> None:
     """A module whose vermagic differs from the kernel's is refused at load: say so before boot."""
-    shipped = base.modules_root / "lib" / "modules" / base.release / MODULE_DIR / "kvm.ko"
-    want, got = _vermagic(shipped), _vermagic(built / "kvm.ko")
+    want, got = _vermagic(_shipped(base, "kvm.ko")), _vermagic(built / "kvm.ko")
     if want != got:
         raise KvmlabError(f"rebuilt kvm.ko has vermagic {got!r}, the kernel {base.release} wants {want!r}")
+
+
+def _shipped(base: Kernel, name: str) -> Path:
+    """The base kernel's own ``name`` module, compressed (``kvm.ko.xz``, as trixie and
+    later ship them) or not."""
+    directory = base.modules_root / "lib" / "modules" / base.release / MODULE_DIR
+    found = sorted(directory.glob(f"{name}*"))
+    if not found:
+        raise KvmlabError(f"{base.release} ships no {MODULE_DIR}/{name}: no KVM modules to replace")
+    return found[0]
 
 
 def _vermagic(module: Path) -> str:
@@ -166,8 +175,9 @@ def _install(built: Path, base: Kernel, scratch: Path) -> None:
     debug.mkdir(parents=True)
     for name in MODULES:
         shutil.copy2(built / name, debug / name)
+        for shipped in (target / MODULE_DIR).glob(f"{name}*"):  # kvm.ko, or kvm.ko.xz
+            shipped.unlink()
         installed = target / MODULE_DIR / name
-        installed.unlink(missing_ok=True)
         shutil.copy2(built / name, installed)
         _run(["strip", "--strip-debug", str(installed)])
     depmod(scratch / "root", base.release)

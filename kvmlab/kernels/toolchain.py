@@ -2,7 +2,8 @@
 kernel's own suite, so that they are built by the compiler Debian built the kernel with.
 
 Debian builds each suite's kernels with that suite's gcc (its version is in
-``CONFIG_CC_VERSION_TEXT``: gcc-10 for bullseye, gcc-12 for bookworm). Modules built by
+``CONFIG_CC_VERSION_TEXT``: gcc-10 for bullseye, gcc-12 for bookworm, and from trixie on
+named by its target, ``x86_64-linux-gnu-gcc-14``; sid's 7.x kernels use gcc-16). Modules built by
 another compiler may not load, or load and differ in more than the patch. When the host
 has that compiler, the build runs here. Otherwise kvmlab makes a minimal root of the
 kernel's suite with mmdebstrap (the compiler, make, the C library headers, libelf),
@@ -28,8 +29,9 @@ from kvmlab.errors import KvmlabError, MissingTool
 from kvmlab.kernels.model import Kernel
 
 #: What a module build needs beside the compiler, in the suite's root.
-PACKAGES = ("make", "libc6-dev", "libelf-dev", "bc", "binutils")
-_COMPILER = re.compile(r"^(gcc|gcc-\d+|clang|clang-\d+)$")
+#: dwarves is pahole, which 7.x's module build runs to give each module its BTF.
+PACKAGES = ("make", "libc6-dev", "libelf-dev", "bc", "binutils", "dwarves")
+_COMPILER = re.compile(r"^(x86_64-linux-gnu-)?(gcc|gcc-\d+|clang|clang-\d+)$")
 
 
 @dataclass
@@ -50,11 +52,12 @@ class Toolchain:
 
     def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
         """Run ``argv`` here or in the root; in the root, kvmlab's cache and /dev appear
-        at their own paths (a private mount namespace: nothing leaks to the host)."""
+        at their own paths, and /proc (7.x's objtool reads /proc/self/limits); a private
+        mount namespace, so nothing leaks to the host."""
         if self.root is None:
             return subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         steps = []
-        for path in (cache.root().resolve(), Path("/dev")):
+        for path in (cache.root().resolve(), Path("/dev"), Path("/proc")):
             inside = shlex.quote(f"{self.root}{path}")
             steps.append(f"mkdir -p {inside} && mount --rbind {shlex.quote(str(path))} {inside}")
         chroot = shutil.which("chroot") or "/usr/sbin/chroot"
@@ -69,14 +72,15 @@ def for_kernel(base: Kernel) -> Toolchain:
     root of ``base``'s suite; one clear line when neither can be had."""
     text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
     name = text.split(" ")[0]
-    if not _COMPILER.match(name):
+    named = _COMPILER.match(name)
+    if not named:
         raise KvmlabError(f"{base.release}: its config names no compiler kvmlab knows "
                           f"(CONFIG_CC_VERSION_TEXT {text!r}), so its modules cannot be rebuilt alike")
     if shutil.which(name) is not None:
         return Toolchain(name, _version(subprocess.run([name, "--version"], capture_output=True, text=True)))
     if base.suite is None:
         raise KvmlabError(f"{name} not found, and {base.release} names no Debian suite to take it from")
-    root = _suite_root(base.suite, name)
+    root = _suite_root(base.suite, name, package=named.group(2))
     done = Toolchain(name, "", root, base.suite).run([name, "--version"], os.environ.copy())
     if done.returncode != 0:
         raise KvmlabError(f"{name} does not run in the Debian {base.suite} root {root}: "
@@ -88,19 +92,23 @@ def _version(done: subprocess.CompletedProcess) -> str:
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
-def _suite_root(suite: str, compiler: str) -> Path:
-    """A minimal root of ``suite`` with ``compiler`` and PACKAGES, made once and cached."""
+def _suite_root(suite: str, compiler: str, package: str) -> Path:
+    """A minimal root of ``suite`` with ``compiler`` (from ``package``) and PACKAGES, made
+    once and cached. A backports suite is no system of its own: its root is the suite it
+    backports to with the backports added, as a machine running that kernel has them."""
     if os.geteuid() != 0:
         raise KvmlabError(f"building in a Debian {suite} root (for {compiler}, which this host lacks) "
                           "needs root: it chroots into the root it makes")
     for tool in ("mmdebstrap", "unshare", "chroot"):
         if shutil.which(tool) is None:
             raise MissingTool(f"{tool} not found: a Debian {suite} build root needs it (make setup)")
-    packages = sorted({compiler, *PACKAGES})
-    if apt.AptRoot(suite).package(compiler) is None:
-        raise KvmlabError(f"Debian {suite} has no package {compiler}, the compiler its kernels "
+    packages = sorted({package, *PACKAGES})
+    base = suite.removesuffix("-backports")
+    if all(apt.AptRoot(s).package(package) is None for s in {base, suite}):
+        raise KvmlabError(f"Debian {suite} has no package {package}, the compiler its kernels "
                           "were built with")
-    key = hashlib.sha256(" ".join(packages).encode()).hexdigest()[:12]
+    sources = [f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {s} main" for s in dict.fromkeys((base, suite))]
+    key = hashlib.sha256(" ".join(packages + sources[1:]).encode()).hexdigest()[:12]
     entry = cache.area("toolchains") / f"{suite}-{key}"
     if (entry / "usr" / "bin" / compiler).exists():
         return entry
@@ -109,7 +117,7 @@ def _suite_root(suite: str, compiler: str) -> Path:
             with cache.building(entry) as scratch:  # an empty directory, as mmdebstrap wants
                 done = subprocess.run(
                     ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(packages)}",
-                     suite, str(scratch), f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {suite} main"],
+                     base, str(scratch), *sources],
                     capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise KvmlabError(f"mmdebstrap of a Debian {suite} build root failed: "
