@@ -199,6 +199,26 @@ class AptRoot:
         return debs[0]
 
 
+def host_policy_aptopts() -> list[str]:
+    """mmdebstrap options that carry the host's apt policy on Release files past their
+    Valid-Until into the roots kvmlab makes.
+
+    mmdebstrap reads none of the host's apt configuration, while kvmlab's own apt calls
+    do. A host whose mirror is a frozen snapshot sets ``Acquire::Check-Valid-Until
+    "false"``, and there sid's Release expires while its packages are still served: the
+    kernel is fetched, and its build root must be made from the same mirror alike.
+    Signatures are checked either way.
+    """
+    try:
+        done = subprocess.run(["apt-config", "shell", "VALID", "Acquire::Check-Valid-Until/b"],
+                              capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return []
+    if done.stdout.strip() == "VALID='false'":
+        return ['--aptopt=Acquire::Check-Valid-Until "false"']
+    return []
+
+
 def _control_fields(text: str) -> dict[str, str]:
     """Parse the first stanza of Debian control text into a dict (continuations dropped)."""
     fields: dict[str, str] = {}

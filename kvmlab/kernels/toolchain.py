@@ -116,7 +116,8 @@ def _suite_root(suite: str, compiler: str, package: str) -> Path:
         if not (entry / "usr" / "bin" / compiler).exists():
             with cache.building(entry) as scratch:  # an empty directory, as mmdebstrap wants
                 done = subprocess.run(
-                    ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(packages)}",
+                    ["mmdebstrap", "--quiet", "--variant=minbase", *apt.host_policy_aptopts(),
+                     f"--include={','.join(packages)}",
                      base, str(scratch), *sources],
                     capture_output=True, text=True, check=False)
                 if done.returncode != 0:

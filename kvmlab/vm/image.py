@@ -87,7 +87,7 @@ def build(rec: Recipe, force: bool = False, log=sys.stderr) -> Path:
 def _mmdebstrap(rec: Recipe, tar: Path) -> None:
     removal = " ".join(shlex.quote(p) for p in rec.remove)
     command = [
-        "mmdebstrap", "--quiet", f"--variant={rec.variant}",
+        "mmdebstrap", "--quiet", f"--variant={rec.variant}", *apt.host_policy_aptopts(),
         f"--include={','.join(rec.packages)}",
         *(f"--dpkgopt=path-exclude={pattern}" for pattern in rec.exclude),
         f'--customize-hook=cd "$1" && rm -rf {removal}',

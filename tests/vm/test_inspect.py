@@ -18,7 +18,7 @@ HOLD = "python3 -m kselftest_py.hold_memslots --detach -n"
 
 @pytest.mark.parametrize("spec", KERNEL_LIMITS)
 def test_dump_equals_created_layout(spec, tmp_path, no_leaked_qemu):
-    """Also the smoke check of these two suites (tests/vm/test_suites.py boots the others)."""
+    """Also the smoke check of these two suites (tests/vm/test_kernel_matrix.py boots the others)."""
     smoke = 'ls -l /dev/kvm && python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"'
     done = kvmlab("run", spec, "--keep", "--out", str(tmp_path), "--", "sh", "-c",
                   f"{smoke} && {HOLD} 40 && {HOLD} max")

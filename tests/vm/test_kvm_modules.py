@@ -120,3 +120,22 @@ def test_bullseye_rebuilt_modules_against_themselves_change_nothing(tmp_path, no
     assert store.config["base"]["release"].startswith("5.10.")
     cells = analysis.analyse(store.config, store.records()).cells
     assert [cell.verdict for cell in cells] == [stats.NO_CHANGE] * 2, done.stdout
+
+
+@pytest.mark.vm
+def test_7x_modules_are_built_by_its_gcc_in_a_trixie_backports_root_and_say_hello(no_leaked_qemu):
+    """trixie-backports' 7.3 names its compiler by target (x86_64-linux-gnu-gcc-14), ships
+    its modules xz-compressed and needs pahole and /proc for its module build: the patched
+    kvm.ko replaces the compressed one, loads, and prints."""
+    hello = f"kvm-modules:debian:trixie-backports+{DATA / 'kvm-hello-7.x.patch'}"
+    kernel = kernels.fetch(hello)
+    build = json.loads((kernel.store / "build.json").read_text())
+    assert build["compiler"].startswith("x86_64-linux-gnu-gcc-14 (Debian 14.") and build["toolchain"].endswith(
+        "in a Debian trixie-backports root"), build
+    assert kernel.release == kernels.fetch("debian:trixie-backports").release
+    assert kernel.release.startswith("7.")
+    kvm_dir = kernel.modules_root / "lib" / "modules" / kernel.release / "kernel" / "arch" / "x86" / "kvm"
+    assert sorted(p.name for p in kvm_dir.iterdir()) == ["kvm-amd.ko", "kvm-intel.ko", "kvm.ko"]
+    done = kvmlab("run", hello, "--", "sh", "-c", "dmesg | grep kvmlab:")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kvm.ko rebuilt with tests/data/kvm-hello-7.x.patch" in done.stdout

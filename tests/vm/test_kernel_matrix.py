@@ -1,0 +1,118 @@
+"""Every Debian kernel kvmlab lists, in one guest each: every kselftest_py test briefly,
+drgn's invariant checks while memslot_stress churns the memslots, a trace of the
+memslot lookups read back into a latency report, and a dump of a held VM that must
+equal the layout the guest created.
+
+bullseye (5.10, the array) and bookworm (6.1, the trees) are booted by test_inspect.py,
+test_trace.py and the qualify tests, with more than this; this file boots the rest:
+Debian's current stable 6.12 (trixie), bookworm-backports' 6.12, and the 7.x kernels of
+trixie-backports (split into linux-binary, -modules and -base packages) and sid.
+"""
+
+import json
+import re
+import time
+
+import pandas as pd
+import pytest
+from conftest import kvmlab, kvmlab_retrying
+
+from drgn_scripts.memslot_model import VmMemslots
+from kvmlab import apt
+from vm.test_inspect import KERNEL_LIMITS, emulator_failed
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
+
+#: Per suite: the start of its cloud kernel's release and KVM's memslot limit there.
+EXPECTED = {
+    "bullseye": ("5.10.", 509),
+    "bookworm": ("6.1.", 32764),
+    "trixie": ("6.12.", 32764),
+    "bookworm-backports": ("6.12.", 32764),
+    "trixie-backports": ("7.", 32764),
+    "sid": ("7.", 32764),
+}
+ELSEWHERE = [suite for suite in apt.KNOWN_SUITES if f"debian:{suite}" in KERNEL_LIMITS]
+HELD = 40
+PERF_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactive area", "RW"]
+#: Every kselftest_py test, briefly: 8 MiB areas keep unmap and RW to seconds when traced.
+JOB = " && ".join([
+    'python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"',
+    "python3 -m kselftest_py.memslot_perf -s 10 -f 0 -e 5 -l 0.2 -r 1 -d --mem-size-mib 8 "
+    '--map-size-mib 8 --unmap-size-mib 8 --json "$KVMLAB_RESULTS/perf.json"',
+    'python3 -m kselftest_py.memslot_stress -v 1 -b 4 -s 40 -t 6 --json "$KVMLAB_RESULTS/stress.json"',
+    f"python3 -m kselftest_py.hold_memslots --detach -n {HELD}",
+])
+
+
+def _stopped_if_emulator_failed(done) -> bool:
+    """Retry only what nested TCG failed (test_inspect.emulator_failed), with the kept VM
+    of the failed attempt stopped first."""
+    if not emulator_failed(done):
+        return False
+    kept = re.search(r"kvmlab stop (\S+)\)", done.stderr)
+    if kept:
+        kvmlab("stop", kept.group(1))
+    return True
+
+
+def test_every_listed_suite_is_booted_by_a_test():
+    assert set(EXPECTED) == set(apt.KNOWN_SUITES) and len(ELSEWHERE) == 2
+
+
+@pytest.mark.parametrize("suite", [suite for suite in apt.KNOWN_SUITES if suite not in ELSEWHERE])
+def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
+    release, limit = EXPECTED[suite]  # a suite listed without an expectation fails here
+    out = tmp_path / "results"
+    started = time.monotonic()
+    done = kvmlab_retrying("run", f"debian:{suite}", "--keep", "--check-invariants-every", "3",
+                           "--trace", "memslot-lookup", "--timeout", "400", "--out", str(out), "--",
+                           "sh", "-c", JOB, retry_if=_stopped_if_emulator_failed, timeout=900)
+    run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr)
+    try:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        inspected = kvmlab("inspect", run_name.group(1), "--check", "--json")
+    finally:
+        if run_name:
+            kvmlab("stop", run_name.group(1))
+    print(f"debian:{suite}: one guest, every test, {time.monotonic() - started:.0f} s")
+
+    smoke = json.loads((out / "smoke.json").read_text())
+    assert smoke["kernel_release"].startswith(release)
+    assert smoke["nr_memslots"] == limit
+    assert [r["result"] for r in smoke["results"]] == ["pass"] * 5
+
+    perf = json.loads((out / "perf.json").read_text())
+    assert perf["verify"] and perf["exit_code"] == 0
+    assert [(t["test"], t["result"]) for t in perf["tests"]] == [(name, "pass") for name in PERF_TESTS]
+    stress = json.loads((out / "stress.json").read_text())
+    assert stress["exit_code"] == 0 and stress["modifications"] > 0 and stress["pages_checked"] > 0
+
+    # drgn checked the memslots while they churned, and found them sound
+    summary = re.search(r"invariant checks: (\d+) ran, (\d+) saw a VM \(up to (\d+) slots\)", done.stderr)
+    assert summary, done.stderr[-3000:]
+    assert int(summary.group(2)) >= 1 and int(summary.group(3)) >= HELD
+    assert "no violations" in done.stderr
+
+    # ... and a dump of the held VM is the layout the guest made
+    assert inspected.returncode == 0, inspected.stderr
+    record = json.loads(inspected.stdout)
+    assert record["violations"] == []
+    held = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    vms = {vm.pid: vm for vm in map(VmMemslots.from_json, record["vms"])}
+    slots = vms[held[0]["pid"]].address_spaces[0].slots
+    assert [(s.id, s.base_gfn * 4096, s.npages * 4096, s.userspace_addr, s.flags) for s in slots] == \
+        [(s["id"], s["gpa"], s["size"], s["hva"], s["flags"]) for s in held[0]["slots"]]
+
+    # the trace: what the probe set named and the kernel lacks is said in one line
+    capture = json.loads((out / "capture.json").read_text())
+    assert {"kvm_mmu_page_fault", "kvm_vcpu_gfn_to_memslot"} <= set(capture["functions"])
+    assert "kvm_handle_hva_range" in capture["skipped_functions"]  # 5.10's name
+    skipped = [line for line in done.stderr.splitlines() if "not in this kernel:" in line]
+    assert len(skipped) == 1 and "kvm_handle_hva_range" in skipped[0]
+    report = kvmlab("trace", "report", str(out), "-o", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    latency = pd.read_csv(tmp_path / "report" / "latency.csv")
+    faults = latency[latency["function"] == "kvm_mmu_page_fault"]
+    assert set(faults["test"]) >= {"move active area", "RW"}
+    assert (faults["calls"] > 0).all()
