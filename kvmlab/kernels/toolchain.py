@@ -72,15 +72,15 @@ def for_kernel(base: Kernel) -> Toolchain:
     root of ``base``'s suite; one clear line when neither can be had."""
     text = (base.config_value("CC_VERSION_TEXT") or "").strip('"')
     name = text.split(" ")[0]
-    named = _COMPILER.match(name)
-    if not named:
+    package = compiler_package(name)
+    if package is None:
         raise KvmlabError(f"{base.release}: its config names no compiler kvmlab knows "
                           f"(CONFIG_CC_VERSION_TEXT {text!r}), so its modules cannot be rebuilt alike")
     if shutil.which(name) is not None:
         return Toolchain(name, _version(subprocess.run([name, "--version"], capture_output=True, text=True)))
     if base.suite is None:
         raise KvmlabError(f"{name} not found, and {base.release} names no Debian suite to take it from")
-    root = _suite_root(base.suite, name, package=named.group(2))
+    root = _suite_root(base.suite, name, package)
     done = Toolchain(name, "", root, base.suite).run([name, "--version"], os.environ.copy())
     if done.returncode != 0:
         raise KvmlabError(f"{name} does not run in the Debian {base.suite} root {root}: "
@@ -90,6 +90,20 @@ def for_kernel(base: Kernel) -> Toolchain:
 
 def _version(done: subprocess.CompletedProcess) -> str:
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+
+def compiler_package(name: str) -> str | None:
+    """The Debian package of a compiler as a kernel config names it (``gcc-12``,
+    ``x86_64-linux-gnu-gcc-14`` is gcc-14's), or None for one kvmlab does not know."""
+    named = _COMPILER.match(name)
+    return named.group(2) if named else None
+
+
+def root_suites(suite: str) -> list[str]:
+    """The suites a build root for ``suite``'s kernels is made from: the suite itself, or
+    for ``X-backports`` X first, then the backports."""
+    base = suite.removesuffix("-backports")
+    return [base] if base == suite else [base, suite]
 
 
 def _suite_root(suite: str, compiler: str, package: str) -> Path:
@@ -103,11 +117,12 @@ def _suite_root(suite: str, compiler: str, package: str) -> Path:
         if shutil.which(tool) is None:
             raise MissingTool(f"{tool} not found: a Debian {suite} build root needs it (make setup)")
     packages = sorted({package, *PACKAGES})
-    base = suite.removesuffix("-backports")
-    if all(apt.AptRoot(s).package(package) is None for s in {base, suite}):
+    suites = root_suites(suite)
+    if all(apt.AptRoot(s).package(package) is None for s in suites):
         raise KvmlabError(f"Debian {suite} has no package {package}, the compiler its kernels "
                           "were built with")
-    sources = [f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {s} main" for s in dict.fromkeys((base, suite))]
+    base = suites[0]
+    sources = [f"deb [signed-by={apt.KEYRING}] {apt.mirror()} {s} main" for s in suites]
     key = hashlib.sha256(" ".join(packages + sources[1:]).encode()).hexdigest()[:12]
     entry = cache.area("toolchains") / f"{suite}-{key}"
     if (entry / "usr" / "bin" / compiler).exists():

@@ -71,7 +71,8 @@ def test_pinned_depends_are_the_parts_of_one_build():
         "linux-base-7.2.13+deb14-cloud-amd64", "linux-binary-7.2.13+deb14-cloud-amd64",
         "linux-modules-7.2.13+deb14-cloud-amd64"]
     assert pinned_depends(SID_IMAGE_DEPENDS, "7.2.14-1") == []
-    assert pinned_depends("kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool", "6.12.117-1") == []
+    trixie = "kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool"
+    assert pinned_depends(trixie, "6.12.117-1") == []
 
 
 def _split_7x_root(root: Path, release: str) -> None:

@@ -45,3 +45,17 @@ def test_kvm_modules_of_a_local_tree_are_refused_before_any_build(tmp_path):
     done = kvmlab("kernel", "fetch", f"kvm-modules:local:{tmp_path}",
                   env={"KVMLAB_CACHE": str(tmp_path / "c")})
     assert_one_line_error(done, "rebuilds the KVM modules of a debian: kernel")
+
+
+@pytest.mark.parametrize("name,package", [
+    ("gcc-10", "gcc-10"), ("gcc-12", "gcc-12"), ("x86_64-linux-gnu-gcc-14", "gcc-14"),
+    ("gcc-16", "gcc-16"), ("clang-19", "clang-19"), ("aarch64-linux-gnu-gcc-14", None), ("gcc;id", None)])
+def test_compiler_package_from_the_configs_name(name, package):
+    """trixie and later name their compiler by target; its package is the plain gcc-N."""
+    assert toolchain.compiler_package(name) == package
+
+
+def test_a_backports_root_is_its_base_suite_with_the_backports():
+    assert toolchain.root_suites("bullseye") == ["bullseye"]
+    assert toolchain.root_suites("sid") == ["sid"]
+    assert toolchain.root_suites("trixie-backports") == ["trixie", "trixie-backports"]

@@ -1,7 +1,7 @@
 """Every Debian kernel kvmlab lists, in one guest each: every kselftest_py test briefly,
 drgn's invariant checks while memslot_stress churns the memslots, a trace of the
 memslot lookups read back into a latency report, and a dump of a held VM that must
-equal the layout the guest created.
+equal the layout the guest created. A 6.12 and a 7.x kernel run under each clock.
 
 bullseye (5.10, the array) and bookworm (6.1, the trees) are booted by test_inspect.py,
 test_trace.py and the qualify tests, with more than this; this file boots the rest:
@@ -23,14 +23,15 @@ from vm.test_inspect import KERNEL_LIMITS, emulator_failed
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 
-#: Per suite: the start of its cloud kernel's release and KVM's memslot limit there.
+#: Per suite: the start of its cloud kernel's release, KVM's memslot limit there, and the
+#: clock its guest runs under here (both clocks, each on a 6.12 and a 7.x kernel).
 EXPECTED = {
-    "bullseye": ("5.10.", 509),
-    "bookworm": ("6.1.", 32764),
-    "trixie": ("6.12.", 32764),
-    "bookworm-backports": ("6.12.", 32764),
-    "trixie-backports": ("7.", 32764),
-    "sid": ("7.", 32764),
+    "bullseye": ("5.10.", 509, None),
+    "bookworm": ("6.1.", 32764, None),
+    "trixie": ("6.12.", 32764, "wall"),
+    "bookworm-backports": ("6.12.", 32764, "icount"),
+    "trixie-backports": ("7.", 32764, "wall"),
+    "sid": ("7.", 32764, "icount"),
 }
 ELSEWHERE = [suite for suite in apt.KNOWN_SUITES if f"debian:{suite}" in KERNEL_LIMITS]
 HELD = 40
@@ -62,12 +63,12 @@ def test_every_listed_suite_is_booted_by_a_test():
 
 @pytest.mark.parametrize("suite", [suite for suite in apt.KNOWN_SUITES if suite not in ELSEWHERE])
 def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
-    release, limit = EXPECTED[suite]  # a suite listed without an expectation fails here
+    release, limit, clock = EXPECTED[suite]  # a suite listed without an expectation fails here
     out = tmp_path / "results"
     started = time.monotonic()
-    done = kvmlab_retrying("run", f"debian:{suite}", "--keep", "--check-invariants-every", "3",
-                           "--trace", "memslot-lookup", "--timeout", "400", "--out", str(out), "--",
-                           "sh", "-c", JOB, retry_if=_stopped_if_emulator_failed, timeout=900)
+    done = kvmlab_retrying("run", f"debian:{suite}", "--clock", clock, "--keep",
+                           "--check-invariants-every", "3", "--trace", "memslot-lookup", "--timeout", "400",
+                           "--out", str(out), "--", "sh", "-c", JOB, retry_if=_stopped_if_emulator_failed, timeout=900)
     run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr)
     try:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -75,7 +76,9 @@ def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
     finally:
         if run_name:
             kvmlab("stop", run_name.group(1))
-    print(f"debian:{suite}: one guest, every test, {time.monotonic() - started:.0f} s")
+    took = time.monotonic() - started
+    print(f"debian:{suite}: one guest under the {clock} clock, every test, {took:.0f} s")
+    assert f"clock {clock}" in done.stderr
 
     smoke = json.loads((out / "smoke.json").read_text())
     assert smoke["kernel_release"].startswith(release)

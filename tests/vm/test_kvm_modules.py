@@ -130,8 +130,8 @@ def test_7x_modules_are_built_by_its_gcc_in_a_trixie_backports_root_and_say_hell
     hello = f"kvm-modules:debian:trixie-backports+{DATA / 'kvm-hello-7.x.patch'}"
     kernel = kernels.fetch(hello)
     build = json.loads((kernel.store / "build.json").read_text())
-    assert build["compiler"].startswith("x86_64-linux-gnu-gcc-14 (Debian 14.") and build["toolchain"].endswith(
-        "in a Debian trixie-backports root"), build
+    assert build["compiler"].startswith("x86_64-linux-gnu-gcc-14 (Debian 14."), build
+    assert build["toolchain"].endswith("in a Debian trixie-backports root"), build
     assert kernel.release == kernels.fetch("debian:trixie-backports").release
     assert kernel.release.startswith("7.")
     kvm_dir = kernel.modules_root / "lib" / "modules" / kernel.release / "kernel" / "arch" / "x86" / "kvm"
