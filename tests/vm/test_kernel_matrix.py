@@ -68,7 +68,8 @@ def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
     started = time.monotonic()
     done = kvmlab_retrying("run", f"debian:{suite}", "--clock", clock, "--keep",
                            "--check-invariants-every", "3", "--trace", "memslot-lookup", "--timeout", "400",
-                           "--out", str(out), "--", "sh", "-c", JOB, retry_if=_stopped_if_emulator_failed, timeout=900)
+                           "--out", str(out), "--", "sh", "-c", JOB,
+                           retry_if=_stopped_if_emulator_failed, timeout=900)
     run_name = re.search(r"kvmlab stop (\S+)\)", done.stderr)
     try:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
