@@ -59,6 +59,7 @@ except ImportError:
     sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from drgn_scripts.memslot_model import (
     ID_HASH_BITS,
+    KVM_MEM_GUEST_MEMFD,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     PAGE_SIZE,
     AddressSpace,
@@ -70,6 +71,7 @@ from drgn_scripts.memslot_model import (
 
 __all__ = [
     "KIND_ARRAY_ORDER",
+    "KIND_GMEM_WITHOUT_FLAG",
     "KIND_DUPLICATE_SLOT",
     "KIND_GENERATION_AS_ID",
     "KIND_GENERATION_PAIR",
@@ -113,6 +115,7 @@ KIND_GFN_TREE_DEPTH = "gfn_tree_depth"  # depth impossible for a red-black tree 
 KIND_NODE_IDX = "node_idx"  # set j of an address space does not use node_idx j
 KIND_GENERATION_PAIR = "generation_pair"  # the two sets' generations match no state KVM passes through
 KIND_SETS_OUT_OF_SYNC = "sets_out_of_sync"  # with no update in flight, the sets hold different slots
+KIND_GMEM_WITHOUT_FLAG = "gmem_without_flag"  # a guest_memfd file bound to a slot without KVM_MEM_GUEST_MEMFD
 # array layout
 KIND_ARRAY_ORDER = "array_order"  # used entries not strictly descending by base_gfn
 KIND_ID_TO_INDEX = "id_to_index"  # id_to_index is not the inverse of the array (-1 for unused ids)
@@ -279,7 +282,17 @@ def _check_tree_set(report: _Reporter, tree_set: TreeSet) -> list[Violation]:
         text = f"last_used_slot points at slot {last_used}, which is not in this set"
         found.append(report(KIND_LAST_USED_SLOT, text, (last_used,)))
     found += _check_depth(report, tree_set)
+    found += _check_gmem(report, walk)
     return found
+
+
+def _check_gmem(report: _Reporter, slots: list[Slot]) -> list[Violation]:
+    """Only a slot created with KVM_MEM_GUEST_MEMFD gets a guest_memfd file (kvm_gmem_bind);
+    the file may go away before the slot does (kvm_gmem_release clears it), so the
+    converse does not hold."""
+    return [report(KIND_GMEM_WITHOUT_FLAG, f"{_describe(slot)} has guest_memfd file {slot.gmem_file:#x} "
+                   "but no KVM_MEM_GUEST_MEMFD flag", (slot.id,))
+            for slot in slots if slot.gmem_file and not slot.flags & KVM_MEM_GUEST_MEMFD]
 
 
 def _check_membership(report: _Reporter, tree_set: TreeSet) -> list[Violation]:

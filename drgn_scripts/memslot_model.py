@@ -25,6 +25,7 @@ from typing import Any, Literal
 __all__ = [
     "ID_HASH_BITS",
     "KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS",
+    "KVM_MEM_GUEST_MEMFD",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "PAGE_SIZE",
@@ -39,6 +40,7 @@ __all__ = [
 PAGE_SIZE = 4096
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
 ID_HASH_BITS = 7
 """``DECLARE_HASHTABLE(id_hash, 7)`` in ``struct kvm_memslots``: 128 buckets."""
@@ -51,6 +53,9 @@ class Slot:
     :param id: ``short id``; user slots first, then the arch's private slots.
     :param flags: ``u32 flags``: ``KVM_MEM_*`` from userspace, plus KVM's internal
         ``KVM_MEMSLOT_INVALID`` (bit 16) while a slot is being deleted or moved.
+    :param gmem_file: ``gmem.file``, the guest_memfd file backing the slot's private
+        memory (0: none), in kernels built with guest_memfd (Debian's from 7.x; the field
+        ends the struct there); None where the struct has no ``gmem``.
     """
 
     id: int
@@ -58,6 +63,7 @@ class Slot:
     npages: int
     userspace_addr: int
     flags: int
+    gmem_file: int | None = None
 
     @property
     def dirty_logging(self) -> bool:

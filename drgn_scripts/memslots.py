@@ -96,6 +96,7 @@ class SlotReader:
         self._u64 = [offsetof(slot_type, name) for name in fields]
         self._flags = offsetof(slot_type, "flags")
         self._id = offsetof(slot_type, "id")
+        self._gmem_file = offsetof(slot_type, "gmem.file") if slot_type.has_member("gmem") else None
         self._cache: dict[int, bytes] = {}
         if self.tree:
             rb = prog.type("struct rb_node")
@@ -114,8 +115,9 @@ class SlotReader:
 
     def slot(self, data: bytes) -> Slot:
         base_gfn, npages, hva = (_U64.unpack_from(data, offset)[0] for offset in self._u64)
+        gmem = None if self._gmem_file is None else _U64.unpack_from(data, self._gmem_file)[0]
         return Slot(id=_I16.unpack_from(data, self._id)[0], base_gfn=base_gfn, npages=npages,
-                    userspace_addr=hva, flags=_U32.unpack_from(data, self._flags)[0])
+                    userspace_addr=hva, flags=_U32.unpack_from(data, self._flags)[0], gmem_file=gmem)
 
     def slot_at(self, address: int) -> Slot:
         return self.slot(self.raw(address))

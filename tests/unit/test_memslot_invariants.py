@@ -8,12 +8,14 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import asdict as dataclasses_asdict
 from dataclasses import replace
 
 import pytest
 
 from drgn_scripts import memslot_invariants as inv
 from drgn_scripts.memslot_model import (
+    KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -323,6 +325,37 @@ def test_render_and_json():
     assert inv.render(found) == f"lru_slot: {found[0].message}"
     record = json.loads(json.dumps(inv.to_json(found)))[0]
     assert record["kind"] == "lru_slot" and record["vm"] == WHERE and record["slot_ids"] == []
+
+
+def gmem_slots(*, flag_on_bound: bool) -> list[Slot]:
+    """The 7.x layout: every slot has gmem.file; two are guest_memfd slots, one of them
+    with its file already released (kvm_gmem_release clears it before the slot goes)."""
+    slots = [replace(slot, gmem_file=0) for slot in make_slots()]
+    bound = 0xFFFF888012345600
+    slots[4] = replace(slots[4], flags=KVM_MEM_GUEST_MEMFD if flag_on_bound else 0, gmem_file=bound)
+    slots[9] = replace(slots[9], flags=KVM_MEM_GUEST_MEMFD, gmem_file=0)
+    return slots
+
+
+def test_7x_guest_memfd_slots_bound_and_released_are_clean():
+    assert inv.check_vm(tree_vm(gmem_slots(flag_on_bound=True))) == []
+
+
+def test_7x_guest_memfd_file_on_a_slot_without_the_flag():
+    vm = tree_vm(gmem_slots(flag_on_bound=False))
+    found = inv.check_vm(vm)
+    assert kinds(found) == Counter({"gmem_without_flag": 2})  # in each of as 0's two sets
+    slot = vm.address_spaces[0].sets[0].gfn_order[4]
+    assert {v.slot_ids for v in found} == {(slot.id,)}
+    assert "guest_memfd file 0xffff888012345600 but no KVM_MEM_GUEST_MEMFD flag" in found[0].message
+
+
+def test_7x_layout_json_round_trip_keeps_gmem():
+    vm = tree_vm(gmem_slots(flag_on_bound=True))
+    again = VmMemslots.from_json(json.loads(json.dumps(vm.to_json())))
+    assert again == vm and again.address_spaces[0].sets[0].gfn_order[4].gmem_file == 0xFFFF888012345600
+    old = Slot(**{k: v for k, v in dataclasses_asdict(make_slots(1)[0]).items() if k != "gmem_file"})
+    assert old.gmem_file is None  # a snapshot from before 7.x reads as "no gmem field"
 
 
 @pytest.mark.parametrize("make", [tree_vm, array_vm])
