@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from kvmlab import apt, cache
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import KvmlabError, UnknownSpec
 from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
 
 #: What a cache entry's kernel.json must name.
@@ -20,7 +20,15 @@ ENTRY_KEYS = ("release", "package", "version")
 
 def fetch(spec: str, what: str, debuginfo: bool) -> Kernel:
     if what.startswith("linux-image-"):
-        image = apt.find_package(what)
+        try:
+            image = apt.find_package(what)
+        except UnknownSpec:
+            entry = _cached_entry(what, debuginfo)
+            if entry is None:
+                raise
+            kernel = load_entry(entry)  # gone from Debian (sid moves on), still in the cache
+            kernel.spec = spec
+            return kernel
     else:
         image = apt.newest_cloud_kernel(what)
     entry = cache.area("kernels") / image.key
@@ -31,6 +39,15 @@ def fetch(spec: str, what: str, debuginfo: bool) -> Kernel:
     kernel = load_entry(entry)
     kernel.spec = spec
     return kernel
+
+
+def _cached_entry(package: str, debuginfo: bool) -> Path | None:
+    """The newest cache entry of ``package`` (with its debug info when asked), for a pinned
+    spec whose package the mirror no longer serves: a qualify store or a run of a sid
+    kernel names a package that sid drops within weeks."""
+    entries = [entry for entry in cache.area("kernels").glob(f"{package}_*")
+               if (entry / "kernel.json").exists() and (not debuginfo or (entry / "debug").is_dir())]
+    return max(entries, key=lambda entry: (entry / "kernel.json").stat().st_mtime, default=None)
 
 
 def _unpack_image(image: apt.Package, entry: Path) -> None:

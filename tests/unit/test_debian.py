@@ -131,3 +131,21 @@ def test_debug_vmlinux_follows_7x_symlink(tmp_path):
     assert _debug_vmlinux(tmp_path, release) == real.resolve()
     (tmp_path / "boot" / "vmlinux-other").symlink_to("/etc/passwd")
     assert _debug_vmlinux(tmp_path, "other") is None
+
+
+def test_a_pinned_package_gone_from_debian_is_found_in_the_cache(tmp_path, monkeypatch):
+    """sid drops a kernel's packages within weeks; a store or run naming one still reads it."""
+    from kvmlab.kernels.debian import _cached_entry
+
+    monkeypatch.setenv("KVMLAB_CACHE", str(tmp_path))
+    name = "linux-image-7.2.13+deb14-cloud-amd64"
+    entry = tmp_path / "kernels" / f"{name}_7.2.13-1_100ec8efc7e1"
+    entry.mkdir(parents=True)
+    assert _cached_entry(name, debuginfo=False) is None  # not unpacked whole: no kernel.json
+    (entry / "kernel.json").write_text("{}")
+    (tmp_path / "kernels" / "linux-image-7.2.13+deb14-cloud-amd64-dbg_1").mkdir()
+    assert _cached_entry(name, debuginfo=False) == entry
+    assert _cached_entry(name, debuginfo=True) is None
+    (entry / "debug").mkdir()
+    assert _cached_entry(name, debuginfo=True) == entry
+    assert _cached_entry("linux-image-7.2.12+deb14-cloud-amd64", debuginfo=False) is None
