@@ -71,6 +71,12 @@ def add_parsers(sub) -> None:
         metavar="ARGS",
         help="kernel command-line arguments for both guests, e.g. kvm.tdp_mmu=0",
     )
+    for side in matrix.SIDES:
+        parser.add_argument(
+            f"--{side}-append", metavar="ARGS",
+            help=f"kernel command-line arguments for the {side} guests only, after --append (qualify a "
+            "module parameter on one kernel: --patched-append kvm.tdp_mmu=0)",
+        )
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None)
     parser.add_argument(
         "--jobs", type=int, metavar="N",
@@ -120,14 +126,15 @@ def qualify(args: argparse.Namespace) -> int:
     }
     options = {
         "accel": config.get("accel"),
-        "append": config.get("append", ""),
         "clock": config["clock"],
         "cpus": config.get("cpus") or matrix.DEFAULTS[config["clock"]]["cpus"],
     }
     if config.get("trace"):
         options["files"] = boot.trace_files(config["trace"])
+    options_by_side = {side: {**options, "append": matrix.kernel_arguments(config, side)}
+                       for side in matrix.SIDES}
     jobs = default_jobs(config["clock"]) if args.jobs is None else args.jobs
-    Driver(store, kernels_by_side, options, check_invariants=config.get("check_invariants", False),
+    Driver(store, kernels_by_side, options_by_side, check_invariants=config.get("check_invariants", False),
            jobs=jobs).run()
     if config.get("plan"):
         return _shard_done(store, config)
@@ -142,9 +149,10 @@ def _report(store: Store, config: dict) -> int:
     traced = _traced_runs(store, config) if config.get("trace") else None
     written = report.write_all(result, store.directory, traced)
     print(report.markdown(result, traced))
+    reports = len(report.REPORTS)
     print(
-        f"kvmlab qualify: wrote {', '.join(p.name for p in written[:5])} and {len(written) - 5} plots "
-        f"to {store.directory}",
+        f"kvmlab qualify: wrote {', '.join(p.name for p in written[:reports])} and {len(written) - reports} "
+        f"plots to {store.directory}",
         file=sys.stderr,
     )
     return result.exit_code
@@ -191,6 +199,8 @@ def _new_config(args: argparse.Namespace) -> dict:
                        "version": kernel.version}
         if kernel.patches:
             sides[side]["patches"] = kernel.patches
+        if getattr(args, f"{side}_append"):
+            sides[side]["append"] = getattr(args, f"{side}_append")
     config = {
         **sides,
         "tests": tests,
@@ -246,7 +256,8 @@ def _start_shard(args: argparse.Namespace) -> Store:
                                       ("--tests", args.tests), ("--slots", args.slots),
                                       ("--runs", args.runs), ("--seconds", args.seconds),
                                       ("--clock", args.clock), ("--cpus", args.cpus), ("--trace", args.trace),
-                                      ("--append", args.append), ("--resume", args.resume),
+                                      ("--append", args.append), ("--base-append", args.base_append),
+                                      ("--patched-append", args.patched_append), ("--resume", args.resume),
                                       ("--check-invariants", args.check_invariants)) if value]
     if given:
         raise KvmlabError(f"--shard takes the whole qualification from its plan: drop {', '.join(given)}")
@@ -310,6 +321,8 @@ def _resume(args: argparse.Namespace) -> Store:
         "trace": args.trace and _trace_spec(args.trace) != config.get("trace"),
         "check-invariants": args.check_invariants and not config.get("check_invariants"),
         "append": args.append and args.append != config.get("append", ""),
+        **{f"{side}-append": getattr(args, f"{side}_append") is not None
+           and getattr(args, f"{side}_append") != config[side].get("append", "") for side in matrix.SIDES},
         "accel": args.accel not in (None, "auto") and args.accel != config.get("accel"),
     }
     changed = [name for name, differs in given.items() if differs]

@@ -19,6 +19,8 @@ import pandas as pd
 
 from kvmlab import stats
 from kvmlab.qualify import matrix
+from kvmlab.qualify.conditions import Conditions, from_records
+from kvmlab.qualify.store import CONDITIONS
 
 SLOT_SETUP = "slot setup"
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -55,6 +57,8 @@ class Analysis:
     runs: pd.DataFrame
     problems: dict[str, list[dict]] = field(default_factory=dict)
     """Record kind → records: fail, crash, splat, invariant, skip."""
+    conditions: Conditions | None = None
+    """What each side ran with (None: made by hand, without records)."""
 
     @property
     def regressions(self) -> list[Cell]:
@@ -86,7 +90,7 @@ def analyse(config: dict, records: list[dict]) -> Analysis:
     runs = runs.astype({"slots": int}) if len(runs) else runs
     problems: dict[str, list[dict]] = {}
     for record in records:
-        if record["kind"] != "run":
+        if record["kind"] not in ("run", CONDITIONS):
             problems.setdefault(record["kind"], []).append(record)
     not_applicable = {(r["side"], r["test"], r["slots"]): r["reason"] for r in problems.get("skip", [])}
     failed = {(r["side"], r["test"], r["slots"]) for r in problems.get("fail", [])}
@@ -95,7 +99,7 @@ def analyse(config: dict, records: list[dict]) -> Analysis:
         for test in config["tests"]:
             cells.append(_cell(runs, test, slots, "iteration_ns", not_applicable, failed, config))
         cells.append(_setup_cell(runs, slots, config, not_applicable, failed))
-    return Analysis(config, cells, _fits(runs, config), runs, problems)
+    return Analysis(config, cells, _fits(runs, config), runs, problems, from_records(records))
 
 
 def setup_tests(config: dict) -> list[str]:

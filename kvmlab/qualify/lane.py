@@ -16,7 +16,8 @@ from pathlib import Path
 
 from kselftest_py.ktap import KSFT_SKIP
 from kvmlab.inspect.watch import InvariantWatch
-from kvmlab.qualify import matrix
+from kvmlab.qualify import conditions, matrix
+from kvmlab.qualify.store import CONDITIONS
 from kvmlab.vm import boot
 from kvmlab.vm.session import GuestDown, GuestSession
 
@@ -153,7 +154,7 @@ class Lane:
         session = self.sessions[side]
         if session is None:
             kernel = self.driver.kernels[side]
-            options = boot.RunOptions(argv=[], **self.driver.session_options)
+            options = boot.RunOptions(argv=[], **self.driver.session_options[side])
             if self.driver.check_invariants:
                 options.checker = InvariantWatch.every(kernel, CHECK_EVERY_S)
             session = GuestSession(kernel, options, self.driver.log)
@@ -164,9 +165,24 @@ class Lane:
                 self.sessions[side] = None
                 raise
             self.driver.say(f"{self._name(side)}: {kernel.release} up in {session.run_dir}")
+            self._record_conditions(side, session)
         elif session.paused:
             session.resume()
         return session
+
+    def _record_conditions(self, side: str, session: GuestSession) -> None:
+        """What this boot's KVM runs with (``qualify.conditions``), before its first run.
+        A guest that cannot say is named and goes on: its runs stand without it."""
+        reply = session.request(conditions.GUEST_COMMAND, timeout_s=120)
+        try:
+            if reply.code != 0:
+                raise ValueError(f"exit {reply.code}: {reply.stderr.strip()[-300:]}")
+            found = conditions.of_boot(reply.stdout, self.driver.kernels[side])
+        except ValueError as err:
+            self.driver.say(f"{self._name(side)}: warning: its conditions could not be read: {err}")
+            return
+        self.driver.record({"kind": CONDITIONS, "side": side, "test": None, "slots": None, "run": None,
+                            "conditions": found, "boot": session.run_dir.name})
 
     def _name(self, side: str) -> str:
         return f"lane {self.number} {side}" if self.driver.jobs > 1 else side

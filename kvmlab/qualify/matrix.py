@@ -84,6 +84,11 @@ def parse_slots(text: str | None) -> list[int]:
     return slots
 
 
+def kernel_arguments(config: dict, side: str) -> str:
+    """What ``side``'s guests append to the kernel command line: ``--append``, then the side's own."""
+    return " ".join(filter(None, (config.get("append", ""), config[side].get("append", ""))))
+
+
 def test_number(name: str) -> int:
     return next(number for number, test in TESTS.values() if test == name)
 

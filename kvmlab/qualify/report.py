@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import errno
 import html
+import json
 import math
 import os
 import re
@@ -38,7 +39,11 @@ from kvmlab.qualify.analysis import SLOT_SETUP, Analysis, Cell, setup_tests
 #: The growth the scalable-memslots cover letter (Linux 5.17) claims, before (array) and after (trees).
 SERIES_CLAIM = {"base": ("n", "n log n"), "patched": ("constant", "log n")}
 FAILED, NOT_APPLICABLE = "failed", "n/a"
-REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv")
+REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv", "report.json")
+#: Conditions report.md always shows, whether or not the sides differ in them; every
+#: other row there is a difference (report.html and report.json have them all).
+KEY_CONDITIONS = ("kvm.tdp_mmu", "kvm_amd.npt", "kvm_intel.ept", "cpu.model", "cpu.virt_flags",
+                  "l1.vcpus", "l1.memory_mib")
 PLOTS = "plots"
 
 
@@ -68,6 +73,7 @@ def _render(analysis: Analysis, traced: list | None, scratch: Path, directory: P
         junit(analysis),
         ktap(analysis),
         analysis.runs.to_csv(index=False),
+        json_report(analysis),
     )
     staged = {}
     for name, text in zip(REPORTS, texts, strict=True):
@@ -154,6 +160,7 @@ def markdown(analysis: Analysis, traced: list | None = None) -> str:
     if traced:
         lines += trace_markdown(traced)
     lines += complexity_markdown(analysis)
+    lines += conditions_markdown(analysis)
     lines += problems_markdown(analysis)
     lines += ["", verdict_line(analysis)]
     return "\n".join(lines)
@@ -265,19 +272,58 @@ def problems_markdown(analysis: Analysis) -> list[str]:
     return ["What else happened:", "", *dict.fromkeys(lines)]
 
 
+def conditions_markdown(analysis: Analysis, every_row: bool = False) -> list[str]:
+    """Each side's conditions side by side: the key ones and every difference (``every_row``: all)."""
+    found = analysis.conditions
+    if found is None or not found.recorded:
+        missing = [side for side in matrix.SIDES if found is None or not found.boots[side]]
+        return [f"Conditions: not recorded for {' and '.join(missing)} (no boot of it said, or the store "
+                "predates kvmlab recording them).", ""]
+    differing = {difference.name: difference for difference in found.differences}
+    names = sorted(found.sides["base"].keys() | found.sides["patched"].keys())
+    shown = [name for name in names if every_row or name in differing or name in KEY_CONDITIONS]
+    lines = [
+        f"Conditions, as the guests reported them ({found.boots['base']} base and "
+        f"{found.boots['patched']} patched boots) and from each kernel's config; "
+        + ("≠ marks a difference, ≠ **setting** one both sides have, set differently:" if differing
+           else "the two sides differ in none of them:"),
+        "",
+        "| Condition | Before | After | |",
+        "|---|---|---|---|",
+    ]
+    for name in shown:
+        before, after = (found.sides[side].get(name) for side in matrix.SIDES)
+        mark = "" if name not in differing else "≠ **setting**" if differing[name].setting else "≠"
+        lines.append(f"| {name} | {_condition(before)} | {_condition(after)} | {mark} |")
+    if len(shown) < len(names):
+        lines.append(f"\n{len(names) - len(shown)} more conditions are the same on both sides "
+                     "(report.html and report.json list them).")
+    for side, varying in found.varies.items():
+        lines.append(f"\n{side} boots did not all agree on: {', '.join(varying)} (first boot's shown).")
+    return lines + [""]
+
+
+def _condition(value: str | None) -> str:
+    if value is None:
+        return "–"
+    return value.replace("|", "\\|") if value else '""'
+
+
 def verdict_line(analysis: Analysis) -> str:
     counts = {
         verdict: sum(cell.verdict == verdict for cell in analysis.cells)
         for verdict in (stats.IMPROVED, stats.REGRESSED, stats.NO_CHANGE, "n/a")
     }
     summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.items() if count)
+    note = analysis.conditions.verdict_note() if analysis.conditions else ""
+    warning = f"; {note}" if note else ""
     if analysis.exit_code == 0:
-        return f"Verdict: PASS ({summary})."
+        return f"Verdict: PASS ({summary}){warning}."
     reasons = [
         f"{len(analysis.regressions)} regressed" if analysis.regressions else "",
         f"{len(analysis.failures)} failures" if analysis.failures else "",
     ]
-    return f"Verdict: FAIL: {', '.join(filter(None, reasons))} ({summary})."
+    return f"Verdict: FAIL: {', '.join(filter(None, reasons))} ({summary}){warning}."
 
 
 # -- plots and HTML ---------------------------------------------------------------------
@@ -358,6 +404,14 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
             f"<p>{html.escape(complexity[0])}</p>",
             _html_table("\n".join(complexity[2:4]), complexity[4:-1]),
         ]
+    conditions = conditions_markdown(analysis, every_row=True)
+    body.append("<h2>Conditions</h2>")
+    if len(conditions) > 4 and conditions[2].startswith("| Condition"):
+        rows = [line for line in conditions[4:] if line.startswith("| ")]
+        body += [f"<p>{html.escape(conditions[0])}</p>", _html_table(conditions[2], rows)]
+        body += [f"<p>{html.escape(line.strip())}</p>" for line in conditions[4:] if line.startswith("\n")]
+    else:
+        body.append(f"<p>{html.escape(conditions[0])}</p>")
     body += ["<h2>What else happened</h2>", "<ul>"]
     body += [
         f"<li><pre>{html.escape(line.lstrip('- '))}</pre></li>"
@@ -469,6 +523,12 @@ def junit(analysis: Analysis) -> str:
         ("after", kernel_label(config, "patched")),
     ):
         ET.SubElement(properties, "property", name=name, value=str(value))
+    found = analysis.conditions
+    if found is not None and found.recorded:
+        ET.SubElement(properties, "property", name="conditions.differ", value=found.verdict_note())
+        for side in matrix.SIDES:
+            for name, value in sorted(found.sides[side].items()):
+                ET.SubElement(properties, "property", name=f"conditions.{side}.{name}", value=value)
     failed_cells = {(r["test"], r["slots"]): r for r in analysis.problems.get("fail", [])}
     for cell in analysis.cells:
         case = ET.SubElement(
@@ -528,6 +588,31 @@ def ktap(analysis: Analysis) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_report(analysis: Analysis) -> str:
+    """The verdict, every cell and the conditions, for a CI step that reads JSON."""
+    def cell_json(cell: Cell) -> dict:
+        comparison = cell.comparison
+        figures = {} if comparison is None else {
+            "base_median_ns": comparison.base_median, "patched_median_ns": comparison.patched_median,
+            "change": comparison.change, "ci": [comparison.ci_low, comparison.ci_high],
+            "p": comparison.p_value}
+        return {"test": cell.test, "slots": cell.slots, "verdict": _cell_verdict(cell), "note": cell.note,
+                "runs": [len(cell.base), len(cell.patched)], **figures}
+
+    found = analysis.conditions
+    document = {
+        "verdict": verdict_line(analysis),
+        "exit_code": analysis.exit_code,
+        "before": kernel_label(analysis.config, "base"),
+        "after": kernel_label(analysis.config, "patched"),
+        "measured_by": measured_by(analysis.config),
+        "cells": [cell_json(cell) for cell in analysis.cells],
+        "failures": analysis.failures,
+        "conditions": found.to_json() if found is not None else None,
+    }
+    return json.dumps(document, indent=2, default=float) + "\n"
+
+
 # -- formatting -----------------------------------------------------------------------------
 def _seconds(ns: float) -> str:
     """Seconds with three significant digits, the style of the series' cover letter (0.0724s, 0.0000792s)."""
@@ -546,7 +631,9 @@ def kernel_label(config: dict, side: str) -> str:
 
     In a kvm-modules A/B both sides boot the same release, so only the spec (and the
     patch) tells which side is which."""
-    details = "; ".join([config[side]["release"], *_patch_details(config[side])])
+    arguments = matrix.kernel_arguments(config, side)
+    details = "; ".join([config[side]["release"], *_patch_details(config[side]),
+                         *([f"kernel arguments: {arguments}"] if arguments else [])])
     return f"{spec_names(config)[side]} ({details})"
 
 

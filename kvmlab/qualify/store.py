@@ -13,7 +13,8 @@ this cell: n/a, with the reason; covers every run of that kernel in the cell),
 run: outcome and console excerpt; the run is tried again in a fresh boot), ``splat`` (a
 kernel report on the console of a guest that went on), ``invariant`` (a memslot
 invariant violation or checks that could not run), ``checks`` (a guest's invariant-check
-summary when it shut down).
+summary when it shut down), ``conditions`` (what a guest's KVM ran with, once per boot:
+``qualify.conditions``).
 
 Reading validates every record, so a damaged or foreign line is named instead of
 crashing the analysis, and refuses a second ``run`` or ``fail`` for one run: only two
@@ -38,7 +39,7 @@ SIDES = ("base", "patched")
 
 #: Record kinds (above); ``checks`` is a guest's invariant-check summary when it shut down.
 RUN, SKIP, FAIL, CRASH = "run", "skip", "fail", "crash"
-SPLAT, INVARIANT, CHECKS = "splat", "invariant", "checks"
+SPLAT, INVARIANT, CHECKS, CONDITIONS = "splat", "invariant", "checks", "conditions"
 
 
 class Cell(NamedTuple):
@@ -97,6 +98,8 @@ _TYPES = {
     "an integer or null": lambda value: value is None or _is_int(value),
     "a list of test names": lambda value: isinstance(value, list) and bool(value)
     and all(isinstance(v, str) for v in value),
+    "an object of strings": lambda value: isinstance(value, dict)
+    and all(isinstance(v, str) for v in value.values()),
     "a list of slot counts": lambda value: isinstance(value, list) and bool(value)
     and all(_is_int(v) and v >= 2 for v in value),
 }
@@ -114,6 +117,7 @@ _KIND_FIELDS = {
     INVARIANT: {"summary": "a string"},
     CHECKS: {"checks": "an integer of at least 0", "max_slots": "an integer of at least 0",
              "violations": "an integer of at least 0"},
+    CONDITIONS: {"conditions": "an object of strings", "boot": "a string"},
 }
 _CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot counts",
                   "runs": "an integer of at least 2", "seconds": "a positive number",
