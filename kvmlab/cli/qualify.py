@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvmlab import kernels, stats
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify import matrix, merge, plan
+from kvmlab.qualify import matrix, merge, plan, reference
 from kvmlab.qualify.driver import CHECK_EVERY_S, Driver, default_jobs
 from kvmlab.qualify.store import Store
 from kvmlab.vm import accel, boot, clock, emulator
@@ -77,6 +77,11 @@ def add_parsers(sub) -> None:
             help=f"kernel command-line arguments for the {side} guests only, after --append (qualify a "
             "module parameter on one kernel: --patched-append kvm.tdp_mmu=0)",
         )
+    parser.add_argument(
+        "--reference", type=Path, metavar="FILE",
+        help="published figures to show beside the measured ones: a CSV of test,slots,before,after,source "
+        "(seconds), or the name of one kvmlab ships (scalable-memslots-v5: the series' cover letter)",
+    )
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None)
     parser.add_argument(
         "--jobs", type=int, metavar="N",
@@ -120,6 +125,8 @@ def qualify(args: argparse.Namespace) -> int:
         print(f"kvmlab qualify: judging with --threshold {args.threshold:g} (the qualification was started "
               f"with {config['threshold']:g}; {store.config_path} keeps that)", file=sys.stderr)
         config = {**config, "threshold": args.threshold}
+    if args.resume and args.reference is not None:
+        config = {**config, "reference": reference.read(args.reference)}
     kernels_by_side = {
         side: kernels.fetch(config[side]["exact"], debuginfo=config.get("check_invariants", False))
         for side in matrix.SIDES
@@ -180,6 +187,7 @@ def _new_config(args: argparse.Namespace) -> dict:
         raise KvmlabError("--cpus wants at least 1 vCPU")
     tests, slots = matrix.parse_tests(args.tests), matrix.parse_slots(args.slots)
     trace = _trace_spec(args.trace)
+    published = reference.read(args.reference) if args.reference is not None else None
     measured = _measurement(args)
     defaults = matrix.DEFAULTS[measured["clock"]]
     runs = defaults["runs"] if args.runs is None else args.runs
@@ -214,6 +222,7 @@ def _new_config(args: argparse.Namespace) -> dict:
         "check_invariants": args.check_invariants,
         "accel": args.accel,
         "append": args.append,
+        "reference": published,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return config
@@ -258,6 +267,7 @@ def _start_shard(args: argparse.Namespace) -> Store:
                                       ("--clock", args.clock), ("--cpus", args.cpus), ("--trace", args.trace),
                                       ("--append", args.append), ("--base-append", args.base_append),
                                       ("--patched-append", args.patched_append), ("--resume", args.resume),
+                                      ("--reference", args.reference),
                                       ("--check-invariants", args.check_invariants)) if value]
     if given:
         raise KvmlabError(f"--shard takes the whole qualification from its plan: drop {', '.join(given)}")
@@ -288,8 +298,9 @@ def _shard_done(store: Store, config: dict) -> int:
 def _merge(args: argparse.Namespace) -> int:
     if args.plan or args.shard or args.resume:
         raise KvmlabError("qualify merge takes only shard directories and -o OUT")
+    published = reference.read(args.reference) if args.reference is not None else None
     store = merge.merge([Path(d) for d in args.operands[1:]], args.out)
-    return _report(store, store.config)
+    return _report(store, {**store.config, "reference": published} if published else store.config)
 
 
 def _check_threshold(threshold: float) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
-from kvmlab.qualify import matrix
+from kvmlab.qualify import matrix, reference
 from kvmlab.qualify.analysis import SLOT_SETUP, Analysis, Cell, setup_tests
 
 #: The growth the scalable-memslots cover letter (Linux 5.17) claims, before (array) and after (trees).
@@ -153,10 +153,11 @@ def markdown(analysis: Analysis, traced: list | None = None) -> str:
         lines += [
             f"{_slot_title(slots)} slots in use:",
             "",
-            table_header(),
-            *[table_row(cell) for cell in analysis.cells if cell.slots == slots],
+            table_header(config),
+            *[table_row(cell, config) for cell in analysis.cells if cell.slots == slots],
             "",
         ]
+    lines += reference_summary(analysis)
     if traced:
         lines += trace_markdown(traced)
     lines += complexity_markdown(analysis)
@@ -197,19 +198,23 @@ def trace_markdown(traced: list) -> list[str]:
             trace_report.markdown(summary, comparison), ""]
 
 
-def table_header() -> str:
-    return (
-        "| Test | Before | After | Improvement | change, 95 % CI | p | runs |\n|---|---|---|---|---|---|---|"
-    )
+def table_header(config: dict | None = None) -> str:
+    """The series' columns, ours, and with a ``--reference`` the published figures' two."""
+    columns = ["Test", "Before", "After", "Improvement", "change, 95 % CI", "p", "runs"]
+    if config and config.get("reference"):
+        columns += ["published", "same direction"]
+    return f"| {' | '.join(columns)} |\n|{'---|' * len(columns)}"
 
 
-def table_row(cell: Cell) -> str:
+def table_row(cell: Cell, config: dict | None = None) -> str:
     name = cell.test[0].upper() + cell.test[1:]
     comparison = cell.comparison
+    published = _published_columns(cell, config) if config and config.get("reference") else ""
     if comparison is None:
         before = _seconds(np.median(cell.base)) if cell.base else "–"
         after = _seconds(np.median(cell.patched)) if cell.patched else "–"
-        return f"| {name} | {before} | {after} | {cell.note} | | | {len(cell.base)}/{len(cell.patched)} |"
+        runs = f"{len(cell.base)}/{len(cell.patched)}"
+        return f"| {name} | {before} | {after} | {cell.note} | | | {runs} |{published}"
     improvement = {
         stats.IMPROVED: f"{-comparison.change:.0%}",
         stats.REGRESSED: f"**{-comparison.change:.0%} (regressed)**",
@@ -217,8 +222,41 @@ def table_row(cell: Cell) -> str:
     return (
         f"| {name} | {_seconds(comparison.base_median)} | {_seconds(comparison.patched_median)} | "
         f"{improvement} | {comparison.change:+.1%} [{comparison.ci_low:+.1%}, {comparison.ci_high:+.1%}] | "
-        f"{comparison.p_value:.3f} | {comparison.runs[0]}/{comparison.runs[1]} |"
+        f"{comparison.p_value:.3f} | {comparison.runs[0]}/{comparison.runs[1]} |{published}"
     )
+
+
+def agreement(cell: Cell, config: dict) -> bool | None:
+    """Whether the measured change points where the published one does (None: nothing to compare)."""
+    row = reference.published(config, cell.test, cell.slots)
+    if row is None or cell.comparison is None:
+        return None
+    measured = {stats.IMPROVED: reference.IMPROVED, stats.REGRESSED: reference.REGRESSED}.get(
+        cell.comparison.verdict, reference.NONE)
+    return measured == reference.direction(reference.change(row), config["threshold"])
+
+
+def _published_columns(cell: Cell, config: dict) -> str:
+    row = reference.published(config, cell.test, cell.slots)
+    if row is None:
+        return " – | |"
+    agrees = agreement(cell, config)
+    words = "–" if agrees is None else "yes" if agrees else "**no**"
+    return f" {-reference.change(row):.0%} | {words} |"
+
+
+def reference_summary(analysis: Analysis) -> list[str]:
+    """One line: in how many cells the measured direction is the published one."""
+    config = analysis.config
+    if not config.get("reference"):
+        return []
+    verdicts = [agreement(cell, config) for cell in analysis.cells]
+    compared = [v for v in verdicts if v is not None]
+    sources = sorted({row["source"] for row in config["reference"]["rows"]})
+    return [f"Published figures ({config['reference']['file']}: {'; '.join(sources)}): the measured change "
+            f"goes the published way in {sum(compared)} of {len(compared)} cells compared "
+            f"(a change within the {config['threshold']:.0%} threshold counts as none; "
+            f"{len(verdicts) - len(compared)} cells without a published figure or a comparison).", ""]
 
 
 def complexity_markdown(analysis: Analysis) -> list[str]:
@@ -396,7 +434,8 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
     ]
     for slots in config["slots"]:
         rows = [c for c in analysis.cells if c.slots == slots]
-        body += [f"<h2>{_slot_title(slots)} slots in use</h2>", _cell_table(rows)]
+        body += [f"<h2>{_slot_title(slots)} slots in use</h2>", _cell_table(rows, config)]
+    body += [f"<p>{html.escape(line)}</p>" for line in reference_summary(analysis) if line]
     complexity = complexity_markdown(analysis)
     if analysis.fits:
         body += [
@@ -461,15 +500,15 @@ def _cell_verdict(cell: Cell) -> str:
     return FAILED if cell.note.startswith("test failed") else NOT_APPLICABLE
 
 
-def _cell_table(cells: list[Cell]) -> str:
+def _cell_table(cells: list[Cell], config: dict) -> str:
     """A slot count's cells as the Markdown has them, plus a Verdict column, each row shaded by it."""
-    header = table_header().splitlines()[0] + " Verdict |"
+    header = table_header(config).splitlines()[0] + " Verdict |"
     rows = []
     for cell in cells:
         verdict = _cell_verdict(cell)
         css = VERDICT_COLOURS[verdict][0]
         words = f"**{verdict}**" if verdict in (stats.REGRESSED, FAILED) else verdict
-        rows.append(_html_row(f"{table_row(cell)} {words} |", "td", css))
+        rows.append(_html_row(f"{table_row(cell, config)} {words} |", "td", css))
     return f"<table>{_html_row(header, 'th')}{''.join(rows)}</table>"
 
 
@@ -596,6 +635,10 @@ def json_report(analysis: Analysis) -> str:
             "base_median_ns": comparison.base_median, "patched_median_ns": comparison.patched_median,
             "change": comparison.change, "ci": [comparison.ci_low, comparison.ci_high],
             "p": comparison.p_value}
+        row = reference.published(analysis.config, cell.test, cell.slots)
+        if row is not None:
+            figures["published"] = {**row, "change": reference.change(row),
+                                    "same_direction": agreement(cell, analysis.config)}
         return {"test": cell.test, "slots": cell.slots, "verdict": _cell_verdict(cell), "note": cell.note,
                 "runs": [len(cell.base), len(cell.patched)], **figures}
 

@@ -100,6 +100,11 @@ _TYPES = {
     and all(isinstance(v, str) for v in value),
     "an object of strings": lambda value: isinstance(value, dict)
     and all(isinstance(v, str) for v in value.values()),
+    "published figures": lambda value: value is None or (
+        isinstance(value, dict) and isinstance(value.get("rows"), list)
+        and all(isinstance(row, dict) and isinstance(row.get("test"), str) and _is_int(row.get("slots"))
+                and _is_number(row.get("before")) and _is_number(row.get("after")) and row["before"] > 0
+                and isinstance(row.get("source"), str) for row in value["rows"])),
     "a list of slot counts": lambda value: isinstance(value, list) and bool(value)
     and all(_is_int(v) and v >= 2 for v in value),
 }
@@ -125,7 +130,8 @@ _CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot coun
 #: Fields an older kvmlab did not write; checked when there.
 _OPTIONAL_CONFIG_FIELDS = {"cpus": "an integer of at least 1", "clock": "icount or wall",
                            "emulator": "an object or null", "check_invariants": "true or false",
-                           "append": "a string", "trace": "an object or null", "accel": "a string or null"}
+                           "append": "a string", "trace": "an object or null", "accel": "a string or null",
+                           "reference": "published figures"}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
 
