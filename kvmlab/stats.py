@@ -117,32 +117,47 @@ COMPLEXITY = {
 }
 
 
+#: Candidates within this much AIC of the best have substantial support too (Burnham and
+#: Anderson's rule of thumb): the fit cannot tell them from the best.
+AIC_TIE = 2.0
+
+
 @dataclass(frozen=True)
 class ComplexityFit:
     best: str
     r_squared: float
-    """Of the best model (0 for the constant one, which explains no variance by design)."""
+    """Of the best model (0 for the constant one without a covariate: it explains no variance)."""
     aic: dict[str, float]
+    covariate: str | None = None
+    """What else the times were fitted against, besides the growth class (e.g. the slot size)."""
+
+    @property
+    def tied(self) -> list[str]:
+        """The other classes the data cannot tell from the best."""
+        least = self.aic[self.best]
+        return [name for name, value in self.aic.items() if name != self.best and value - least < AIC_TIE]
 
 
-def complexity_fit(slots, times) -> ComplexityFit:
-    """The growth class that best explains ``times`` against ``slots`` (at least 3 counts)."""
+def complexity_fit(slots, times, covariate=None, covariate_name: str | None = None) -> ComplexityFit:
+    """The growth class that best explains ``times`` against ``slots`` (at least 3 counts).
+
+    Each class is fitted as a + b·f(n), by least squares, and the best has the least AIC.
+    ``covariate`` (one value per time) is what else the work grows with as the test
+    varies n, such as the size of the slot a move test moves: every class then gets
+    a third term c·covariate, so that its share is not credited to f(n)."""
     n, t = np.asarray(slots, dtype=float), np.asarray(times, dtype=float)
-    if len(set(n)) < 3:
-        raise ValueError("a complexity fit needs at least three distinct slot counts")
+    if len(set(n)) < 3 + (covariate is not None):
+        raise ValueError("a complexity fit needs at least three distinct slot counts (four with a covariate)")
+    extra = [] if covariate is None else [np.asarray(covariate, dtype=float)]
     total = float(((t - t.mean()) ** 2).sum())
     aic, r_squared = {}, {}
     for name, feature in COMPLEXITY.items():
-        x = feature(n)
-        parameters = 1 if name == "constant" else 2
-        if parameters == 1:
-            residual = total
-        else:
-            design = np.column_stack([np.ones_like(x), x])
-            coefficients, *_ = np.linalg.lstsq(design, t, rcond=None)
-            residual = float(((t - design @ coefficients) ** 2).sum())
-        residual = max(residual, 1e-300)
-        aic[name] = len(t) * math.log(residual / len(t)) + 2 * parameters
+        columns = [np.ones_like(n)] + ([] if name == "constant" else [feature(n)]) + extra
+        design = np.column_stack(columns)
+        coefficients, *_ = np.linalg.lstsq(design, t, rcond=None)
+        residual = max(float(((t - design @ coefficients) ** 2).sum()), 1e-300)
+        aic[name] = len(t) * math.log(residual / len(t)) + 2 * len(columns)
         r_squared[name] = 1 - residual / total if total else 1.0
     best = min(aic, key=aic.get)
-    return ComplexityFit(best, 0.0 if best == "constant" else r_squared[best], aic)
+    explained = 0.0 if best == "constant" and covariate is None else r_squared[best]
+    return ComplexityFit(best, explained, aic, covariate_name)

@@ -166,8 +166,11 @@ def _fits(runs: pd.DataFrame, config: dict) -> list[Fit]:
             chosen = runs[(runs["side"] == side) & runs["test"].isin(tests)].dropna(subset=[column])
             if chosen["slots"].nunique() < 3:
                 continue
+            slots = chosen["slots"].to_numpy(dtype=float)
             times = chosen[column].to_numpy(dtype=float)
             if per_slot:
-                times = times / chosen["slots"].to_numpy(dtype=float)
-            fits.append(Fit(name, side, stats.complexity_fit(chosen["slots"].to_numpy(), times), per_slot))
+                times = times / slots
+            sized = name in matrix.SLOT_SIZED and chosen["slots"].nunique() >= 4
+            fit = stats.complexity_fit(slots, times, *((1 / slots, "slot size") if sized else ()))
+            fits.append(Fit(name, side, fit, per_slot))
     return fits

@@ -264,8 +264,9 @@ def complexity_markdown(analysis: Analysis) -> list[str]:
         return ["Complexity fit: needs at least three slot counts per kernel.", ""]
     lines = [
         "Complexity (time against slot count, fitted as a + b·f(n), best by AIC; R² of the best; "
-        "slot setup per slot). The scalable-memslots series (Linux 5.17) claims O(n) before and "
-        "O(log n) after:",
+        "slot setup per slot; a move's time also against its slot's size, which the test shrinks as 1/n; "
+        f"classes within {stats.AIC_TIE:g} of the best AIC are undecided). The scalable-memslots series "
+        "(Linux 5.17) claims O(n) before and O(log n) after:",
         "",
         "| Test | Before | After | agrees with the series |",
         "|---|---|---|---|",
@@ -273,15 +274,38 @@ def complexity_markdown(analysis: Analysis) -> list[str]:
     by_test: dict[str, dict] = {}
     for fit in analysis.fits:
         by_test.setdefault(fit.test, {})[fit.side] = fit
+    answers = []
     for test, sides in by_test.items():
-        cells = [
-            f"{sides[s].fit.best} (R² {sides[s].fit.r_squared:.2f})" if s in sides else "–"
-            for s in matrix.SIDES
-        ]
-        agree = all(sides[s].fit.best in SERIES_CLAIM[s] for s in sides) and len(sides) == 2
+        cells = [_fit_cell(sides[s].fit) if s in sides else "–" for s in matrix.SIDES]
+        answer = _agreement(sides) if len(sides) == 2 else "no"
+        answers.append(answer)
         name = f"{test} (per slot)" if test == SLOT_SETUP else test
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {'yes' if agree else 'no'} |")
+        if any(fit.fit.covariate for fit in sides.values()):
+            name += " (+ slot size)"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {answer} |")
+    lines += ["", f"The fits agree with the series on {answers.count('yes')} of {len(answers)} rows "
+              f"({answers.count(CANNOT_TELL)} where the fit cannot tell the classes apart)."]
     return lines + [""]
+
+
+CANNOT_TELL = "cannot tell"
+
+
+def _fit_cell(fit: stats.ComplexityFit) -> str:
+    if fit.tied:
+        return f"{' or '.join([fit.best, *fit.tied])}, undecided (R² {fit.r_squared:.2f})"
+    return f"{fit.best} (R² {fit.r_squared:.2f})"
+
+
+def _agreement(sides: dict) -> str:
+    """yes when every class the fit cannot rule out is one the series claims, on both sides;
+    no when none is, on either; otherwise the fit cannot tell."""
+    answers = set()
+    for side, fit in sides.items():
+        candidates = {fit.fit.best, *fit.fit.tied}
+        claimed = candidates & set(SERIES_CLAIM[side])
+        answers.add("yes" if claimed == candidates else "no" if not claimed else CANNOT_TELL)
+    return "no" if "no" in answers else CANNOT_TELL if CANNOT_TELL in answers else "yes"
 
 
 def problems_markdown(analysis: Analysis) -> list[str]:
@@ -441,7 +465,8 @@ def html_report(analysis: Analysis, plots: list[Path], traced: list | None) -> s
         body += [
             "<h2>Complexity</h2>",
             f"<p>{html.escape(complexity[0])}</p>",
-            _html_table("\n".join(complexity[2:4]), complexity[4:-1]),
+            _html_table("\n".join(complexity[2:4]), [row for row in complexity[4:] if row.startswith("| ")]),
+            *[f"<p>{html.escape(line)}</p>" for line in complexity[4:] if line.startswith("The fits")],
         ]
     conditions = conditions_markdown(analysis, every_row=True)
     body.append("<h2>Conditions</h2>")

@@ -257,3 +257,26 @@ def test_junit_holds_a_guest_reason_with_control_characters(tmp_path):
     suite = ET.fromstring(report.junit(analysis.analyse(KVM_MODULES_AB, records)).split("\n", 1)[1])
     messages = [e.get("message") for e in suite.iter("error")]
     assert messages == ["exit 1: \\x1b[31mTraceback\\x1b[0m\\x00 end"]
+
+
+def test_the_complexity_table_says_when_the_fit_cannot_tell_the_classes_apart():
+    def fit(best, tied=()):
+        aic = {name: 0.0 if name == best or name in tied else 10.0 for name in stats.COMPLEXITY}
+        return stats.ComplexityFit(best, 0.5, aic)
+
+    result = _analysis()
+    result.fits = [
+        analysis.Fit("unmap", "base", fit("n", ["n log n"]), False),  # both claimed: yes
+        analysis.Fit("unmap", "patched", fit("log n"), False),
+        analysis.Fit("move active area", "base", fit("n", ["constant"]), False),  # one claimed, one not
+        analysis.Fit("move active area", "patched", fit("constant"), False),
+        analysis.Fit(analysis.SLOT_SETUP, "base", fit("constant"), True),  # not the claim: no
+        analysis.Fit(analysis.SLOT_SETUP, "patched", fit("log n"), True),
+    ]
+    lines = report.complexity_markdown(result)
+    assert "| unmap | n or n log n, undecided (R² 0.50) | log n (R² 0.50) | yes |" in lines
+    assert ("| move active area | n or constant, undecided (R² 0.50) | constant (R² 0.50) | cannot tell |"
+            in lines)
+    assert "| slot setup (per slot) | constant (R² 0.50) | log n (R² 0.50) | no |" in lines
+    assert ("The fits agree with the series on 1 of 3 rows (1 where the fit cannot tell the classes apart)."
+            in lines)

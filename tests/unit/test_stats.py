@@ -54,6 +54,27 @@ def test_complexity_fit_finds_the_growth_class(truth, times):
     assert truth == "constant" or fit.r_squared > 0.99
 
 
+MATRIX = np.repeat([10, 30, 50, 100, 509], 3)
+
+
+def test_a_covariate_takes_its_share_before_a_class_is_called():
+    """A move whose time is a fixed lookup plus work in its slot's size (the test's area over n
+    slots): without the slot size as a covariate its 1/n decline is credited to a class."""
+    noisy = (100.0 + 5000.0 / MATRIX) * np.random.default_rng(5).normal(1, 0.002, len(MATRIX))
+    assert complexity_fit(MATRIX, noisy).best != "constant"
+    fit = complexity_fit(MATRIX, noisy, 1 / MATRIX, "slot size")
+    assert fit.best == "constant" and fit.covariate == "slot size" and fit.r_squared > 0.99
+
+
+def test_classes_the_data_cannot_tell_apart_are_named_as_tied():
+    flat = 100.0 * np.random.default_rng(7).normal(1, 0.05, len(MATRIX))
+    fit = complexity_fit(MATRIX, flat)
+    assert fit.tied and all(fit.aic[name] - fit.aic[fit.best] < 2 for name in fit.tied)
+    linear = (1.0 + 0.01 * MATRIX) * np.random.default_rng(7).normal(1, 0.001, len(MATRIX))
+    clear = complexity_fit(MATRIX, linear)
+    assert clear.best == "n" and clear.tied == []
+
+
 # -- the instruction clock's comparison: Welch's t on log times ----------------------------
 def test_welch_log_calls_a_large_tight_change_with_three_runs_where_the_rank_test_cannot():
     base, patched = [150.6, 152.4, 153.9], [311.0, 312.5, 314.2]  # +106 %, as measured by hand
