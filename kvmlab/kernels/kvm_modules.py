@@ -41,6 +41,12 @@ from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
 
 SCHEME = "kvm-modules"
 KVM_DIRS = ("virt/kvm", "arch/x86/kvm")
+#: KVM's own headers, which a patch may change too: the modules are then built against a
+#: private copy of the headers package with the patched files in it. Only the modules
+#: see the change, so it must leave alone what the rest of the kernel was compiled
+#: against: a constant or a structure only KVM uses (the memslot limit, struct
+#: kvm_memslots) is fine, a structure the core kernel shares with KVM is not.
+KVM_HEADERS = ("arch/x86/include/asm/kvm_host.h", "include/linux/kvm_host.h")
 MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
 MODULE_DIR = str(Path(KVM_MODULE).parent)
 
@@ -90,21 +96,28 @@ def _build(base: Kernel, patches: list[Path], tools: toolchain.Toolchain, entry:
         tree = scratch / "tree"
         for part in KVM_DIRS:
             shutil.copytree(source / part, tree / part)
+        for header in KVM_HEADERS:
+            (tree / header).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(_header_file(headers, header), tree / header)
         _apply(tree, patches)
+        changed = [h for h in KVM_HEADERS if (tree / h).read_bytes() != _header_file(headers, h).read_bytes()]
+        if changed:
+            headers = _patched_headers(headers, tree, changed, scratch / "headers")
         built = _compile(tree, headers, base, tools)
         _check_vermagic(built, base)
         _install(built, base, scratch)
         shutil.rmtree(tree)
+        shutil.rmtree(scratch / "headers", ignore_errors=True)
         record = {"base": base.pinned, "release": base.release, "compiler": tools.version,
                   "toolchain": tools.describe(),
-                  "patches": [_patch_record(p) for p in patches],
+                  "patches": [_patch_record(p) for p in patches], "patched_headers": changed,
                   "build_s": round(time.monotonic() - started, 1)}
         (scratch / "build.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _refuse_unbuildable(patches: list[Path]) -> None:
     """Refuse a patch git cannot read, or one that changes nothing or reaches outside KVM_DIRS."""
-    inside = tuple(part + "/" for part in KVM_DIRS)
+    inside = (*(part + "/" for part in KVM_DIRS), *KVM_HEADERS)
     with tempfile.TemporaryDirectory(prefix="kvmlab-patch-check-") as empty:
         for patch in patches:
             touched = patch_series.files_touched(Path(empty), patch)
@@ -113,8 +126,8 @@ def _refuse_unbuildable(patches: list[Path]) -> None:
             outside = [path for path in touched if not path.startswith(inside)]
             if outside:
                 raise KvmlabError(
-                    f"patch {patch.name} changes {outside[0]}, outside {' and '.join(KVM_DIRS)}: "
-                    "the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
+                    f"patch {patch.name} changes {outside[0]}, outside {', '.join(KVM_DIRS)} and KVM's "
+                    "headers: the KVM modules alone cannot carry it; build a whole kernel (local: spec)")
 
 
 def _apply(tree: Path, patches: list[Path]) -> None:
@@ -142,6 +155,33 @@ def _compile(tree: Path, headers: Path, base: Kernel, tools: toolchain.Toolchain
         raise KvmlabError(f"building the KVM modules of {base.release} failed: "
                           f"{compile_error((done.stdout + done.stderr).splitlines())}")
     return kvm
+
+
+def _header_file(headers: Path, header: str) -> Path:
+    """Where Debian's headers packages keep one of KVM_HEADERS (the ``-common`` package's tree)."""
+    found = sorted(headers.parent.glob(f"*/{header}"))
+    if not found:
+        raise KvmlabError(f"the headers of {headers.name} hold no {header}")
+    return found[0]
+
+
+def _patched_headers(headers: Path, tree: Path, changed: list[str], copy: Path) -> Path:
+    """The headers package's tree again, hard-linked, with the patched KVM headers written
+    in as new files (the cached package is never changed). The whole ``usr`` is copied:
+    the packages link to each other's directories by relative symlinks."""
+    entry = headers.parents[2]  # <entry>/usr/src/linux-headers-<release>
+    copy.mkdir()
+    _run(["cp", "-al", str(entry / "usr"), str(copy / "usr")])
+    twin = copy / headers.relative_to(entry)
+    for header in changed:
+        target = twin.parent / _header_file(headers, header).relative_to(headers.parent)
+        target.unlink()
+        target.write_bytes((tree / header).read_bytes())
+    makefile = twin / "Makefile"  # points at the -common package by absolute path (_headers)
+    text = makefile.read_text().replace(f"{entry}/usr/src/", f"{copy}/usr/src/")
+    makefile.unlink()
+    makefile.write_text(text)
+    return twin
 
 
 def _check_vermagic(built: Path, base: Kernel) -> None:
