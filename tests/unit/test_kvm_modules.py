@@ -27,7 +27,8 @@ def test_a_patch_outside_the_kvm_directories_is_refused_by_name():
 @pytest.mark.parametrize("name, content, complaint", [
     ("garbage.patch", b"this is not a patch\n", "is not a patch git can read"),
     ("module.patch", bytes(range(256)) * 64, "is not a patch git can read"),
-    ("outside.patch", (DATA / "kvm-outside.patch").read_bytes(), "outside virt/kvm, arch/x86/kvm and KVM's headers"),
+    ("outside.patch", (DATA / "kvm-outside.patch").read_bytes(),
+     "outside virt/kvm, arch/x86/kvm and KVM's headers"),
 ])
 def test_an_unbuildable_patch_is_refused_before_any_download(tmp_path, name, content, complaint):
     """An empty cache stays empty: the patch is read before the Debian packages are fetched."""
@@ -71,3 +72,13 @@ def test_a_failing_install_step_is_one_line_naming_the_command(tmp_path):
     assert "\n" not in message
     assert message.startswith("strip --strip-debug ") and "kvm.ko failed (exit 1): " in message
     assert "file format not recognized" in message
+
+
+def test_the_32k_patch_changes_5_10s_memslot_limit_and_nothing_else():
+    """The 32k table's base must be 5.10's array code as Debian ships it, with only its
+    user memslot limit raised."""
+    text = (REPO / "patches" / "kvm-5.10-memslots-32764.patch").read_text()
+    changed = [line for line in text.split("\n---\n", 1)[1].splitlines()
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed == ["-#define KVM_USER_MEM_SLOTS 509", "+#define KVM_USER_MEM_SLOTS 32764"]
+    assert text.count("diff --git") == 1 and "a/arch/x86/include/asm/kvm_host.h" in text

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import REPO, kvmlab, kvmlab_retrying
 
-from kvmlab import kernels, stats
+from kvmlab import cache, kernels, stats
 from kvmlab.inspect import attach
 from kvmlab.qualify import analysis
 from kvmlab.qualify.store import Store
@@ -108,6 +108,26 @@ def test_bullseye_modules_are_built_by_gcc_10_in_a_bullseye_root_and_say_hello(n
     done = kvmlab("run", hello, "--", "sh", "-c", "dmesg | grep kvmlab:")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kvm.ko rebuilt with tests/data/kvm-hello-5.10.patch" in done.stdout
+
+
+@pytest.mark.vm
+def test_the_32k_patch_lifts_5_10s_memslot_limit_through_its_header(no_leaked_qemu):
+    """patches/kvm-5.10-memslots-32764.patch changes only KVM_USER_MEM_SLOTS in
+    arch/x86/include/asm/kvm_host.h: the modules are built against a copy of the headers
+    with it, the cached headers stay as Debian ships them, and 5.10's array then takes
+    more than its 509 slots (make qualify-32k's base)."""
+    spec = f"{BULLSEYE}+{REPO / 'patches' / 'kvm-5.10-memslots-32764.patch'}"
+    kernel = kernels.fetch(spec)
+    build = json.loads((kernel.store / "build.json").read_text())
+    assert build["patched_headers"] == ["arch/x86/include/asm/kvm_host.h"], build
+    shipped = list((cache.area("kernel-headers")).glob(
+        f"linux-headers-{kernel.release}_*/usr/src/*-common/arch/x86/include/asm/kvm_host.h"))
+    assert shipped and "#define KVM_USER_MEM_SLOTS 509\n" in shipped[0].read_text()
+    assert not (kernel.store / "headers").exists()
+    done = kvmlab("run", spec, "--", "sh", "-c", "python3 -m kselftest_py.smoke && python3 -m "
+                  "kselftest_py.memslot_perf -s 1000 -f 3 -e 3 -l 0.2 -r 1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "# nr_memslots: 32764" in done.stdout and "ok 1 move active area" in done.stdout
 
 
 @pytest.mark.vm
