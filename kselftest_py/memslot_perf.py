@@ -42,7 +42,7 @@ from kselftest_py.memslot_guests import (
     unmap_guest,
 )
 from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
-from kselftest_py.memslot_vm import GuestFailure, TestVm, run_unmap_plan
+from kselftest_py.memslot_vm import GuestFailure, SetupOverBudget, TestVm, run_unmap_plan
 from kselftest_py.trace_marker import mark
 from kselftest_py.watchdog import Watchdog
 
@@ -228,7 +228,8 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
     )
     labels = {"test": test.name, "slots": nslots, "run": run}
     mark("begin", "setup", **labels)
-    vm = TestVm(kvm, test.guest(params), test.pages(sizes), nslots - 1, options.sync_timeout)
+    vm = TestVm(kvm, test.guest(params), test.pages(sizes), nslots - 1, options.sync_timeout,
+                options.setup_budget)
     mark("end", "setup", **labels)
     try:
         state = test.prepare(vm, sizes)
@@ -274,6 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mem-size-mib", type=float, help="test memory for move and RW (512)")
     parser.add_argument("--map-size-mib", type=float, help="map test area (32)")
     parser.add_argument("--unmap-size-mib", type=float, help="unmap test area (128)")
+    parser.add_argument("--setup-budget", type=float, metavar="SECONDS",
+                        help="give up (skip, with the rate reached) a run whose slot setup takes longer")
     parser.add_argument("--inject-wrong-value", action="store_true",
                         help="make the guest write a wrong value (proves that -d catches it)")
     parser.add_argument("--device", default=KVM_DEVICE, help=argparse.SUPPRESS)
@@ -284,6 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"-f/-e: need 0 <= first <= last < {len(TESTS)}")
     if options.runs <= 0 or options.seconds < 0:
         parser.error("-r has to be positive and -l non-negative")
+    if options.setup_budget is not None and not options.setup_budget > 0:
+        parser.error("--setup-budget wants a positive number of seconds")
     sizes = Sizes()
     for option, field in (("mem_size_mib", "mem_size"), ("map_size_mib", "map_size"),
                           ("unmap_size_mib", "unmap_size")):
@@ -333,11 +338,12 @@ def _run_test(kvm, test: Test, nslots: int, options, ktap: KtapWriter, record: d
     best: RunResult | None = None
     for run in range(options.runs):
         try:
-            limit = options.seconds + 4 * options.sync_timeout
+            limit = options.seconds + 4 * options.sync_timeout + (options.setup_budget or 0)
             with Watchdog(limit, f"{test.name} run {run}"):
                 result = run_once(kvm, test, nslots, options, run)
-        except TooManySlots as err:
-            reason = str(err) if err.maximum else "Memslot count may be too high for this test"
+        except (TooManySlots, SetupOverBudget) as err:
+            too_many = isinstance(err, TooManySlots) and not err.maximum
+            reason = "Memslot count may be too high for this test" if too_many else str(err)
             ktap.skip(test.name, reason)
             record["tests"].append({"test": test.name, "result": "skip", "reason": reason})
             return best_setup

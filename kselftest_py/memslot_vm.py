@@ -27,17 +27,34 @@ class GuestFailure(Exception):
     """The guest or the vCPU did something the test does not allow."""
 
 
+class SetupOverBudget(Exception):
+    """Slot setup ran past its budget: how far it got, and how fast it went at the end."""
+
+    def __init__(self, done: int, total: int, elapsed_ns: int, recent_rate: float, budget_s: float):
+        self.done, self.total, self.elapsed_ns, self.recent_rate = done, total, elapsed_ns, recent_rate
+        left_s = (total - done) / recent_rate if recent_rate else float("inf")
+        super().__init__(
+            f"slot setup stopped at its budget of {budget_s:g} s: {done} of {total} slots in "
+            f"{elapsed_ns / 1e9:.1f} s, the last ones at {recent_rate:.1f} slots/s; at that rate the "
+            f"rest would take at least {left_s:.0f} s more")
+
+
 class TestVm:
     """A VM with ``nslots`` test slots over ``npages`` pages at MEM_GPA."""
 
-    def __init__(self, kvm: KvmSystem, code: bytes, npages: int, nslots: int, sync_timeout_s: float):
+    def __init__(self, kvm: KvmSystem, code: bytes, npages: int, nslots: int, sync_timeout_s: float,
+                 setup_budget_s: float | None = None):
         self.layout = SlotLayout(MEM_GPA, npages, nslots)  # raises TooManySlots first
         self.sync_timeout_s = sync_timeout_s
         self.vm = kvm.create_vm()
         install_system(self.vm, code)
         self.vcpu = start_vcpu(self.vm)
         self.slots: list[GuestMemory] = []
-        self.slot_setup_ns = self._add_slots()
+        try:
+            self.slot_setup_ns = self._add_slots(setup_budget_s)
+        except SetupOverBudget:
+            self.vm.close()
+            raise
         for memory in self.slots:  # untimed, as upstream's memset after its slot setup
             memory.zero()
         self.sync = self.slots[0].buffer
@@ -46,13 +63,23 @@ class TestVm:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
 
-    def _add_slots(self) -> int:
-        """Add every test slot, returning the time it took in ns (upstream's slot setup)."""
-        started = time.monotonic_ns()
+    def _add_slots(self, budget_s: float | None) -> int:
+        """Add every test slot, returning the time it took in ns (upstream's slot setup).
+
+        With a budget, slot setup that would take too long (the memslot array at tens of
+        thousands of slots under an emulator) stops once past it, with its rate."""
+        started = last_check = time.monotonic_ns()
+        checked_at = 0
         for index in range(self.layout.nslots):
             size = self.layout.slot_pages(index) * PAGE_SIZE
             gpa = self.layout.slot_gpa(index)
             self.slots.append(self.vm.add_memslot(self.layout.slot_id(index), gpa, size))
+            if budget_s is not None and (index + 1) % 256 == 0:
+                now = time.monotonic_ns()
+                if now - started > budget_s * 1e9:
+                    rate = (index + 1 - checked_at) / ((now - last_check) / 1e9)
+                    raise SetupOverBudget(index + 1, self.layout.nslots, now - started, rate, budget_s)
+                last_check, checked_at = now, index + 1
         elapsed = time.monotonic_ns() - started
         self.layout.set_hvas([memory.hva for memory in self.slots])
         return elapsed

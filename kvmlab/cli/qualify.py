@@ -42,6 +42,11 @@ def add_parsers(sub) -> None:
     )
     parser.add_argument("--seconds", type=float, help="seconds per run (1: enough iterations under TCG)")
     parser.add_argument(
+        "--setup-budget", type=float, metavar="SECONDS",
+        help="give up a run whose slot setup takes longer (guest time): that kernel's cell is n/a, with "
+        "the setup rate it reached (the memslot array at 32k slots under TCG)",
+    )
+    parser.add_argument(
         "--threshold",
         type=float,
         help="smallest change that counts, as a fraction "
@@ -181,6 +186,8 @@ def _new_config(args: argparse.Namespace) -> dict:
         raise KvmlabError("--runs: a cell needs at least 2 runs per kernel")
     if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
         raise KvmlabError("--seconds wants a positive time")
+    if args.setup_budget is not None and not (math.isfinite(args.setup_budget) and args.setup_budget > 0):
+        raise KvmlabError("--setup-budget wants a positive time")
     if args.threshold is not None:
         _check_threshold(args.threshold)
     if args.cpus is not None and args.cpus < 1:
@@ -215,6 +222,7 @@ def _new_config(args: argparse.Namespace) -> dict:
         "slots": slots,
         "runs": runs,
         "seconds": seconds,
+        **({"setup_budget": args.setup_budget} if args.setup_budget is not None else {}),
         "threshold": threshold,
         "cpus": cpus,
         **measured,
@@ -264,6 +272,7 @@ def _start_shard(args: argparse.Namespace) -> Store:
     given = [name for name, value in (("--base", args.base), ("--patched", args.patched),
                                       ("--tests", args.tests), ("--slots", args.slots),
                                       ("--runs", args.runs), ("--seconds", args.seconds),
+                                      ("--setup-budget", args.setup_budget),
                                       ("--clock", args.clock), ("--cpus", args.cpus), ("--trace", args.trace),
                                       ("--append", args.append), ("--base-append", args.base_append),
                                       ("--patched-append", args.patched_append), ("--resume", args.resume),
@@ -327,6 +336,7 @@ def _resume(args: argparse.Namespace) -> Store:
         "slots": args.slots and matrix.parse_slots(args.slots) != config["slots"],
         "runs": args.runs is not None and args.runs != config["runs"],
         "seconds": args.seconds is not None and args.seconds != config["seconds"],
+        "setup-budget": args.setup_budget is not None and args.setup_budget != config.get("setup_budget"),
         "clock": args.clock not in (None, "auto") and args.clock != config.get("clock"),
         "cpus": args.cpus is not None and args.cpus != config.get("cpus"),
         "trace": args.trace and _trace_spec(args.trace) != config.get("trace"),

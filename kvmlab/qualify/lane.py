@@ -134,6 +134,8 @@ class Lane:
         number = matrix.test_number(item.test)
         argv = ["python3", "-m", "kselftest_py.memslot_perf", "-s", str(item.slots), "-f", str(number),
                 "-e", str(number), "-r", "1", "-l", str(self.config["seconds"]), "--json", RESULT_JSON]
+        if self.config.get("setup_budget"):
+            argv += ["--setup-budget", str(self.config["setup_budget"])]
         files = (RESULT_JSON,)
         if self.config.get("trace"):
             argv = boot.traced(argv, out=TRACE_OUT)
@@ -143,7 +145,7 @@ class Lane:
     def _timeout(self) -> float:
         # Slot setup at tens of thousands of slots takes minutes under TCG; the
         # heartbeat catches a frozen guest long before this.
-        return 900.0 + 4 * float(self.config["seconds"])
+        return 900.0 + 4 * float(self.config["seconds"]) + float(self.config.get("setup_budget") or 0)
 
     # -- guests -----------------------------------------------------------------------
     def _session(self, side: str) -> GuestSession:

@@ -131,7 +131,7 @@ _CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot coun
 _OPTIONAL_CONFIG_FIELDS = {"cpus": "an integer of at least 1", "clock": "icount or wall",
                            "emulator": "an object or null", "check_invariants": "true or false",
                            "append": "a string", "trace": "an object or null", "accel": "a string or null",
-                           "reference": "published figures"}
+                           "reference": "published figures", "setup_budget": "a positive number"}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
 

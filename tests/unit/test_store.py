@@ -168,7 +168,7 @@ def test_resume_refuses_a_damaged_record_before_anything_boots(tmp_path):
 
 @pytest.mark.parametrize("option", [
     ["--trace", "memslot-lookup"], ["--check-invariants"], ["--append", "kvm.tdp_mmu=0"], ["--accel", "kvm"],
-    ["--base-append", "kvm.tdp_mmu=0"], ["--patched-append", "kvm.tdp_mmu=0"]])
+    ["--base-append", "kvm.tdp_mmu=0"], ["--patched-append", "kvm.tdp_mmu=0"], ["--setup-budget", "60"]])
 def test_resume_refuses_options_that_change_what_is_measured(tmp_path, option):
     store = _store_with(tmp_path, json.dumps(RUN))
     before = store.runs_path.read_bytes()
