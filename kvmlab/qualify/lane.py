@@ -144,8 +144,10 @@ class Lane:
 
     def _timeout(self) -> float:
         # Slot setup at tens of thousands of slots takes minutes under TCG; the
-        # heartbeat catches a frozen guest long before this.
-        return 900.0 + 4 * float(self.config["seconds"]) + float(self.config.get("setup_budget") or 0)
+        # heartbeat catches a frozen guest long before this. The setup budget is guest
+        # time, which under icount on a busy 2-core host ran 6x slower than the wall
+        # (5.10's 32764 slots: 59 s of guest time, 384 s on the wall).
+        return 900.0 + 4 * float(self.config["seconds"]) + 8 * float(self.config.get("setup_budget") or 0)
 
     # -- guests -----------------------------------------------------------------------
     def _session(self, side: str) -> GuestSession:
