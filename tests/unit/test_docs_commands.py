@@ -76,6 +76,7 @@ PLACEHOLDERS = {
     "SPEC": "debian:bookworm", "KERNEL": "debian:bookworm", "TREE": "~/linux",
     "PATCH": "fix.patch", "DIR": "out", "OUT": "out", "RUN": "20261125-141438-e27407",
     "N": "2", "K": "1", "SET": "memslot-lookup", "PLAN": "plan.json",
+    "FILE": "kvmlab/qualify/references/scalable-memslots-v5.csv",
 }
 
 
