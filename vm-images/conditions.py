@@ -10,7 +10,8 @@ to each other. Prints one JSON object of flat ``name: value`` strings:
 - ``cmdline``: ``/proc/cmdline``;
 - ``cpu.model`` and ``cpu.virt_flags``: the L1 CPU's model name and which of its flags
   are about virtualisation (SVM's or VMX's features, as /proc/cpuinfo lists them);
-- ``l1.vcpus`` and ``l1.memory_mib``: what the guest has.
+- ``l1.vcpus`` and ``l1.memory_mib``: what the guest was given (RAM as the firmware's
+  memory map has it).
 
 Kernel configuration is the host's to read (it has every kernel's config file); guests
 of Debian kernels have no /proc/config.gz. Standard library only: this runs in the guest.
@@ -62,7 +63,24 @@ def cpu(cpuinfo_text):
     return {"cpu.model": model, "cpu.virt_flags": " ".join(sorted(set(flags)))}
 
 
-def memory_mib(meminfo_text):
+def memory_mib(memmap="/sys/firmware/memmap", meminfo_text=""):
+    """The RAM the firmware handed the kernel (its e820 "System RAM" ranges), in MiB.
+
+    Not MemTotal: what the kernel reserves for itself differs between kernels, and two
+    sides given the same memory must read the same here. MemTotal only without a memmap."""
+    total = 0
+    try:
+        entries = os.listdir(memmap)
+    except OSError:
+        entries = []
+    for entry in entries:
+        base = os.path.join(memmap, entry)
+        if _read(os.path.join(base, "type")).strip() == "System RAM":
+            start, end = (int(_read(os.path.join(base, name)).strip() or "0", 16)
+                          for name in ("start", "end"))
+            total += end - start + 1
+    if total:
+        return str(round(total / 2**20))
     for line in meminfo_text.splitlines():
         if line.startswith("MemTotal:"):
             return str(int(line.split()[1]) // 1024)
@@ -82,7 +100,7 @@ def collect():
     found["cmdline"] = _read("/proc/cmdline").strip()
     found.update(cpu(_read("/proc/cpuinfo")))
     found["l1.vcpus"] = str(os.cpu_count() or 0)
-    found["l1.memory_mib"] = memory_mib(_read("/proc/meminfo"))
+    found["l1.memory_mib"] = memory_mib(meminfo_text=_read("/proc/meminfo"))
     return found
 
 

@@ -58,7 +58,13 @@ def test_the_guest_reads_every_kvm_module_parameter_it_can(tmp_path):
         (tmp_path / module / "parameters" / name).write_text(value)
     (tmp_path / "kvm" / "parameters" / "write_only").mkdir()  # unreadable as a file: left out
     assert guest.module_parameters(str(tmp_path)) == {"kvm.tdp_mmu": "Y", "kvm_amd.npt": "1"}
-    assert guest.memory_mib("MemTotal:        4030000 kB\nMemFree: 1 kB\n") == "3935"
+    assert guest.memory_mib(str(tmp_path / "none"), "MemTotal:        4030000 kB\nMemFree: 1 kB\n") == "3935"
+    for number, (start, end, kind) in enumerate([(0, 0x9fbff, "System RAM"), (0x9fc00, 0x9ffff, "Reserved"),
+                                                 (0x100000, 0xbffdffff, "System RAM")]):
+        (tmp_path / "memmap" / str(number)).mkdir(parents=True)
+        for name, value in (("start", hex(start)), ("end", hex(end)), ("type", kind)):
+            (tmp_path / "memmap" / str(number) / name).write_text(value + "\n")
+    assert guest.memory_mib(str(tmp_path / "memmap"), "MemTotal: 1 kB\n") == "3071"  # 3 GiB less the holes
 
 
 # -- on the host -------------------------------------------------------------------------
