@@ -126,14 +126,14 @@ def test_the_32k_patch_lifts_5_10s_memslot_limit_through_its_header(no_leaked_qe
     assert shipped and "#define KVM_USER_MEM_SLOTS 509\n" in shipped[0].read_text()
     assert not (kernel.store / "headers").exists()
     done = kvmlab("run", spec, "--", "sh", "-c", "python3 -m kselftest_py.smoke && python3 -m "
-                  "kselftest_py.memslot_perf -s 1000 -f 3 -e 3 -l 0.2 -r 1 && python3 -m "
                   "kselftest_py.memslot_perf -s 32764 -f 4 -e 4 -l 0.2 -r 1 --setup-budget 5")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "# nr_memslots: 32764" in done.stdout and "ok 1 move active area\n" in done.stdout
-    # the array's slot setup at 32k slots does not finish under TCG: a budget ends it, with its rate
+    assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-2000:]  # KSFT_SKIP: the budget
+    assert "# nr_memslots: 32764" in done.stdout and "# Totals: pass:5 " in done.stdout
+    # The array's slot setup at 32k slots takes a minute of guest time (59 s under icount):
+    # a budget of 5 s ends it, with how far it got (past 5.10's 509) and its rate.
     skipped = re.search(r"ok 1 move inactive area # SKIP slot setup stopped at its budget of 5 s: "
                         r"(\d+) of 32763 slots in [\d.]+ s, the last ones at ([\d.]+) slots/s", done.stdout)
-    assert skipped and 256 <= int(skipped.group(1)) < 32763, done.stdout[-2000:]
+    assert skipped and 509 < int(skipped.group(1)) < 32763, done.stdout[-2000:]
 
 
 @pytest.mark.vm

@@ -13,6 +13,10 @@ ALL_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactive
 STALLED = "stopped responding"
 
 
+def _stalled(done) -> bool:
+    return done.returncode == 124 and STALLED in done.stderr
+
+
 def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tuple[object, dict]:
     """Run memslot_perf in the lab; up to two retries if the guest kernel livelocked.
 
@@ -23,18 +27,28 @@ def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tupl
     done = kvmlab_retrying(
         "run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
         "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
-        retry_if=lambda done: done.returncode == 124 and STALLED in done.stderr, timeout=timeout + 120)
+        retry_if=_stalled, timeout=timeout + 120)
     path = tmp_path / "perf.json"
     return done, json.loads(path.read_text()) if path.exists() else {}
 
 
-@pytest.mark.parametrize("spec,slots", [
-    ("debian:bookworm", 10), ("debian:bookworm", 509), ("debian:bookworm", 32764),
-    ("debian:bullseye", 10), ("debian:bullseye", 509),
+@pytest.mark.parametrize("spec,counts", [
+    ("debian:bookworm", (10, 509)), ("debian:bookworm", (32764,)), ("debian:bullseye", (10, 509)),
 ])
-def test_every_test_runs_and_verifies(spec, slots, tmp_path):
-    done, report = memslot_perf(spec, tmp_path, "-s", str(slots), "-l", "1", "-d")
+def test_every_test_runs_and_verifies(spec, counts, tmp_path):
+    """Every test with -d at each slot count; the counts of one kernel share a boot."""
+    script = "; ".join(f"python3 -m kselftest_py.memslot_perf -s {slots} -l 1 -d "
+                       f"--json /results/perf-{slots}.json" for slots in counts)
+    done = kvmlab_retrying("run", spec, "--timeout", "1500", "--out", str(tmp_path), "--", "sh", "-c",
+                           script, retry_if=_stalled, timeout=1620)
+    for slots in counts:
+        report = json.loads((tmp_path / f"perf-{slots}.json").read_text())
+        assert report["exit_code"] == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        _every_test_ran(report, slots, done.stdout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def _every_test_ran(report: dict, slots: int, stdout: str) -> None:
     results = {t["test"]: t for t in report["tests"]}
     assert list(results) == ALL_TESTS
     ran = {r["test"]: r for r in report["runs"]}
@@ -43,7 +57,7 @@ def test_every_test_runs_and_verifies(spec, slots, tmp_path):
             # upstream's limit: one page per slot in the 32 MiB map area
             assert results[name]["result"] == "skip"
             assert "max is 8194" in results[name]["reason"]
-            assert f"ok {ALL_TESTS.index(name) + 1} map # SKIP" in done.stdout
+            assert f"ok {ALL_TESTS.index(name) + 1} map # SKIP" in stdout
             continue
         assert results[name]["result"] == "pass", results[name]
         assert ran[name]["iterations"] > 0
@@ -61,15 +75,20 @@ def test_slot_cap_above_kernel_limit_is_a_skip(tmp_path):
 
 
 def test_wrong_guest_value_fails_verification(tmp_path):
-    """A guest writing the wrong value passes without -d and fails with it: -d checks."""
-    args = ["-s", "10", "-l", "1", "-f", "1", "-e", "1", "--inject-wrong-value"]
-    unchecked, _ = memslot_perf("debian:bookworm", tmp_path, *args)
-    assert unchecked.returncode == 0, unchecked.stdout
-    checked, report = memslot_perf("debian:bookworm", tmp_path, *args, "-d")
-    assert checked.returncode == 1, checked.stdout
-    assert "not ok 1 unmap" in checked.stdout
-    assert "0x1122334455667777 vs 0x1122334455667788" in checked.stdout
-    assert report["tests"][0]["result"] == "fail"
+    """A guest writing the wrong value passes without -d and fails with it: -d checks.
+    Both in one boot; the job's exit code is the checked run's."""
+    args = "-s 10 -l 1 -f 1 -e 1 --inject-wrong-value"
+    script = (f"python3 -m kselftest_py.memslot_perf {args} --json /results/unchecked.json; "
+              f"python3 -m kselftest_py.memslot_perf {args} -d --json /results/checked.json")
+    done = kvmlab_retrying("run", "debian:bookworm", "--out", str(tmp_path), "--", "sh", "-c", script,
+                           retry_if=_stalled)
+    unchecked = json.loads((tmp_path / "unchecked.json").read_text())
+    checked = json.loads((tmp_path / "checked.json").read_text())
+    assert unchecked["exit_code"] == 0 and unchecked["tests"][0]["result"] == "pass", done.stdout
+    assert done.returncode == 1 and checked["exit_code"] == 1, done.stdout
+    assert "not ok 1 unmap" in done.stdout
+    assert "0x1122334455667777 vs 0x1122334455667788" in done.stdout
+    assert checked["tests"][0]["result"] == "fail"
 
 
 @pytest.mark.parametrize("spec", ["debian:bullseye", "debian:bookworm"])

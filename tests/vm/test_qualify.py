@@ -247,17 +247,17 @@ def test_a_module_parameter_qualified_on_one_kernel_is_named_as_a_confound(tmp_p
     verdict line."""
     out = tmp_path / "q"
     done = kvmlab("qualify", "--base", "debian:bookworm", "--patched", "debian:bookworm",
-                  "--patched-append", "kvm.tdp_mmu=0", "--tests", "move-active,move-inactive",
+                  "--patched-append", "kvm.tdp_mmu=0", "--tests", "move-active",
                   "--slots", "509", "--seconds", "0.5", "-o", str(out), timeout=1500)
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     store = Store(out)
     result = analysis.analyse(store.config, store.records())
     verdicts = {cell.test: cell.verdict for cell in result.cells}
-    assert verdicts["move active area"] == verdicts["move inactive area"] == stats.REGRESSED, done.stdout
+    assert verdicts["move active area"] == stats.REGRESSED, done.stdout
     assert "| kvm.tdp_mmu | Y | N | ≠ **setting** |" in done.stdout
     assert "| cmdline:kvm.tdp_mmu | – | 0 | ≠ |" in done.stdout
     verdict = done.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("Verdict: FAIL: 2 regressed")
+    assert verdict.startswith("Verdict: FAIL: ")
     assert "conditions differ: kvm.tdp_mmu Y vs N" in verdict
     assert "kernel arguments: kvm.tdp_mmu=0" in done.stdout
     document = json.loads((out / "report.json").read_text())

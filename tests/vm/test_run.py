@@ -100,9 +100,10 @@ def test_debuginfo_fetch():
     info = json.loads(done.stdout)
     sections = subprocess.run(["readelf", "-S", "-W", info["vmlinux"]], capture_output=True, text=True).stdout
     assert ".debug_info" in sections
-    listing = kvmlab("kernel", "list")
-    line = next(ln for ln in listing.stdout.splitlines() if ln.startswith(info["release"]))
-    assert " debuginfo " in line
+    listing = kvmlab("kernel", "list").stdout.splitlines()
+    line = next(ln for ln in listing if ln.startswith(info["release"]))
+    column = listing[0].index("DEBUGINFO")
+    assert line[column:].split()[0] == "yes" and "debian:bullseye" in line
 
 
 def _start_sleeping_run() -> tuple[subprocess.Popen, int]:
