@@ -169,15 +169,21 @@ class Lane:
                 self.sessions[side] = None
                 raise
             self.driver.say(f"{self._name(side)}: {kernel.release} up in {session.run_dir}")
-            self._record_conditions(side, session)
         elif session.paused:
             session.resume()
         return session
 
     def _record_conditions(self, side: str, session: GuestSession) -> None:
-        """What this boot's KVM runs with (``qualify.conditions``), before its first run.
-        A guest that cannot say is named and goes on: its runs stand without it."""
-        reply = session.request(conditions.GUEST_COMMAND, timeout_s=120)
+        """What this boot's KVM ran with (``qualify.conditions``), asked as the guest is
+        closed: its runs' boot history stays what it was before kvmlab asked (a run's
+        figures move a little with what its boot ran before). A guest that cannot say is
+        named, and its runs stand without it."""
+        try:
+            if session.paused:
+                session.resume()
+            reply = session.request(conditions.GUEST_COMMAND, timeout_s=120)
+        except GuestDown:
+            return  # close() finds it gone too
         try:
             if reply.code != 0:
                 raise ValueError(f"exit {reply.code}: {reply.stderr.strip()[-300:]}")
@@ -215,6 +221,8 @@ class Lane:
             return
         self.sessions[side] = None
         if close:
+            if not self.driver.stopping.is_set():
+                self._record_conditions(side, session)
             session.close()
         report = session.watch.report if session.watch else None
         if report is not None and report.checks:

@@ -234,7 +234,8 @@ def test_self_qualify_survives_a_dead_guest_and_a_killed_qualify(tmp_path, no_le
     where = f"{lost['side']} unmap chunked @{lost['slots']} run {lost['run'] + 1}"
     assert f"guest lost during {where}" in done.stdout
     # One kernel against itself: every boot said what it ran with, and nothing differs.
-    assert result.conditions.boots["base"] >= 6 and result.conditions.boots["patched"] >= 6
+    # (asked as each guest closes: not of the killed guest, nor of the one the killed qualify left)
+    assert result.conditions.boots["base"] >= 4 and result.conditions.boots["patched"] >= 4
     assert result.conditions.sides["base"]["kvm.tdp_mmu"] == "Y" and not result.conditions.differences
     assert "the two sides differ in none of them" in done.stdout and "≠" not in done.stdout
     assert "conditions differ" not in done.stdout
