@@ -109,16 +109,18 @@ def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
     assert {key: c.verdict for key, c in again.items()} == {key: c.verdict for key, c in cells.items()}
     # icount: two lanes in one process against one lane in each of two processes, and
     # every boot ran the same runs in both (a row per shard; matrix.units). No median may
-    # move by more than its cell's own runs spread (their range, at least 0.5 %): a shift
-    # with how the runs were grouped into boots (slot setup at 10 slots moved 2.2 % with
-    # 0.01 % spread, before the grouping was fixed) fails this; move active's spread of
-    # 2-3 % between runs does not.
+    # move by more than twice its cell's own runs spread (their range, at least 0.5 %):
+    # the medians of two sets of 3 boots differ by up to about one range by chance alone
+    # (move active at 10 slots, ranges of 0.9-2.1 %, moved 2.1 % and 2.7 % in two
+    # qualifications of the same code). A shift with how the runs were grouped into
+    # boots (slot setup at 10 slots moved 2.2 % with 0.01 % spread, before the grouping
+    # was fixed) fails this.
     for key, cell in cells.items():
         for side in ("base", "patched"):
             one, two = getattr(cell, side), getattr(again[key], side)
             moved = abs(statistics.median(two) / statistics.median(one) - 1)
             spread = max(_range(one), _range(two), 0.005)
-            assert moved <= spread, (key, side, one, two)
+            assert moved <= 2 * spread, (key, side, one, two)
     assert _table(tmp_path / "merged" / "report.md") == _table(out / "report.md")
 
 
