@@ -6,12 +6,13 @@ as on a new machine (the venv and system packages are kept); ``--warm`` keeps th
 cache. Prints the report, the wall time, the boots and runs behind it, and the verdict
 line.
 
-    python bench/qualify_cold.py [--target qualify|qualify-32k] [--warm]
+    python bench/qualify_cold.py [--target qualify|qualify-32k] [--warm] [--keep DIR]
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=["qualify", "qualify-32k"], default="qualify")
     parser.add_argument("--warm", action="store_true", help="keep the cache (kernels, QEMU, image)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="copy the qualification's directory here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmlab-cold-") as scratch:
         env = dict(os.environ) if args.warm else {**os.environ, "KVMLAB_CACHE": f"{scratch}/cache"}
@@ -35,6 +37,8 @@ def main() -> int:
         took = time.monotonic() - started
         records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()] \
             if (out / "runs.jsonl").exists() else []
+        if args.keep and out.is_dir():
+            shutil.copytree(out, args.keep)
     print(done.stdout)
     verdict = next((line for line in done.stdout.splitlines() if line.startswith("Verdict:")), "no verdict")
     boots = len({r["boot"] for r in records if r.get("boot")})
