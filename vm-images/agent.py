@@ -12,21 +12,29 @@ The host talks to it over the virtio-serial port ``protocol.PORT_CONTROL`` in JS
   "stderr": ..., "elapsed_s": ..., "files": {PATH: BASE64 or null}}``: the tails of the
   streams and the named files the command left behind (then deleted, so the next
   request starts clean). A command that outlives its timeout is killed: ``"code":
-  "timeout"``;
+  "timeout"``. Optional fields: ``env`` (added to the environment), ``put`` ({PATH:
+  BASE64}: files written first), ``unpack`` ({DIRECTORY: BASE64 tar}: unpacked first)
+  and ``stream`` (the command's output goes to the agent's own stdout and stderr, which
+  are the job's ports, as it comes, instead of into the answer): ``kvmlab run`` in a
+  restored guest is one such request;
 - ``{"quit": true}``, or the host going away (end of file), ends the agent, and with
   it the job: the guest powers off.
 """
 
 import base64
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 from kvmlab_guest import ports, protocol
 
 STREAM_TAIL = 64 * 1024
+#: Unpack as tar(1) would, where this Python knows how (3.11.4 and later, and backports).
+SAFE_EXTRACT = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
 
 
 def open_port(name: str) -> int:
@@ -54,22 +62,46 @@ def requests(port: int):
                 yield json.loads(line)
 
 
+def prepare(request: dict) -> None:
+    """Write the request's files and unpack its archives before its command runs."""
+    for path, data in request.get("put", {}).items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(base64.b64decode(data))
+    for directory, data in request.get("unpack", {}).items():
+        os.makedirs(directory, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(data))) as archive:
+            archive.extractall(directory, **SAFE_EXTRACT)
+
+
 def run(request: dict) -> dict:
     started = time.monotonic()
+    stream = bool(request.get("stream"))
     try:
+        prepare(request)
         done = subprocess.run(
             request["argv"],
-            capture_output=True,
+            capture_output=not stream,
             stdin=subprocess.DEVNULL,
             timeout=request.get("timeout_s"),
             cwd="/root",
+            env={**os.environ, **request.get("env", {})},
         )
         code, stdout, stderr = done.returncode, done.stdout, done.stderr
+        code = code if code >= 0 else 128 - code
     except subprocess.TimeoutExpired as expired:
         code, stdout, stderr = protocol.AGENT_TIMEOUT, expired.stdout or b"", expired.stderr or b""
     except OSError as err:
-        message = f"cannot run {request['argv'][0]}: {err}".encode()
+        message = f"kvmlab: cannot run {request['argv'][0]}: {err}\n".encode()
         code, stdout, stderr = protocol.EXIT_NOT_FOUND, b"", message
+        if not isinstance(err, FileNotFoundError):
+            code = protocol.EXIT_NOT_RUNNABLE
+        if stream:
+            sys.stderr.buffer.write(message)
+            sys.stderr.flush()
+    except (ValueError, tarfile.TarError) as err:  # a request the host got wrong
+        code, stdout, stderr = protocol.EXIT_NOT_RUNNABLE, b"", f"kvmlab: bad request: {err}\n".encode()
+    stdout, stderr = stdout or b"", stderr or b""
     return {
         "id": request.get("id"),
         "code": code,

@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 from kvmlab.errors import KvmlabError
-from kvmlab.vm import gc
+from kvmlab.vm import gc, template
 
 SECONDS_PER_DAY = 86400.0
 UNITS = ("KiB", "MiB", "GiB", "TiB")
@@ -20,7 +20,7 @@ def _keep_count(text: str) -> int:
     raise KvmlabError(f"--keep wants a whole number of run directories (0 or more), got {text!r}")
 
 
-def _older_than_s(text: str | None) -> float | None:
+def _older_than_s(text: str | None, option: str = "--older-than") -> float | None:
     if text is None:
         return None
     try:
@@ -28,7 +28,7 @@ def _older_than_s(text: str | None) -> float | None:
     except ValueError:
         days = math.nan
     if not math.isfinite(days) or days < 0:
-        raise KvmlabError(f"--older-than wants a number of days (0 or more), got {text!r}")
+        raise KvmlabError(f"{option} wants a number of days (0 or more), got {text!r}")
     return days * SECONDS_PER_DAY
 
 
@@ -77,6 +77,7 @@ def _list_dry_run(plan: gc.Plan) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     keep, older_than_s = _keep_count(args.keep), _older_than_s(args.older_than)
+    _older_than_s(args.templates_older_than, "--templates-older-than")  # refused before anything goes
     plan = gc.plan(keep=keep, older_than_s=older_than_s)
     total = len(plan.kept) + len(plan.removable)
     kept = f"{len(plan.kept)}" + (f" ({_why(plan.reasons(), args.older_than)})" if plan.kept else "")
@@ -85,6 +86,7 @@ def _gc(args: argparse.Namespace) -> int:
         freeing = _list_dry_run(plan)
         print(f"kvmlab gc: would remove {len(plan.removable)} {where}, freeing {size(freeing)}; "
               f"would keep {kept}")
+        _gc_templates(args)
         return 0
     removal = gc.remove(plan.removable)
     for run, error in removal.failed:
@@ -92,7 +94,24 @@ def _gc(args: argparse.Namespace) -> int:
     failed = f"; {len(removal.failed)} could not be removed" if removal.failed else ""
     print(f"kvmlab gc: removed {len(removal.removed)} {where}, freed {size(removal.freed)}; "
           f"kept {kept}{failed}")
+    _gc_templates(args)
     return 1 if removal.failed else 0
+
+
+def _gc_templates(args: argparse.Namespace) -> None:
+    """Prune the saved guests (``kvmlab.vm.template``), and say what they hold."""
+    plan = gc.plan_templates(_older_than_s(args.templates_older_than, "--templates-older-than"))
+    doomed = [stored for stored, _ in plan.removable]
+    going = sum(stored.disk_bytes for stored in doomed)
+    staying = sum(stored.disk_bytes for stored in plan.kept)
+    verb = "would remove" if args.dry_run else "removed"
+    for stored, why in plan.removable:
+        print(f"{'would remove' if args.dry_run else 'removing'} template {stored.directory.name} "
+              f"({size(stored.disk_bytes)}): {why}")
+    if not args.dry_run:
+        gc.remove_templates(doomed)
+    print(f"kvmlab gc: {verb} {len(doomed)} of {len(doomed) + len(plan.kept)} templates in "
+          f"{template.area()}, freeing {size(going)}; kept {len(plan.kept)} ({size(staying)} on disk)")
 
 
 def add_parsers(sub) -> None:
@@ -100,12 +119,16 @@ def add_parsers(sub) -> None:
         "gc", help="remove old run directories from the cache (never a running VM's)",
         description="Removes run directories beyond the newest N from the cache's runs area. It keeps, "
         "whatever their age, a kept or running VM's, a boot in progress, the boots of a qualification in "
-        "progress, and any whose run.json is damaged.",
+        "progress, and any whose run.json is damaged. It also removes the saved guests (templates) "
+        "not restored for a while, and those whose kernel has changed.",
     )
     parser.add_argument("--keep", default=str(gc.DEFAULT_KEEP), metavar="N",
                         help=f"keep the newest N run directories ({gc.DEFAULT_KEEP}), besides those in use")
     parser.add_argument("--older-than", metavar="DAYS",
                         help="remove only run directories whose run.json changed more than DAYS days ago")
+    parser.add_argument("--templates-older-than", metavar="DAYS", default=f"{gc.TEMPLATE_IDLE_DAYS:g}",
+                        help="remove saved guests (templates) not restored for DAYS days "
+                        f"({gc.TEMPLATE_IDLE_DAYS:g}; 0: all); those whose kernel changed or went always go")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be removed and the space it would free; remove nothing")
     parser.set_defaults(func=_gc)

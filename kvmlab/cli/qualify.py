@@ -16,7 +16,7 @@ from kvmlab.errors import KvmlabError
 from kvmlab.qualify import matrix, merge, plan, reference
 from kvmlab.qualify.driver import CHECK_EVERY_S, Driver, default_jobs
 from kvmlab.qualify.store import Store
-from kvmlab.vm import accel, boot, clock, emulator
+from kvmlab.vm import accel, boot, clock, emulator, runs
 from traces.errors import TraceError
 
 
@@ -89,6 +89,11 @@ def add_parsers(sub) -> None:
     )
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=None)
     parser.add_argument(
+        "--fresh-boot", action="store_true",
+        help="boot every guest instead of restoring saved ones (templates: one boot per kernel, side "
+        "and round, each restored by every row, and kept for later qualifications)",
+    )
+    parser.add_argument(
         "--jobs", type=int, metavar="N",
         help="lanes (pairs of guests) running at once (icount: one per host core, as memory allows; "
         "wall: 1, since parallel runs disturb each other's timing)",
@@ -140,6 +145,7 @@ def qualify(args: argparse.Namespace) -> int:
         "accel": config.get("accel"),
         "clock": config["clock"],
         "cpus": config.get("cpus") or matrix.DEFAULTS[config["clock"]]["cpus"],
+        "labels": {runs.QUALIFY: runs.owner(store.directory)},
     }
     if config.get("trace"):
         options["files"] = boot.trace_files(config["trace"])
@@ -223,6 +229,7 @@ def _new_config(args: argparse.Namespace) -> dict:
         "runs": runs,
         "seconds": seconds,
         **({"setup_budget": args.setup_budget} if args.setup_budget is not None else {}),
+        **({"fresh_boot": True} if args.fresh_boot else {}),
         "threshold": threshold,
         "cpus": cpus,
         **measured,

@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         cpus=args.cpus, memory_mb=args.memory,
         accel=args.accel, clock=args.clock, keep=args.keep, out=args.out, env=env,
         append=args.append, recipe=args.recipe, added=added,
-        checker=checker, trace=trace,
+        checker=checker, trace=trace, fresh_boot=args.fresh_boot,
     )
     result = runner.run(kernel, options)
     if result.message:
@@ -145,8 +145,11 @@ def _run(args: argparse.Namespace) -> int:
     if options.trace:
         _trace_summary(options.out or result.run_dir / "results")
     times = f"userspace at {result.boot_s:.1f} s, " if result.boot_s is not None else ""
-    if result.ready_s is not None:
+    if result.ready_s is not None and result.boot_s is not None:
         times += f"job started at {result.ready_s:.1f} s, "
+    restored = runs.read(result.run_dir).get("template")
+    if restored:
+        times += f"restored from {restored}, "
     print(
         f"kvmlab: {result.outcome}, exit {result.exit_code} ({times}{result.total_s:.1f} s in all); "
         f"console log {result.run_dir / 'console.log'}",
@@ -185,7 +188,11 @@ def add_parsers(sub) -> None:
     run.add_argument("--clock", choices=["auto", "icount", "wall"], default=None,
                      help="guest clock: wall (default: host time) or icount (TCG only: emulated "
                           "instructions, reproducible timings)")
-    run.add_argument("--keep", action="store_true", help="leave the VM running after CMD")
+    run.add_argument("--keep", action="store_true",
+                     help="leave the VM running after CMD (boots the kernel: a kept guest is never restored)")
+    run.add_argument("--fresh-boot", action="store_true",
+                     help="boot the kernel instead of restoring its saved guest (a template, made by "
+                          "the first run of each kernel and settings)")
     run.add_argument("--out", type=Path, help="copy the guest's $KVMLAB_RESULTS here")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--append", default="", help="extra kernel command-line arguments")

@@ -19,7 +19,7 @@ from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.qualify import conditions, matrix
 from kvmlab.qualify.store import CONDITIONS
 from kvmlab.vm import boot
-from kvmlab.vm.session import GuestDown, GuestSession
+from kvmlab.vm.guest import Guest, GuestDown
 
 RESULT_JSON = "/tmp/kvmlab-qualify-run.json"
 TRACE_OUT = "/tmp/kvmlab-qualify-trace"
@@ -34,9 +34,12 @@ class Lane:
         """``driver``: the ``driver.Driver`` whose queue this lane works through."""
         self.driver, self.number = driver, number
         self.config = driver.config
-        self.sessions: dict[str, GuestSession | None] = dict.fromkeys(matrix.SIDES)
+        self.sessions: dict[str, Guest | None] = dict.fromkeys(matrix.SIDES)
         self.current: matrix.Item | None = None
         self._reported_watch: set[str] = set()
+        self._boot_next: set[str] = set()
+        """Sides whose next guest boots afresh: a run is retried in a fresh boot after its guest
+        went down (the template it was restored from may be what failed)."""
 
     def run(self, item: matrix.Item) -> None:
         """Run ``item`` (and again in a fresh boot if its guest goes down), recording how it went."""
@@ -72,6 +75,7 @@ class Lane:
                 return
             except GuestDown as down:
                 self._retire(item.side)
+                self._boot_next.add(item.side)
                 if self.driver.stopping.is_set():
                     return  # we killed it: the run was cut short, not crashed
                 tries = self.driver.count_crash(item)
@@ -92,7 +96,7 @@ class Lane:
                     return
 
     def _run_item(self, item: matrix.Item) -> None:
-        session = self._session(item.side)
+        session = self._session(item)
         argv, files = self._command(item)
         reply = session.request(argv, files, timeout_s=self._timeout())
         self._note_kernel_reports(item, session)
@@ -124,6 +128,7 @@ class Lane:
                 "release": record["kernel_release"],
                 "default_sizes": record.get("default_sizes"),
                 "boot": session.run_dir.name,
+                **_origin(session),
                 "elapsed_s": round(reply.elapsed_s, 3),
                 "lane": self.number,
                 **extra,
@@ -150,8 +155,9 @@ class Lane:
         return 900.0 + 4 * float(self.config["seconds"]) + 8 * float(self.config.get("setup_budget") or 0)
 
     # -- guests -----------------------------------------------------------------------
-    def _session(self, side: str) -> GuestSession:
-        """The guest of ``side``, running; the other one paused."""
+    def _session(self, item: matrix.Item) -> Guest:
+        """The guest of ``item``'s side, running; the other one paused."""
+        side = item.side
         for other, session in self.sessions.items():
             if other != side and session is not None and not session.paused:
                 self._pause_idle(other, session)
@@ -161,19 +167,32 @@ class Lane:
             options = boot.RunOptions(argv=[], **self.driver.session_options[side])
             if self.driver.check_invariants:
                 options.checker = InvariantWatch.every(kernel, CHECK_EVERY_S)
-            session = GuestSession(kernel, options, self.driver.log)
+            session = Guest(kernel, options, self.driver.log, role=self._role(item))
             self.sessions[side] = session
             try:
                 session.start()
             except GuestDown:
                 self.sessions[side] = None
                 raise
-            self.driver.say(f"{self._name(side)}: {kernel.release} up in {session.run_dir}")
+            how = f"restored from {session.template.name}" if session.template else "booted"
+            self.driver.say(f"{self._name(side)}: {kernel.release} {how}, in {session.run_dir}")
         elif session.paused:
             session.resume()
         return session
 
-    def _record_conditions(self, side: str, session: GuestSession) -> None:
+    def _role(self, item: matrix.Item) -> str | None:
+        """The template a guest for ``item`` restores: one per side, kernel and round under
+        icount (each round samples a boot of its own), one per side under the wall clock;
+        None with ``--fresh-boot``. The sides never share one, even for one kernel: a
+        self-qualification compares two boots, as a qualification of two kernels does."""
+        if self.config.get("fresh_boot") or item.side in self._boot_next:
+            self._boot_next.discard(item.side)
+            return None
+        if self.driver.per_round:
+            return f"qualify-{item.side}-round{item.run}"
+        return f"qualify-{item.side}"
+
+    def _record_conditions(self, side: str, session: Guest) -> None:
         """What this boot's KVM ran with (``qualify.conditions``), asked as the guest is
         closed: its runs' boot history stays what it was before kvmlab asked (a run's
         figures move a little with what its boot ran before). A guest that cannot say is
@@ -197,7 +216,7 @@ class Lane:
     def _name(self, side: str) -> str:
         return f"lane {self.number} {side}" if self.driver.jobs > 1 else side
 
-    def _pause_idle(self, side: str, session: GuestSession) -> None:
+    def _pause_idle(self, side: str, session: Guest) -> None:
         """Pause the guest whose turn is over; if it went away meanwhile, say so, boot it afresh later."""
         try:
             session.pause()
@@ -231,7 +250,7 @@ class Lane:
                                 "max_slots": report.max_slots, "violations": len(report.violations),
                                 "boot": session.run_dir.name})
 
-    def _note_kernel_reports(self, item: matrix.Item, session: GuestSession) -> None:
+    def _note_kernel_reports(self, item: matrix.Item, session: Guest) -> None:
         for splat in session.new_splats():
             self.driver.record({"kind": "splat", **_fields(item), "summary": splat.summary(),
                                 "excerpt": splat.excerpt, "boot": session.run_dir.name})
@@ -253,6 +272,13 @@ class Lane:
             if data is not None and path.startswith(TRACE_OUT):
                 (target / Path(path).name).write_bytes(data)
         return str(relative)
+
+
+def _origin(session: Guest) -> dict:
+    """Whether a run's guest was restored, and from which template (with its boot)."""
+    if session.template is None:
+        return {"restored": False}
+    return {"restored": True, **session.template.describe()}
 
 
 def _fields(item: matrix.Item) -> dict:

@@ -1,9 +1,10 @@
 """Boot a lab VM: from a kernel and options to a running QEMU with its run directory.
 
-``start`` is the one way kvmlab starts a guest, whether it runs one command
-(``runner``) or stays up for many (``session``): check the kernel, choose the
-accelerator, QEMU and clock, assemble the initramfs (cached image + cached modules +
-per-run layer), write the command line and start QEMU, recording each step in run.json.
+``start`` is the one way kvmlab boots a guest (``guest.Guest`` drives it): ``settle``
+checks the kernel and chooses the accelerator, QEMU and clock; ``assemble`` builds the
+initramfs (cached image + cached modules + per-run layer); ``launch`` writes the
+command line and starts QEMU, each step recorded in run.json. A guest restored from a
+template (``template``) is settled and launched the same way, without the initramfs.
 """
 
 import json
@@ -55,6 +56,10 @@ class RunOptions:
     (``kvmlab.inspect.watch.InvariantWatch.every``)."""
     files: dict[str, str] = field(default_factory=dict)
     """Extra small files for the guest's ``protocol.GUEST_ROOT`` (name → text)."""
+    labels: dict = field(default_factory=dict)
+    """Extra run.json fields naming who started the guest (a qualification: ``runs.QUALIFY``)."""
+    fresh_boot: bool = False
+    """Boot the kernel even where a template could be restored."""
 
 
 @dataclass
@@ -78,16 +83,62 @@ def trace_files(spec: dict) -> dict[str, str]:
     return {TRACE_SPEC: json.dumps(spec)}
 
 
-def start(kernel: Kernel, options: RunOptions, log=sys.stderr) -> Booted:
-    """A new run directory and a QEMU booting ``kernel`` to run ``options.argv``."""
+@dataclass(frozen=True)
+class Settings:
+    """How a guest of ``kernel`` runs, decided once before anything is built or started:
+    the same settings make the same guest, which is what a template's key is made of."""
+
+    kernel: Kernel
+    accel: accel_mod.Accel
+    emulator: emulator.Emulator
+    clock: clock_mod.Clock
+    cpus: int
+    memory_mb: int
+    append: str
+    env: dict[str, str]
+    recipe: image.Recipe
+    modules: list[str]
+    """What the guest init loads: the recipe's modules and the panic driver."""
+    panic_driver: str | None
+
+
+def settle(kernel: Kernel, options: RunOptions) -> Settings:
+    """Check the kernel and choose the accelerator, QEMU and clock for ``options``."""
+    chosen = accel_mod.choose(options.accel)
+    qemu_emulator = emulator.choose()
+    clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
+    require_kvm(kernel)
+    require_emulator(kernel, qemu_emulator)
+    append, env = options.append, options.env
+    if clock.name == clock_mod.ICOUNT:
+        append = f"{clock_mod.QUIET_APPEND} {append}".strip()
+        env = {**clock_mod.QUIET_ENV, **env}
+    recipe = image.recipe(options.recipe)
+    panic_driver = modules_archive.first_available(kernel, vmcore.GUEST_MODULES)
+    return Settings(kernel, chosen, qemu_emulator, clock, options.cpus, options.memory_mb, append, env,
+                    recipe, recipe.modules + ([panic_driver] if panic_driver else []), panic_driver)
+
+
+def start(kernel: Kernel, options: RunOptions, log=sys.stderr, settings: Settings | None = None,
+          ram_file: Path | None = None) -> Booted:
+    """A new run directory and a QEMU booting ``kernel`` to run ``options.argv``
+    (with ``ram_file``: its memory in that file, shared, to be saved as a template)."""
     run_dir = runs.new()
     runs.record(run_dir, kernel=kernel.spec, kernel_exact=kernel.pinned, release=kernel.release,
-                argv=options.argv, keep=options.keep, state="preparing")
-    machine = prepare(kernel, options, run_dir, log)
+                argv=options.argv, keep=options.keep, state="preparing", **options.labels)
+    settings = settings or settle(kernel, options)
+    initrd = assemble(settings, options, run_dir, log)
+    machine = machine_for(settings, run_dir, initrd, ram_file=ram_file, shared=True)
+    return launch(machine, options.keep)
+
+
+def launch(machine: qemu.Machine, keep: bool) -> Booted:
+    """Start QEMU on ``machine``, its command line and pid in the run directory."""
     argv = qemu.command(machine)
+    run_dir = machine.run_dir
     (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
     started = time.monotonic()
-    process = lifecycle.start_qemu(argv, run_dir, options.keep)
+    process = lifecycle.start_qemu(argv, run_dir, keep)
     runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket),
                 debug_qmp=str(machine.debug_socket), state="running")
     return Booted(run_dir, machine, process, started)
@@ -116,36 +167,37 @@ def require_emulator(kernel: Kernel, qemu_emulator: emulator.Emulator) -> None:
         )
 
 
-def prepare(kernel: Kernel, options: RunOptions, run_dir: Path, log=sys.stderr) -> qemu.Machine:
-    """Everything up to the QEMU command line: checks, archives, accelerator, emulator, clock."""
-    chosen = accel_mod.choose(options.accel)
-    qemu_emulator = emulator.choose()
-    clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
-    require_kvm(kernel)
-    require_emulator(kernel, qemu_emulator)
-    append, env = options.append, options.env
-    if clock.name == clock_mod.ICOUNT:
-        append = f"{clock_mod.QUIET_APPEND} {append}".strip()
-        env = {**clock_mod.QUIET_ENV, **env}
-    recipe = image.recipe(options.recipe)
-    parts = [image.build(recipe, log=log)]
-    panic_driver = modules_archive.first_available(kernel, vmcore.GUEST_MODULES)
-    wanted = recipe.modules + ([panic_driver] if panic_driver else [])
-    modules = modules_archive.archive(kernel, wanted, kernel.store or run_dir)
+def assemble(settings: Settings, options: RunOptions, run_dir: Path, log=sys.stderr) -> Path:
+    """The run's initramfs: cached image + cached modules + a layer with the job and its files."""
+    parts = [image.build(settings.recipe, log=log)]
+    modules = modules_archive.archive(settings.kernel, settings.modules, settings.kernel.store or run_dir)
     if modules is not None:
         parts.append(modules)
     argv, files = options.argv, dict(options.files)
     if options.trace:
         files.update(trace_files(options.trace))
         argv = traced(argv)
-    job = protocol.Job(argv=argv, env=env, modules=wanted, keep=options.keep)
+    job = protocol.Job(argv=argv, env=settings.env, modules=settings.modules, keep=options.keep)
     parts.append(layer.build(run_dir, job, options.added, files))
     initrd = run_dir / "initrd.cpio"
     initramfs.concatenate(parts, initrd)
-    print(f"kvmlab: {chosen.describe()}; {qemu_emulator.describe()}; {clock.describe()}", file=log)
-    runs.record(run_dir, qemu=qemu_emulator.to_json(), accel=chosen.name, cpu=chosen.cpu, clock=clock.name,
-                cpus=options.cpus, memory_mb=options.memory_mb, panic_driver=panic_driver)
+    describe(settings, run_dir, log)
+    return initrd
+
+
+def describe(settings: Settings, run_dir: Path, log=sys.stderr) -> None:
+    """Say, and record in run.json, what the guest runs under."""
+    print(f"kvmlab: {settings.accel.describe()}; {settings.emulator.describe()}; {settings.clock.describe()}",
+          file=log)
+    runs.record(run_dir, qemu=settings.emulator.to_json(), accel=settings.accel.name, cpu=settings.accel.cpu,
+                clock=settings.clock.name, cpus=settings.cpus, memory_mb=settings.memory_mb,
+                panic_driver=settings.panic_driver)
+
+
+def machine_for(settings: Settings, run_dir: Path, initrd: Path, ram_file: Path | None = None,
+                shared: bool = False, incoming: bool = False) -> qemu.Machine:
     return qemu.Machine(
-        vmlinuz=kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=chosen, emulator=qemu_emulator,
-        clock=clock, cpus=options.cpus, memory_mb=options.memory_mb, append=append,
+        vmlinuz=settings.kernel.vmlinuz, initrd=initrd, run_dir=run_dir, accel=settings.accel,
+        emulator=settings.emulator, clock=settings.clock, cpus=settings.cpus, memory_mb=settings.memory_mb,
+        append=settings.append, ram_file=ram_file, ram_shared=shared, incoming=incoming,
     )

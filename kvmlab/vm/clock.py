@@ -26,6 +26,11 @@ ICOUNT_ARGS = ("-icount", "shift=0,sleep=off")
 #: page allocator's free lists, userspace mappings, str hashing).
 QUIET_APPEND = "nokaslr page_alloc.shuffle=0 randomize_kstack_offset=off norandmaps"
 QUIET_ENV = {"PYTHONHASHSEED": "0"}
+#: The RTC follows the guest's own clock (it stops when the guest is paused or saved,
+#: so a restored guest's time does not leap); under icount it also starts from a fixed
+#: date, so that no boot differs from another by the host's time of day.
+RTC_ARGS = ("-rtc", "clock=vm")
+ICOUNT_RTC_ARGS = ("-rtc", "base=2026-01-01T00:00:00,clock=vm")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Clock:
     reason: str
 
     def qemu_args(self) -> list[str]:
-        return list(ICOUNT_ARGS) if self.name == ICOUNT else []
+        return [*ICOUNT_ARGS, *ICOUNT_RTC_ARGS] if self.name == ICOUNT else list(RTC_ARGS)
 
     def describe(self) -> str:
         return f"clock {self.name}: {self.reason}"

@@ -14,9 +14,10 @@ Kept whatever their age, besides the newest ``keep``:
 - a boot still assembling its initramfs (state ``preparing``, no QEMU yet) whose run.json
   changed within ``BOOTING_S``. A boot refused at that point stays ``preparing`` for
   ever, so after that it may go;
-- the boots of a qualification in progress: every guest-agent boot (``session``) that
-  started after the oldest running ``kvmlab qualify`` process. Its finished boots hold
-  the console logs that its crash records name;
+- the guests of a qualification in progress: a qualification names itself in each of
+  its guests' run.json (``runs.QUALIFY``: its pid and start time), and while that
+  process runs, its guests' directories stay. Its finished guests hold the console logs
+  that its crash records name;
 - a directory whose run.json is missing or damaged (not JSON, not an object, no
   ``state`` or ``argv``, a ``qemu_pid`` that is no pid). Without it gc cannot tell
   whether a QEMU of that run is alive. Keeping a few small directories is the
@@ -31,14 +32,12 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlab import cache
 from kvmlab.errors import KvmlabError
-from kvmlab.vm import runs
-from kvmlab.vm.session import AGENT
+from kvmlab.vm import runs, template
 
 DEFAULT_KEEP = 20
 BOOTING_S = 3600.0
@@ -97,10 +96,9 @@ def area() -> Path:
 def plan(keep: int = DEFAULT_KEEP, older_than_s: float | None = None) -> Plan:
     """Which run directories stay (and why) and which may go; nothing is touched."""
     now = time.time()
-    since = qualifying_since()
     result = Plan()
     for rank, run in enumerate(scan(area())):
-        reason = NEWEST if rank < keep else _reason_to_keep(run, since, now, older_than_s)
+        reason = NEWEST if rank < keep else _reason_to_keep(run, now, older_than_s)
         if reason is None:
             result.removable.append(run)
         else:
@@ -108,8 +106,7 @@ def plan(keep: int = DEFAULT_KEEP, older_than_s: float | None = None) -> Plan:
     return result
 
 
-def _reason_to_keep(run: Run, qualifying_since: float | None, now: float,
-                    older_than_s: float | None) -> str | None:
+def _reason_to_keep(run: Run, now: float, older_than_s: float | None) -> str | None:
     """Why ``run`` must stay although it is not among the newest; None: it may go."""
     if run.damage:
         return DAMAGED
@@ -118,7 +115,7 @@ def _reason_to_keep(run: Run, qualifying_since: float | None, now: float,
         return KEPT_VM if run.info.get("keep") else RUNNING
     if _booting(run, now):
         return BOOTING
-    if qualifying_since is not None and _qualify_boot(run, qualifying_since):
+    if runs.owner_alive(run.info.get(runs.QUALIFY)):
         return QUALIFYING
     if older_than_s is not None and now - run.changed < older_than_s:
         return RECENT
@@ -128,11 +125,6 @@ def _reason_to_keep(run: Run, qualifying_since: float | None, now: float,
 def _booting(run: Run, now: float) -> bool:
     return (run.info.get("state") == "preparing" and "qemu_pid" not in run.info
             and now - run.changed < BOOTING_S)
-
-
-def _qualify_boot(run: Run, since: float) -> bool:
-    # Names count whole seconds and a process's start time is known to a tick: a second's slack.
-    return run.info.get("argv") == AGENT and run.started + 1 >= since
 
 
 def remove(doomed: list[Run]) -> Removal:
@@ -212,46 +204,39 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-# -- qualifications in progress ---------------------------------------------------------
-def qualifying_since() -> float | None:
-    """When the oldest running ``kvmlab qualify`` process started (epoch seconds), or None."""
-    try:
-        boot_time = _boot_time()
-    except (OSError, ValueError):
-        return None
-    starts = [_process_started(pid, boot_time) for pid, argv in _processes() if runs_qualify(argv)]
-    return min((start for start in starts if start is not None), default=None)
+# -- templates ----------------------------------------------------------------------------
+TEMPLATE_IDLE_DAYS = 14.0
+"""A template unused for this long goes (``kvmlab gc --templates-older-than``)."""
 
 
-def runs_qualify(argv: list[str]) -> bool:
-    """``kvmlab qualify ...``, as the console script or ``python -m kvmlab.cli`` runs it."""
-    return any(os.path.basename(word) in ("kvmlab", "kvmlab.cli") and following == "qualify"
-               for word, following in zip(argv, argv[1:], strict=False))
+@dataclass
+class TemplatePlan:
+    kept: list[template.Stored] = field(default_factory=list)
+    removable: list[tuple[template.Stored, str]] = field(default_factory=list)
+    """Each with why it may go."""
 
 
-def _processes() -> Iterator[tuple[int, list[str]]]:
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
-        except OSError:
-            continue  # ended meanwhile
-        yield int(entry.name), cmdline.decode(errors="replace").split("\0")
+def plan_templates(idle_s: float) -> TemplatePlan:
+    """Which templates go: unused for ``idle_s``, or whose kernel has changed or gone
+    (their key names the kernel file as it was), or without a readable record."""
+    now = time.time()
+    result = TemplatePlan()
+    for stored in template.scan():
+        why = template.unusable(stored.directory)
+        if why is None and now - stored.last_used > idle_s:
+            why = f"unused for {(now - stored.last_used) / 86400:.0f} days"
+        if why is None:
+            result.kept.append(stored)
+        else:
+            result.removable.append((stored, why))
+    return result
 
 
-def _process_started(pid: int, boot_time: float) -> float | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None  # ended meanwhile
-    # Field 22, starttime, counts clock ticks since boot; the name before it may hold spaces.
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])
-    return boot_time + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise ValueError("/proc/stat has no btime")
+def remove_templates(doomed: list[template.Stored]) -> int:
+    """Remove the templates of a plan; returns the bytes freed. A guest restored from
+    one keeps its memory mapped: the file goes when that guest ends."""
+    freed = 0
+    for stored in doomed:
+        template.discard(stored.directory)
+        freed += stored.disk_bytes
+    return freed

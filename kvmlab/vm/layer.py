@@ -5,6 +5,7 @@ rebuilds the cached image. The guest's code travels as whole packages, found whe
 Python imports them from (a checkout or an installed wheel alike).
 """
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -60,3 +61,16 @@ def _copy_package(name: str, code_root: Path) -> None:
         shutil.copy(init, target)
     source = Path(importlib.util.find_spec(name).submodule_search_locations[0])
     shutil.copytree(source, code_root.joinpath(*parts), ignore=_SKIP)
+
+
+def code_digest() -> str:
+    """A hash of the guest packages as ``build`` copies them: a template holds them in its
+    memory, so changing one file of them must make a new template."""
+    digest = hashlib.sha256()
+    for package in GUEST_PACKAGES:
+        source = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                digest.update(f"{package}/{path.relative_to(source)}\0".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -8,6 +8,12 @@ attach; ``oops=panic`` so that an Oops does not leave a half-dead guest; a pvpan
 device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels
 without its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU
 instead of rebooting.
+
+A guest whose memory is to be saved as a template (``template``) or restored from one
+keeps its RAM in a file (``memory-backend-file``): shared while the template boots, so
+that the file is the memory, and private (copy-on-write) when restored, so that any
+number of guests map one template. A restored QEMU waits for its device state
+(``-incoming defer``) before it runs.
 """
 
 from dataclasses import dataclass, field
@@ -43,6 +49,12 @@ class Machine:
     memory_mb: int = 4096
     append: str = ""
     extra: list[str] = field(default_factory=list)
+    ram_file: Path | None = None
+    """Guest RAM in this file instead of anonymous memory (a template's, or one being made)."""
+    ram_shared: bool = False
+    """Writes reach ``ram_file`` (a template booting); else they stay private (a restore)."""
+    incoming: bool = False
+    """Start paused, waiting for a migration stream (``migrate-incoming``): a restore."""
 
     @property
     def qmp_socket(self) -> Path:
@@ -71,7 +83,7 @@ def command(machine: Machine) -> list[str]:
         machine.emulator.binary, "-name", f"kvmlab-{run.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", machine.accel.name, "-cpu", machine.accel.cpu, *machine.clock.qemu_args(),
-        "-smp", str(machine.cpus), "-m", f"{machine.memory_mb}M",
+        "-smp", str(machine.cpus), "-m", f"{machine.memory_mb}M", *_memory_args(machine),
         "-kernel", str(machine.vmlinuz), "-initrd", str(machine.initrd),
         "-append", f"{BASE_APPEND} {machine.append}".strip(),
         "-chardev", f"file,id=console,path={machine.console_log}",
@@ -93,4 +105,15 @@ def command(machine: Machine) -> list[str]:
         "-chardev", f"socket,id=control,path={machine.control_socket},server=on,wait=off",
         "-device", f"virtserialport,bus=vser.0,chardev=control,name={protocol.PORT_CONTROL}",
     ]
+    if machine.incoming:
+        argv += ["-incoming", "defer"]
     return argv + machine.extra
+
+
+def _memory_args(machine: Machine) -> list[str]:
+    if machine.ram_file is None:
+        return []
+    share = "on" if machine.ram_shared else "off"
+    backend = (f"memory-backend-file,id=ram0,size={machine.memory_mb}M,"
+               f"mem-path={machine.ram_file},share={share}")
+    return ["-object", backend, "-machine", "memory-backend=ram0"]

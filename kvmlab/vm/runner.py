@@ -1,72 +1,87 @@
-"""Boot a kernel in QEMU, run one command in the guest, and say how it went.
+"""``kvmlab run``: start a guest, run one command in it, and say how it went.
 
-The flow reads top to bottom in ``run``: check the kernel, assemble the initramfs
-(cached image + cached modules + per-run layer), start QEMU, follow the guest's
-streams until the job reports its exit code, the VM dies or the timeout passes, then
-collect results and read the console for kernel splats (``lifecycle`` watches and
-judges). QEMU never outlives a failed or interrupted run: it is killed in ``finally``
-and, unless kept, also dies with us through PR_SET_PDEATHSIG.
+By default the guest is restored from a template (``guest.Guest`` with the role
+``ROLE``: a guest booted once to its agent and saved), and the command is one
+streamed request to its agent: it starts within a second instead of after a boot.
+``--fresh-boot`` and ``--keep`` boot the kernel instead, with the command as the
+init's job (a kept guest stays up with its init, after its job, for drgn or a person).
+Either way the guest's streams are followed as they come, its results collected, and
+its end judged by ``guest.Guest.close``. QEMU never outlives a failed or interrupted
+run: it is killed on the way out and, unless kept, also dies with us
+(PR_SET_PDEATHSIG).
 """
 
 import sys
 import threading
-import time
+from dataclasses import replace
 from pathlib import Path
 
+from kvmlab_guest import protocol
+
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import boot, lifecycle, results, runs, vmcore
+from kvmlab.vm import boot, results, runs
 from kvmlab.vm.boot import RunOptions
+from kvmlab.vm.guest import Guest, GuestDown
 from kvmlab.vm.lifecycle import RunResult
+
+ROLE = "run"
 
 
 def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
-    """Boot ``kernel``, run ``options.argv`` in the guest, return how it ended."""
-    vm = boot.start(kernel, options, log)
-    print(f"kvmlab: booting {kernel.release} ({kernel.spec}); run directory {vm.run_dir}", file=log)
-    followers = _follow_streams(vm.run_dir, options.stream)
-    checker = options.checker(vm.machine) if options.checker else None
-    liveness = lifecycle.Liveness(vm.process, vm.run_dir, options.timeout_s, options.stall_s, vm.started)
-    kept = False
+    """Start a guest of ``kernel``, run ``options.argv`` in it, return how it ended."""
+    if options.keep or options.fresh_boot:
+        return _run_job(kernel, options, log)
+    # The template holds none of this run's own things: they go with the request.
+    bare = replace(options, env={}, files={}, trace=None, added=[])
+    guest = Guest(kernel, bare, log, role=ROLE)
     try:
-        try:
-            while not liveness.over():
-                liveness.run_check(checker)
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            runs.record(vm.run_dir, state="interrupted")
-            raise
-        status = liveness.status
-        kept = options.keep and status.exit_code is not None
-        if status.exit_code is not None and not kept:
-            lifecycle.wait_for_exit(vm.process, lifecycle.POWEROFF_GRACE_S)
-        dump = _dump_if_panicked(vm, status, options, log)
+        guest.start()
+    except GuestDown as down:  # the template's boot went down
+        return down.result
+    _say_started(guest, kernel, log)
+    runs.record(guest.run_dir, command=options.argv)
+    followers = _follow_streams(guest.run_dir, options.stream)
+    code = None
+    try:
+        argv, files = options.argv, {f"{protocol.GUEST_ROOT}/{name}": text.encode()
+                                     for name, text in options.files.items()}
+        if options.trace:
+            files.update({f"{protocol.GUEST_ROOT}/{name}": text.encode()
+                          for name, text in boot.trace_files(options.trace).items()})
+            argv = boot.traced(argv)
+        reply = guest.request(argv, timeout_s=options.timeout_s, env=options.env, put=files,
+                              added=options.added, stream=True)
+        code = reply.code
+        result = guest.close(job_code=code)
+    except GuestDown as down:
+        result = down.result
     finally:
-        if not kept:
-            lifecycle.kill(vm.process)
+        guest.close(job_code=code)
         for follower in followers:
             follower.finish()
-        # QEMU loaded these at start; the image and modules stay cached elsewhere.
-        for archive in (vm.machine.initrd, vm.run_dir / "layer.cpio"):
-            archive.unlink(missing_ok=True)
-    result = lifecycle.judge(status, vm.run_dir, vm.started, kept, vm.machine.qmp_socket,
-                             options.timeout_s, options.stall_s)
-    if checker is not None:
-        lifecycle.judge_checks(result, checker.report)
-    if dump is not None:
-        result.note_vmcore(dump)
-    _collect_results(vm.run_dir, options.out, log, job_ended=status.exit_code is not None)
-    runs.record(vm.run_dir, state=result.outcome, exit_code=result.exit_code,
-                job_code=result.job_code, boot_s=result.boot_s, ready_s=result.ready_s,
-                total_s=result.total_s)
+    _collect_results(guest.run_dir, options.out, log, job_ended=code is not None)
     return result
 
 
-def _dump_if_panicked(vm: boot.Booted, status: lifecycle.Status, options: RunOptions, log):
-    """The panicked guest's vmcore, saved before QEMU is ended (None: it did not panic)."""
-    if not status.panicked:
-        return None
-    print("kvmlab: the guest kernel panicked; saving its memory for drgn", file=log)
-    return vmcore.save(vm.run_dir, vm.machine.qmp_socket, vm.process, options.memory_mb)
+def _run_job(kernel: Kernel, options: RunOptions, log) -> RunResult:
+    """Boot ``kernel`` with ``options.argv`` as its init's job and follow it to its end."""
+    guest = Guest(kernel, options, log)
+    guest.start()
+    _say_started(guest, kernel, log)
+    followers = _follow_streams(guest.run_dir, options.stream)
+    try:
+        guest.wait()
+    finally:
+        result = guest.close()
+        for follower in followers:
+            follower.finish()
+    _collect_results(guest.run_dir, options.out, log, job_ended=guest.status.exit_code is not None)
+    return result
+
+
+def _say_started(guest: Guest, kernel: Kernel, log) -> None:
+    how = f"restored from template {guest.template.name}" if guest.template else "booting"
+    print(f"kvmlab: {how}: {kernel.release} ({kernel.spec}); run directory {guest.run_dir}", file=log)
 
 
 def _collect_results(run_dir: Path, out: Path | None, log, job_ended: bool) -> None:

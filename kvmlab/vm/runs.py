@@ -149,3 +149,30 @@ def stop(vm: KeptVm, grace_s: float = 5.0) -> None:
     if qemu_alive(vm.run_dir, vm.pid):
         os.kill(vm.pid, signal.SIGKILL)
     record(vm.run_dir, state="stopped")
+
+
+# -- who started a run -------------------------------------------------------------------
+QUALIFY = "qualify"
+"""The run.json field naming the ``kvmlab qualify`` process a guest works for (``owner``)."""
+
+
+def owner(output: Path) -> dict:
+    """This process, as a guest's run.json names the qualification it works for: its pid,
+    its start time (so that a recycled pid is told apart) and its output directory."""
+    return {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()), "output": str(output)}
+
+
+def owner_alive(label) -> bool:
+    """Whether the process a run.json's ``owner`` label names is still running."""
+    if not isinstance(label, dict) or not is_pid(label.get("pid")):
+        return False
+    return _start_ticks(label["pid"]) == label.get("start_ticks")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, the start time in clock ticks since boot (None: no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # the name before it may hold spaces

@@ -1,6 +1,7 @@
 """``kvmlab gc`` on real run directories in a private cache (``$KVMLAB_CACHE``), with real
 processes standing in for QEMU and for a running ``kvmlab qualify``."""
 
+import json
 import os
 import secrets
 import subprocess
@@ -13,8 +14,8 @@ from conftest import assert_one_line_error, kvmlab
 
 from kvmlab import cache
 from kvmlab.cli.gc import size
-from kvmlab.vm import gc, runs
-from kvmlab.vm.session import AGENT
+from kvmlab.vm import gc, runs, template
+from kvmlab.vm.guest import AGENT
 
 DAY = 86400.0
 JOB = ["uname", "-r"]
@@ -110,7 +111,8 @@ def test_gc_keeps_the_newest_and_removes_the_rest(private_cache):
     assert freeing >= 3 * (64 << 10)
     assert done.stdout.splitlines() == [
         f"kvmlab gc: removed 3 of 5 run directories in {private_cache}, freed {size(freeing)}; "
-        "kept 2 (2 newest)"
+        "kept 2 (2 newest)",
+        f"kvmlab gc: removed 0 of 0 templates in {template.area()}, freeing 0 B; kept 0 (0 B on disk)",
     ]
 
 
@@ -146,32 +148,25 @@ def test_kept_and_running_vms_survive_whatever_their_age(processes):
     assert [vm.run_dir for vm in runs.kept()] == [kept_vm]
 
 
-def test_boots_of_a_qualification_in_progress_survive(tmp_path, processes):
-    others = gc.qualifying_since()  # a qualification someone else runs on this machine
-    script = tmp_path / "bin" / "kvmlab"  # as the console script runs: python .../bin/kvmlab qualify
-    script.parent.mkdir()
-    script.write_text("import time\ntime.sleep(600)\n")
-    processes([sys.executable, str(script), "qualify", "--base", "debian:bullseye",
-               "--patched", "debian:bookworm", "-o", str(tmp_path / "out")])
-    now = time.time()
-    earlier = min(others or now, now) - DAY
-    before = booted(make_run(earlier, AGENT), 999_999_999, earlier, state="finished")
-    during = booted(make_run(now + 30, AGENT), 999_999_999, now + 30, state="finished")
-    not_qualify = finished(now + 30)
+def test_guests_of_a_qualification_in_progress_survive(tmp_path, processes):
+    """A guest is a qualification's when its run.json names that process (pid and start
+    time): kept while it runs, free to go once it ended or its pid was reused."""
+    qualifying = processes([sys.executable, "-c", "import time; time.sleep(600)"])
+    ended = processes([sys.executable, "-c", "pass"])
+    ended.wait()
+    now, label = time.time(), runs.owner(tmp_path / "out")
+    alive = {**label, "pid": qualifying.pid, "start_ticks": runs._start_ticks(qualifying.pid)}
+    recycled = {**alive, "start_ticks": alive["start_ticks"] - 1}  # the same pid, another process
+    during = booted(make_run(now - DAY, AGENT), 999_999_999, now - DAY, state="finished", qualify=alive)
+    after = booted(make_run(now - DAY, AGENT), 999_999_999, now - DAY, state="finished",
+                   qualify={**label, "pid": ended.pid, "start_ticks": 1})
+    reused = booted(make_run(now - DAY, AGENT), 999_999_999, now - DAY, state="finished", qualify=recycled)
+    damaged = booted(make_run(now - DAY, AGENT), 999_999_999, now - DAY, state="finished", qualify="yes")
+    not_qualify = finished(now - DAY)
 
     plan = gc.plan(keep=0)
-    assert reasons(plan) == {before.name: None, during.name: gc.QUALIFYING, not_qualify.name: None}
-
-
-@pytest.mark.parametrize("argv, qualifies", [
-    (["/w/.venv/bin/python", "/w/.venv/bin/kvmlab", "qualify", "-o", "out"], True),
-    (["python3", "-m", "kvmlab.cli", "qualify", "--resume", "-o", "out"], True),
-    (["python3", "-m", "kvmlab.cli", "gc"], False),
-    (["kvmlab", "run", "debian:bookworm", "--", "qualify"], False),
-    (["make", "qualify"], False),
-])
-def test_which_processes_run_a_qualification(argv, qualifies):
-    assert gc.runs_qualify(argv) is qualifies
+    assert reasons(plan) == {during.name: gc.QUALIFYING, after.name: None, reused.name: None,
+                             damaged.name: None, not_qualify.name: None}
 
 
 def test_a_boot_still_preparing_survives_for_an_hour():
@@ -198,7 +193,8 @@ def test_dry_run_removes_nothing_and_lists_what_would_go():
     done = kvmlab("gc", "--keep", "1", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert all(path.exists() for path in paths)
-    *listed, summary = done.stdout.splitlines()
+    *listed, summary, templates = done.stdout.splitlines()
+    assert templates.startswith("kvmlab gc: would remove 0 of 0 templates")
     assert [line.split()[2] for line in listed] == [path.name for path in reversed(paths[:3])]
     assert all(line.startswith("would remove ") for line in listed)
     assert summary.startswith("kvmlab gc: would remove 3 of 4 run directories")
@@ -233,7 +229,7 @@ def test_damaged_run_json_is_kept_and_does_not_block_gc():
     assert all(path.exists() for path in damaged.values())
     assert not any(path.exists() for path in healthy)
     assert done.stdout.startswith("kvmlab gc: removed 2 of 7 run directories")
-    assert done.stdout.rstrip().endswith("kept 5 (5 with a damaged run.json)")
+    assert done.stdout.splitlines()[0].endswith("kept 5 (5 with a damaged run.json)")
 
 
 @pytest.mark.parametrize("option, value", [
@@ -246,3 +242,53 @@ def test_bad_options_are_one_line_and_exit_2(option, value):
     done = kvmlab("gc", "--keep", "0", option, value)
     assert_one_line_error(done, option, repr(value))
     assert old.exists()
+
+
+def saved_template(name: str, vmlinuz: Path, used_days_ago: float, ram: int = 1 << 20) -> Path:
+    """A template directory as ``template.save`` leaves it, its kernel file named as it is now."""
+    directory = template.area() / name
+    directory.mkdir()
+    key = {"vmlinuz": template._identity(vmlinuz), "memory_mb": 1}
+    (directory / template.RECORD).write_text(json.dumps({"inputs": key, "boot": "b", "ready_s": 1.0}))
+    with open(directory / template.RAM, "wb") as ram_file:
+        ram_file.write(os.urandom(ram))
+    (directory / template.USED).touch()
+    when = time.time() - used_days_ago * DAY
+    os.utime(directory / template.USED, (when, when))
+    return directory
+
+
+def test_gc_prunes_templates_unused_for_long_or_whose_kernel_changed(tmp_path):
+    kernel, other = tmp_path / "vmlinuz", tmp_path / "vmlinuz-other"
+    kernel.write_bytes(b"kernel")
+    other.write_bytes(b"kernel")
+    recent = saved_template("recent", kernel, 1)
+    idle = saved_template("idle", kernel, 30)
+    changed_kernel = saved_template("changed", other, 1)
+    other.write_bytes(b"rebuilt kernel")
+    removed = tmp_path / "vmlinuz-removed"
+    removed.write_bytes(b"kernel")
+    gone_kernel = saved_template("gone", removed, 1)
+    removed.unlink()
+    damaged = saved_template("damaged", kernel, 1)
+    (damaged / template.RECORD).write_text("{not json")
+
+    dry = kvmlab("gc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert all(path.exists() for path in (recent, idle, changed_kernel, gone_kernel, damaged))
+    lines = [line for line in dry.stdout.splitlines() if line.startswith("would remove template")]
+    assert sorted(line.split()[3] for line in lines) == ["changed", "damaged", "gone", "idle"]
+    assert any("idle" in line and "unused for 30 days" in line for line in lines)
+    assert any("changed" in line and "has changed" in line for line in lines)
+    assert any("gone" in line and "is gone" in line for line in lines)
+
+    done = kvmlab("gc")
+    assert done.returncode == 0, done.stderr
+    assert recent.exists() and not any(path.exists() for path in (idle, changed_kernel, gone_kernel, damaged))
+    summary = done.stdout.splitlines()[-1]
+    assert summary.startswith("kvmlab gc: removed 4 of 5 templates") and "kept 1 (1.0 MiB on disk)" in summary
+
+    assert kvmlab("gc", "--templates-older-than", "0").returncode == 0
+    assert not recent.exists()
+    bad = kvmlab("gc", "--templates-older-than", "soon")
+    assert_one_line_error(bad, "--templates-older-than wants a number of days")

@@ -1,0 +1,268 @@
+"""Templates: a guest booted once to its agent, paused and saved, then restored in place of a boot.
+
+A TCG boot costs ~10–25 s of one host core; a restore costs a fraction of a second.
+A template is made by booting the guest with its RAM in a file (``memory-backend-file``,
+``share=on``) on tmpfs, waiting for the agent's ``agent-ready`` (KVM modules loaded,
+/dev/kvm there, no L2 VM yet), pausing it and migrating its device state to a file with
+the ``x-ignore-shared`` capability, which leaves the RAM out of the stream: the RAM file
+already is the memory. Both files then move into the cache. A restore maps the RAM file
+``share=off`` (copy-on-write: any number of guests share one template's pages) and
+loads the device state with ``-incoming defer`` and ``migrate-incoming``. Under icount
+the instruction counter is part of that state, so a restored guest goes on counting
+from where its template stopped: two restores of one template run the same work to
+the same nanosecond (docs/benchmarks.md).
+
+A template is keyed by everything that shapes the saved guest (``inputs``): the
+kernel, the image, the guest code, QEMU, accelerator, CPU model, clock, vCPUs,
+memory, kernel arguments, the agent's environment, and a ``role``, which keeps apart
+guests that must be distinct boots (a qualification's rounds, and its two sides).
+What a template cannot be trusted for is said in one line by ``load``, and the
+caller boots afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmlab import cache
+from kvmlab.errors import KvmlabError
+from kvmlab.vm import boot, layer, qmp
+
+FORMAT = 1
+RECORD = "template.json"
+RAM = "ram"
+STATE = "state"
+USED = "used"
+"""Touched at every restore: ``kvmlab gc`` prunes templates by when they were last used."""
+LIVE_RAM = Path("/dev/shm")
+"""Where a template's memory lives while it boots (tmpfs: the guest's writes stay in memory)."""
+MIGRATE_TIMEOUT_S = 120.0
+CAPABILITIES = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+class RestoreFailed(KvmlabError):
+    """A template could not be saved or restored; the guest boots afresh."""
+
+
+@dataclass(frozen=True)
+class Template:
+    directory: Path
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / RAM
+
+    @property
+    def state(self) -> Path:
+        return self.directory / STATE
+
+    @property
+    def boot(self) -> str:
+        """The run directory of the boot the template was saved from."""
+        return self.record["boot"]
+
+    @property
+    def boot_s(self) -> float:
+        """That boot's time, QEMU start to agent ready."""
+        return self.record["ready_s"]
+
+    def describe(self) -> dict:
+        """What a restored guest's run.json and a qualification's run records say of it."""
+        return {"template": self.name, "template_boot": self.boot, "template_boot_s": self.boot_s}
+
+
+def area() -> Path:
+    return cache.area("templates")
+
+
+def inputs(settings: boot.Settings, role: str, files: dict[str, str] | None = None) -> dict:
+    """Everything that shapes a saved guest's state, as its key (``files``: the small files
+    its layer carries, ``boot.RunOptions.files``)."""
+    kernel = settings.kernel
+    return {
+        "format": FORMAT, "role": role, "kernel": kernel.pinned, "release": kernel.release,
+        "vmlinuz": _identity(kernel.vmlinuz), "image": settings.recipe.key, "guest_code": layer.code_digest(),
+        "qemu": settings.emulator.to_json(), "accel": settings.accel.name, "cpu": settings.accel.cpu,
+        "clock": settings.clock.name, "cpus": settings.cpus, "memory_mb": settings.memory_mb,
+        "append": settings.append, "env": settings.env, "modules": settings.modules, "files": files or {},
+    }
+
+
+def directory_for(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    role = "".join(c if c.isalnum() or c in "-_." else "-" for c in key["role"])
+    return area() / f"{key['release']}-{role}-{digest}"
+
+
+def load(directory: Path, key: dict) -> tuple[Template | None, str | None]:
+    """The template in ``directory`` (None if there is none), or what is wrong with it."""
+    if not directory.exists():
+        return None, None
+    try:
+        record = json.loads((directory / RECORD).read_text())
+    except (OSError, ValueError) as err:
+        return None, f"is damaged ({RECORD}: {getattr(err, 'strerror', None) or err})"
+    if not isinstance(record, dict) or not isinstance(record.get("inputs"), dict):
+        return None, f"is damaged ({RECORD} is not a template record)"
+    if record["inputs"] != key:
+        changed = sorted(k for k in set(key) | set(record["inputs"]) if key.get(k) != record["inputs"].get(k))
+        return None, f"is stale (made with another {', '.join(changed)})"
+    template = Template(directory, record)
+    for path, size in ((template.ram, key["memory_mb"] << 20), (template.state, record.get("state_bytes"))):
+        try:
+            found = path.stat().st_size
+        except OSError:
+            return None, f"is damaged ({path.name} is missing)"
+        if found != size:
+            return None, f"is damaged ({path.name} holds {found} bytes, {size} expected)"
+    return template, None
+
+
+def discard(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def live_ram(directory: Path) -> Path:
+    """The tmpfs file a template's memory is booted in before it moves to ``directory``."""
+    return LIVE_RAM / f"kvmlab-{directory.name}-{os.getpid()}.ram"
+
+
+def save(booted: boot.Booted, directory: Path, key: dict, ready_s: float) -> Template:
+    """Pause the guest of ``booted`` (booted with its RAM in ``live_ram``), save its device
+    state, end its QEMU and publish both files as the template in ``directory``."""
+    socket = booted.machine.qmp_socket
+    started = time.monotonic()
+    with cache.building(directory) as scratch:
+        try:
+            qmp.execute(socket, "stop")
+            qmp.execute(socket, "migrate-set-capabilities", CAPABILITIES)
+            qmp.execute(socket, "migrate", {"uri": f"file:{scratch / STATE}"})
+            _wait_migration(socket, booted.process)
+            qmp.execute(socket, "quit")
+            booted.process.wait(timeout=30)
+        except (KvmlabError, subprocess.TimeoutExpired) as err:
+            raise RestoreFailed(f"saving the template failed: {err}") from None
+        ram = booted.machine.ram_file
+        _sparse_move(ram, scratch / RAM)
+        record = {
+            "inputs": key, "boot": booted.run_dir.name, "ready_s": round(ready_s, 3),
+            "save_s": round(time.monotonic() - started, 3), "created": time.time(),
+            "state_bytes": (scratch / STATE).stat().st_size,
+        }
+        (scratch / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (scratch / USED).touch()
+    return Template(directory, record)
+
+
+def incoming(socket: Path, process: subprocess.Popen, template: Template) -> None:
+    """Load ``template``'s device state into a QEMU started with ``-incoming defer``; it
+    stays paused (it was saved paused)."""
+    try:
+        _await_socket(socket, process)
+        qmp.execute(socket, "migrate-set-capabilities", CAPABILITIES)
+        qmp.execute(socket, "migrate-incoming", {"uri": f"file:{template.state}"})
+        _wait_migration(socket, process)
+    except KvmlabError as err:
+        raise RestoreFailed(f"restoring template {template.name} failed: {err}") from None
+    (template.directory / USED).touch()
+
+
+def _wait_migration(socket: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise KvmlabError(f"QEMU ended during the migration (exit {process.returncode})")
+        status = qmp.execute(socket, "query-migrate").get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise KvmlabError(f"the migration {status}")
+        if time.monotonic() > deadline:
+            raise KvmlabError(f"the migration did not finish within {MIGRATE_TIMEOUT_S:g} s")
+        time.sleep(0.02)
+
+
+def _await_socket(socket: Path, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not socket.exists():
+        if process.poll() is not None:
+            raise KvmlabError(f"QEMU ended before it listened on {socket.name} (exit {process.returncode})")
+        if time.monotonic() > deadline:
+            raise KvmlabError(f"QEMU made no {socket.name} within {timeout_s:g} s")
+        time.sleep(0.01)
+
+
+def _sparse_move(source: Path, target: Path) -> None:
+    """Move the RAM file from tmpfs to the cache, keeping its never-touched pages as holes."""
+    done = subprocess.run(["cp", "--sparse=always", str(source), str(target)],
+                          capture_output=True, text=True, check=False)
+    source.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RestoreFailed(f"moving the template's memory failed: {done.stderr.strip()}")
+
+
+def _identity(path: Path) -> str:
+    """A file as far as a key needs it: its path, size and modification time."""
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+# -- what the cache holds, for kvmlab gc --------------------------------------------------
+@dataclass(frozen=True)
+class Stored:
+    directory: Path
+    last_used: float
+    disk_bytes: int
+
+
+def scan() -> list[Stored]:
+    """Every template directory in the cache, least recently used first."""
+    found = []
+    for entry in os.scandir(area()):
+        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+            continue
+        directory = Path(entry.path)
+        try:
+            used = (directory / USED).stat().st_mtime
+        except OSError:
+            used = entry.stat(follow_symlinks=False).st_mtime
+        found.append(Stored(directory, used, _allocated(directory)))
+    return sorted(found, key=lambda stored: stored.last_used)
+
+
+def unusable(directory: Path) -> str | None:
+    """Why a stored template can never be restored again (None: it may be): no readable
+    record, or its kernel file has changed or gone since it was saved."""
+    try:
+        record = json.loads((directory / RECORD).read_text())
+        vmlinuz = record["inputs"]["vmlinuz"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"damaged (no readable {RECORD})"
+    path = Path(str(vmlinuz).rsplit(":", 2)[0])
+    try:
+        current = _identity(path)
+    except OSError:
+        return f"stale (its kernel {path} is gone)"
+    return None if current == vmlinuz else f"stale (its kernel {path} has changed)"
+
+
+def _allocated(directory: Path) -> int:
+    total = 0
+    for path in directory.iterdir():
+        try:
+            total += path.lstat().st_blocks * 512
+        except OSError:
+            continue
+    return total
