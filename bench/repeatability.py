@@ -48,8 +48,8 @@ def one_boot(kernel: str, clock: str, cpus: int, args, out: Path) -> dict:
     hangs, failures = [], []
     for attempt in range(ATTEMPTS):
         target = out / f"attempt{attempt}"
-        argv = [sys.executable, "-m", "kvmlab.cli", "run", kernel, "--clock", clock, "--cpus", str(cpus),
-                "--out", str(target), "--timeout", "3000"]
+        argv = [sys.executable, "-m", "kvmlab.cli", "run", kernel, "--fresh-boot", "--clock", clock,
+                "--cpus", str(cpus), "--out", str(target), "--timeout", "3000"]
         if args.append:
             argv += ["--append", args.append]
         argv += ["--", "sh", "-c", guest_job(args.slots, args.runs, args.seconds, args.first, args.last)]

@@ -37,7 +37,7 @@ def add_parsers(sub) -> None:
         "--runs",
         type=int,
         help=f"runs per kernel and cell (icount: {matrix.DEFAULTS[clock.ICOUNT]['runs']}, each round in "
-        f"fresh boots; wall: {matrix.DEFAULTS[clock.WALL]['runs']}, at least {matrix.MIN_RUNS} for "
+        f"a boot of its own; wall: {matrix.DEFAULTS[clock.WALL]['runs']}, at least {matrix.MIN_RUNS} for "
         "Mann-Whitney U to reach p < 0.05)",
     )
     parser.add_argument("--seconds", type=float, help="seconds per run (1: enough iterations under TCG)")

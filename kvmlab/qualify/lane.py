@@ -65,7 +65,7 @@ class Lane:
         """End this lane's QEMUs at once (another thread is interrupted: no goodbyes)."""
         for session in self.sessions.values():
             if session is not None and session.process is not None:
-                session.process.kill()
+                session.process.kill()  # not Guest.kill: another thread may be using the guest
 
     # -- one run ----------------------------------------------------------------------
     def _attempt(self, item: matrix.Item) -> None:

@@ -15,7 +15,7 @@ Every guest kvmlab starts goes through this one life cycle:
 - ``close``: the agent quits (the guest's init hands over its results and powers off),
   QEMU is ended if it lingers, and the outcome is judged and recorded in run.json.
 
-A *job guest* (no ``role``) runs ``options.argv`` as its init's job instead of the
+A *job guest* (``agent=False``) runs ``options.argv`` as its init's job instead of the
 agent, for ``kvmlab run --fresh-boot`` and ``--keep``: ``wait`` follows it to its end.
 """
 
@@ -63,11 +63,14 @@ class Reply:
 
 
 class Guest:
-    def __init__(self, kernel: Kernel, options: boot.RunOptions, log=sys.stderr, role: str | None = None):
-        """``role``: an agent guest, restored from the template of that role unless
-        ``options.fresh_boot``; None: a job guest running ``options.argv``."""
-        self.kernel, self.log, self.role = kernel, log, role
-        self.options = replace(options, argv=AGENT) if role else options
+    def __init__(self, kernel: Kernel, options: boot.RunOptions, log=sys.stderr, role: str | None = None,
+                 agent: bool = True):
+        """``role``: the template this guest restores (made first if need be), unless
+        ``options.fresh_boot``; None: it boots. ``agent``: the guest runs the agent and takes
+        requests; else it is a job guest, which boots to run ``options.argv``."""
+        self.kernel, self.log, self.agent = kernel, log, agent
+        self.role = role if agent else None
+        self.options = replace(options, argv=AGENT) if agent else options
         self.run_dir: Path | None = None
         self.process = None
         self.watch: lifecycle.Checker | None = None
@@ -115,7 +118,7 @@ class Guest:
     def _boot(self, ram_file: Path | None = None) -> None:
         self._vm = boot.start(self.kernel, self.options, self.log, self.settings, ram_file=ram_file)
         self._follow(self._vm)
-        if self.role:
+        if self.agent:
             self._await_agent()
         (self.run_dir / "initrd.cpio").unlink(missing_ok=True)
 
@@ -269,7 +272,7 @@ class Guest:
             status.timed_out = True
         elif job_code is not None:
             status.exit_code = int(job_code)
-        kept = self.options.keep and status.exit_code is not None and not self.role
+        kept = self.options.keep and status.exit_code is not None and not self.agent
         try:
             if self.process is not None and not kept:
                 if self._socket is not None and not status.panicked:
@@ -282,6 +285,10 @@ class Guest:
                 self._shut()
         self._liveness.catch_up()
         return self._judge(kept)
+
+    def kill(self, state: str = "killed") -> None:
+        """End QEMU at once, no goodbyes (the caller is being interrupted)."""
+        self._shut(state=state)
 
     def _quit_agent(self) -> None:
         try:

@@ -55,8 +55,10 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
         result = guest.close(job_code=code)
     except GuestDown as down:
         result = down.result
+    except BaseException:  # Ctrl-C, or a bug of ours: QEMU goes now, not after a grace
+        guest.kill("interrupted")
+        raise
     finally:
-        guest.close(job_code=code)
         for follower in followers:
             follower.finish()
     _collect_results(guest.run_dir, options.out, log, job_ended=code is not None)
@@ -65,7 +67,7 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
 
 def _run_job(kernel: Kernel, options: RunOptions, log) -> RunResult:
     """Boot ``kernel`` with ``options.argv`` as its init's job and follow it to its end."""
-    guest = Guest(kernel, options, log)
+    guest = Guest(kernel, options, log, agent=False)
     guest.start()
     _say_started(guest, kernel, log)
     followers = _follow_streams(guest.run_dir, options.stream)
