@@ -86,7 +86,8 @@ def main() -> int:
         for _ in range(args.runs):  # interleaved, so drift hits all three alike
             bare.append(bare_boot(kernel, initrd))
             warm.append(kvmlab_true())
-            result = run(kernel, RunOptions(argv=["true"], stream=False, fresh_boot=True), log=open(os.devnull, "w"))
+            options = RunOptions(argv=["true"], stream=False, fresh_boot=True)
+            result = run(kernel, options, log=open(os.devnull, "w"))
             boots.append(result.boot_s)
         cold = None
         if not args.skip_cold:

@@ -148,8 +148,9 @@ def main() -> int:
         print(f"  icount, move active @100 slots, two restores of one template: {a} and {b} ns/iteration, "
               f"slot setup {setup_a} and {setup_b} ns ({'identical' if found['identical'] else 'differ'})")
         cv = found["between_boots_cv"]
-        print(f"  restores of {args.boots} templates from different boots: "
-              f"{[ns for ns, _ in found['boots']]} ns/iteration, CV {cv * 100:.2f} %" if cv is not None else "")
+        if cv is not None:
+            print(f"  restores of {args.boots} templates from different boots: "
+                  f"{[ns for ns, _ in found['boots']]} ns/iteration, CV {cv * 100:.2f} %")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -75,10 +75,13 @@ def prepare(request: dict) -> None:
 
 
 def run(request: dict) -> dict:
-    started = time.monotonic()
-    stream = bool(request.get("stream"))
     try:
         prepare(request)
+    except (OSError, ValueError, tarfile.TarError) as err:  # a request the host got wrong
+        return answer(request, protocol.EXIT_NOT_RUNNABLE, b"", f"kvmlab: bad request: {err}\n".encode(), 0.0)
+    stream = bool(request.get("stream"))
+    started = time.monotonic()
+    try:
         done = subprocess.run(
             request["argv"],
             capture_output=not stream,
@@ -90,24 +93,23 @@ def run(request: dict) -> dict:
         code, stdout, stderr = done.returncode, done.stdout, done.stderr
         code = code if code >= 0 else 128 - code
     except subprocess.TimeoutExpired as expired:
-        code, stdout, stderr = protocol.AGENT_TIMEOUT, expired.stdout or b"", expired.stderr or b""
+        code, stdout, stderr = protocol.AGENT_TIMEOUT, expired.stdout, expired.stderr
     except OSError as err:
-        message = f"kvmlab: cannot run {request['argv'][0]}: {err}\n".encode()
-        code, stdout, stderr = protocol.EXIT_NOT_FOUND, b"", message
-        if not isinstance(err, FileNotFoundError):
-            code = protocol.EXIT_NOT_RUNNABLE
+        stdout, stderr = b"", f"kvmlab: cannot run {request['argv'][0]}: {err}\n".encode()
+        code = protocol.EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else protocol.EXIT_NOT_RUNNABLE
         if stream:
-            sys.stderr.buffer.write(message)
+            sys.stderr.buffer.write(stderr)
             sys.stderr.flush()
-    except (ValueError, tarfile.TarError) as err:  # a request the host got wrong
-        code, stdout, stderr = protocol.EXIT_NOT_RUNNABLE, b"", f"kvmlab: bad request: {err}\n".encode()
-    stdout, stderr = stdout or b"", stderr or b""
+    return answer(request, code, stdout, stderr, time.monotonic() - started)
+
+
+def answer(request: dict, code, stdout: bytes | None, stderr: bytes | None, elapsed_s: float) -> dict:
     return {
         "id": request.get("id"),
         "code": code,
-        "elapsed_s": time.monotonic() - started,
-        "stdout": stdout[-STREAM_TAIL:].decode(errors="replace"),
-        "stderr": stderr[-STREAM_TAIL:].decode(errors="replace"),
+        "elapsed_s": elapsed_s,
+        "stdout": (stdout or b"")[-STREAM_TAIL:].decode(errors="replace"),
+        "stderr": (stderr or b"")[-STREAM_TAIL:].decode(errors="replace"),
         "files": {path: _take(path) for path in request.get("files", [])},
     }
 

@@ -179,7 +179,8 @@ def measured_by(config: dict) -> str:
     rounds = ""
     if config.get("boot_per_round"):
         rounds = ("; each round in fresh boots" if config.get("fresh_boot") else
-                  "; each round in guests restored from a boot of its own (one saved boot per kernel and round)")
+                  "; each round in guests restored from a boot of its own (one saved boot per kernel "
+                  "and round)")
     return (
         f"Clock: {meaning}; QEMU {qemu.get('version', '?')} ({qemu.get('package') or 'KVMLAB_QEMU'}), "
         f"-cpu {config.get('cpu', '?')}, {config.get('cpus', 2)} L1 vCPU(s){rounds}."
