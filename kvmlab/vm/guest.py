@@ -125,7 +125,7 @@ class Guest:
         self._follow(self._vm)
         if self.agent:
             self._await_agent()
-        (self.run_dir / "initrd.cpio").unlink(missing_ok=True)
+            (self.run_dir / "initrd.cpio").unlink(missing_ok=True)  # loaded long ago: free the disk
 
     def _template(self) -> template.Template | None:
         """The role's template: loaded, or made now with one boot (None: it could not be saved,
@@ -274,10 +274,6 @@ class Guest:
         if self._result is not None:
             return self._result
         status = self.status
-        if job_code == protocol.AGENT_TIMEOUT:
-            status.timed_out = True
-        elif job_code is not None:
-            status.exit_code = int(job_code)
         kept = self.options.keep and status.exit_code is not None and not self.agent
         try:
             if self.process is not None and not kept:
@@ -290,6 +286,11 @@ class Guest:
             if not kept:
                 self._shut()
         self._liveness.catch_up()
+        # The agent's own exit, which its init reports, is not the job's: the request's code is.
+        if job_code == protocol.AGENT_TIMEOUT:
+            status.exit_code, status.timed_out = None, True
+        elif job_code is not None:
+            status.exit_code = int(job_code)
         return self._judge(kept)
 
     def kill(self, state: str = "killed") -> None:
