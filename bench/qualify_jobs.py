@@ -51,7 +51,7 @@ def qualify(jobs: int, out: Path) -> dict:
     store = Store(out)
     records = store.records()
     crashes = sum(1 for r in records if r["kind"] == "crash")
-    boots = len({r["boot"] for r in records if r["kind"] == "run"})
+    boots = len({r.get("template_boot") or r["boot"] for r in records if r["kind"] == "run"})
     result = analysis.analyse(store.config, records)
     return {
         "jobs": jobs, "wall_s": round(took, 1),

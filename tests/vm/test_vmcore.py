@@ -20,14 +20,19 @@ pytestmark = pytest.mark.vm
 HOLD = "python3 -m kselftest_py.hold_memslots --detach -n 40"
 
 
-@pytest.mark.parametrize("spec", ["debian:bookworm", "debian:bullseye"])
-def test_a_panic_leaves_a_vmcore_in_which_drgn_finds_the_vms_memslots(spec, no_leaked_qemu):
+@pytest.mark.parametrize("spec, how", [("debian:bookworm", "restored"), ("debian:bullseye", "restored"),
+                                       ("debian:bookworm", "fresh-boot")])
+def test_a_panic_leaves_a_vmcore_in_which_drgn_finds_the_vms_memslots(spec, how, no_leaked_qemu):
+    """A guest restored from its template (``kvmlab run``'s default) and one booted afresh
+    leave the same kind of vmcore."""
     panic = f"{HOLD} && echo c > /proc/sysrq-trigger"
-    done = kvmlab("run", spec, "--timeout", "300", "--", "sh", "-c", panic)
+    fresh = ["--fresh-boot"] if how == "fresh-boot" else []
+    done = kvmlab("run", spec, "--timeout", "300", *fresh, "--", "sh", "-c", panic)
     assert done.returncode == 125, done.stderr[-3000:]
     assert "guest kernel reported a panic" in done.stderr and "sysrq" in done.stderr
     run_dir = cache.area("runs") / re.search(r"run directory \S*/runs/(\S+)", done.stderr).group(1)
     info = runs.read(run_dir)
+    assert info.get("restored", False) is (how == "restored"), info
     assert info["vmcore"] == str(run_dir / "vmcore") and info["vmcore_format"] == "elf", info
     assert f"vmcore: {run_dir / 'vmcore'} (" in done.stderr
     # The whole 4 GiB of guest memory, but on disk only what the guest had touched.
