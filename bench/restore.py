@@ -111,7 +111,8 @@ def main() -> int:
     kernel = kernels.fetch(SPEC)
     quiet = open(os.devnull, "w")
     options = RunOptions(argv=[])
-    kvmlab_run()  # the run template exists from here on
+    kvmlab_run()  # the run template exists from here on, and so does the bench's own:
+    start_time(kernel, options, "bench-restore", quiet)
     restores, boots, run_restored, run_booted, rss = [], [], [], [], {"restored": [], "booted": []}
     with tempfile.TemporaryDirectory():
         for _ in range(args.runs):
