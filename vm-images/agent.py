@@ -22,6 +22,7 @@ The host talks to it over the virtio-serial port ``protocol.PORT_CONTROL`` in JS
 """
 
 import base64
+import compileall
 import io
 import json
 import os
@@ -125,6 +126,10 @@ def _take(path: str) -> str | None:
 
 
 def main() -> int:
+    # Compiled once here, the guest's packages import in 0.11 s of guest time instead of
+    # 0.18 s in every command after (the layer carries no bytecode, and jobs write none);
+    # a template keeps the bytecode for every guest restored from it.
+    compileall.compile_dir(protocol.GUEST_CODE, quiet=1)
     port = open_port(protocol.PORT_CONTROL)
     send(port, {"event": protocol.EVENT_AGENT_READY, "release": os.uname().release})
     for request in requests(port):
