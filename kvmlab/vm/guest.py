@@ -142,7 +142,7 @@ class Guest:
             return self._make_template(directory, key)
 
     def _make_template(self, directory: Path, key: dict) -> template.Template | None:
-        ram = template.live_ram(directory)
+        ram = template.live_ram(directory, self.settings.memory_mb)
         self._say(f"making template {directory.name} (one boot, then every guest of it restores)")
         try:
             self._boot(ram_file=ram)

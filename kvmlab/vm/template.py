@@ -134,9 +134,16 @@ def discard(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def live_ram(directory: Path) -> Path:
-    """The tmpfs file a template's memory is booted in before it moves to ``directory``."""
-    return LIVE_RAM / f"kvmlab-{directory.name}-{os.getpid()}.ram"
+def live_ram(directory: Path, memory_mb: int) -> Path:
+    """The file a template's memory is booted in before it moves to ``directory``: on
+    tmpfs where it has room for the whole memory (a guest writing past a full tmpfs would
+    take QEMU down with SIGBUS), else beside the template on disk."""
+    name = f"kvmlab-{directory.name}-{os.getpid()}.ram"
+    try:
+        roomy = shutil.disk_usage(LIVE_RAM).free > (memory_mb << 20)
+    except OSError:
+        roomy = False
+    return LIVE_RAM / name if roomy else directory.parent / f".{name}"
 
 
 def save(booted: boot.Booted, directory: Path, key: dict, ready_s: float) -> Template:

@@ -1,0 +1,117 @@
+"""Templates on plain data: what keys one, and what ``load`` trusts (no VM: files written by hand
+as ``template.save`` writes them). tests/vm/test_template.py restores real ones."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kvmlab.kernels.model import Kernel
+from kvmlab.vm import boot, image, template
+from kvmlab.vm.accel import Accel
+from kvmlab.vm.clock import Clock
+from kvmlab.vm.emulator import Emulator
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMLAB_CACHE", str(tmp_path / "cache"))
+
+
+def settings(tmp_path: Path, **changes) -> boot.Settings:
+    vmlinuz = tmp_path / "vmlinuz"
+    if not vmlinuz.exists():
+        vmlinuz.write_bytes(b"kernel")
+    kernel = Kernel(spec="debian:bookworm", pinned="debian:linux-image-6.1", release="6.1.0-50-cloud-amd64",
+                    vmlinuz=vmlinuz, config=None, system_map=None, modules_root=None)
+    fields = dict(kernel=kernel, accel=Accel("tcg", "EPYC,+svm", "test"),
+                  emulator=Emulator("/usr/bin/qemu-system-x86_64", "10.0.2"), clock=Clock("icount", "test"),
+                  cpus=1, memory_mb=1, append="kvm.tdp_mmu=0", env={"PYTHONHASHSEED": "0"},
+                  recipe=image.recipe(), modules=["kvm_amd"], panic_driver=None)
+    return boot.Settings(**{**fields, **changes})
+
+
+def saved(key: dict, ram_bytes: int | None = None, state: bytes = b"state") -> Path:
+    """A template directory for ``key`` as ``template.save`` leaves it."""
+    directory = template.directory_for(key)
+    directory.mkdir(parents=True)
+    with open(directory / template.RAM, "wb") as ram:
+        ram.truncate(key["memory_mb"] << 20 if ram_bytes is None else ram_bytes)
+    (directory / template.STATE).write_bytes(state)
+    record = {"inputs": key, "boot": "20261207-120000-abcdef", "ready_s": 11.2, "state_bytes": len(state)}
+    (directory / template.RECORD).write_text(json.dumps(record))
+    return directory
+
+
+def test_everything_that_shapes_the_guest_makes_another_template(tmp_path):
+    base = template.inputs(settings(tmp_path), "qualify-base-round0")
+    assert template.directory_for(base) == template.directory_for(dict(base))
+    others = [
+        template.inputs(settings(tmp_path), "qualify-base-round1"),
+        template.inputs(settings(tmp_path), "qualify-patched-round0"),
+        template.inputs(settings(tmp_path, cpus=2), "qualify-base-round0"),
+        template.inputs(settings(tmp_path, memory_mb=2), "qualify-base-round0"),
+        template.inputs(settings(tmp_path, append=""), "qualify-base-round0"),
+        template.inputs(settings(tmp_path, clock=Clock("wall", "test")), "qualify-base-round0"),
+        template.inputs(settings(tmp_path, emulator=Emulator("/usr/bin/qemu-system-x86_64", "9.2.0")),
+                        "qualify-base-round0"),
+        template.inputs(settings(tmp_path), "qualify-base-round0", {"trace.json": "{}"}),
+    ]
+    names = {template.directory_for(key).name for key in others}
+    assert len(names) == len(others) and template.directory_for(base).name not in names
+    (tmp_path / "vmlinuz").write_bytes(b"a rebuilt kernel")  # the same path, other contents
+    assert template.inputs(settings(tmp_path), "qualify-base-round0")["vmlinuz"] != base["vmlinuz"]
+
+
+def test_a_template_is_named_for_its_kernel_and_role(tmp_path):
+    key = template.inputs(settings(tmp_path), "qualify base/round 0")
+    name = template.directory_for(key).name
+    assert name.startswith("6.1.0-50-cloud-amd64-qualify-base-round-0-") and "/" not in name
+
+
+def test_load_trusts_a_whole_template_and_says_what_is_wrong_with_another(tmp_path):
+    key = template.inputs(settings(tmp_path), "run")
+    assert template.load(template.directory_for(key), key) == (None, None)  # none yet: no complaint
+    directory = saved(key)
+    found, problem = template.load(directory, key)
+    assert problem is None and found.boot == "20261207-120000-abcdef" and found.boot_s == 11.2
+    assert found.describe() == {"template": directory.name, "template_boot": "20261207-120000-abcdef",
+                                "template_boot_s": 11.2}
+
+    other = {**key, "append": "kvm.tdp_mmu=1"}
+    assert template.load(directory, other) == (None, "is stale (made with another append)")
+
+    (directory / template.STATE).write_bytes(b"stat")
+    assert template.load(directory, key)[1] == "is damaged (state holds 4 bytes, 5 expected)"
+    (directory / template.STATE).unlink()
+    assert template.load(directory, key)[1] == "is damaged (state is missing)"
+    (directory / template.RECORD).write_text("[1, 2")
+    assert template.load(directory, key)[1].startswith("is damaged (template.json: ")
+    (directory / template.RECORD).write_text("[]")
+    assert template.load(directory, key)[1] == "is damaged (template.json is not a template record)"
+
+
+def test_a_memory_file_cut_short_is_damage(tmp_path):
+    key = template.inputs(settings(tmp_path), "run")
+    directory = saved(key, ram_bytes=4096)
+    assert template.load(directory, key) == (None, f"is damaged (ram holds 4096 bytes, {1 << 20} expected)")
+
+
+def test_unusable_names_a_changed_or_removed_kernel(tmp_path):
+    key = template.inputs(settings(tmp_path), "run")
+    directory = saved(key)
+    assert template.unusable(directory) is None
+    os.utime(tmp_path / "vmlinuz", (1, 1))
+    assert template.unusable(directory) == f"stale (its kernel {tmp_path / 'vmlinuz'} has changed)"
+    (tmp_path / "vmlinuz").unlink()
+    assert template.unusable(directory) == f"stale (its kernel {tmp_path / 'vmlinuz'} is gone)"
+    (directory / template.RECORD).write_text("{")
+    assert template.unusable(directory) == "damaged (no readable template.json)"
+
+
+def test_live_memory_goes_to_disk_when_tmpfs_has_no_room(tmp_path, monkeypatch):
+    directory = template.area() / "6.1-run-0123"
+    assert template.live_ram(directory, 1).parent == template.LIVE_RAM
+    monkeypatch.setattr(template, "LIVE_RAM", tmp_path / "no-such-tmpfs")
+    assert template.live_ram(directory, 1).parent == template.area()
