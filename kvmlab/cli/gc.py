@@ -102,14 +102,17 @@ def _gc_templates(args: argparse.Namespace) -> None:
     """Prune the saved guests (``kvmlab.vm.template``), and say what they hold."""
     plan = gc.plan_templates(_older_than_s(args.templates_older_than, "--templates-older-than"))
     doomed = [stored for stored, _ in plan.removable]
-    going = sum(stored.disk_bytes for stored in doomed)
+    going = sum(stored.disk_bytes for stored in doomed) + sum(gc.disk_usage(path) for path in plan.leftovers)
     staying = sum(stored.disk_bytes for stored in plan.kept)
     verb = "would remove" if args.dry_run else "removed"
     for stored, why in plan.removable:
         print(f"{'would remove' if args.dry_run else 'removing'} template {stored.directory.name} "
               f"({size(stored.disk_bytes)}): {why}")
+    for path in plan.leftovers:
+        print(f"{'would remove' if args.dry_run else 'removing'} {path}: left by a kvmlab that died "
+              "saving a template")
     if not args.dry_run:
-        gc.remove_templates(doomed)
+        gc.remove_templates(doomed, plan.leftovers)
     print(f"kvmlab gc: {verb} {len(doomed)} of {len(doomed) + len(plan.kept)} templates in "
           f"{template.area()}, freeing {size(going)}; kept {len(plan.kept)} ({size(staying)} on disk)")
 

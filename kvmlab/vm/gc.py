@@ -214,6 +214,8 @@ class TemplatePlan:
     kept: list[template.Stored] = field(default_factory=list)
     removable: list[tuple[template.Stored, str]] = field(default_factory=list)
     """Each with why it may go."""
+    leftovers: list[Path] = field(default_factory=list)
+    """What a kvmlab killed while saving a template left (``template.leftovers``)."""
 
 
 def plan_templates(idle_s: float) -> TemplatePlan:
@@ -229,14 +231,21 @@ def plan_templates(idle_s: float) -> TemplatePlan:
             result.kept.append(stored)
         else:
             result.removable.append((stored, why))
+    result.leftovers = template.leftovers()
     return result
 
 
-def remove_templates(doomed: list[template.Stored]) -> int:
-    """Remove the templates of a plan; returns the bytes freed. A guest restored from
-    one keeps its memory mapped: the file goes when that guest ends."""
+def remove_templates(doomed: list[template.Stored], leftovers: list[Path] = ()) -> int:
+    """Remove the templates of a plan and the leftovers; returns the bytes freed. A guest
+    restored from a template keeps its memory mapped: the file goes when that guest ends."""
     freed = 0
     for stored in doomed:
         template.discard(stored.directory)
         freed += stored.disk_bytes
+    for path in leftovers:
+        freed += disk_usage(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return freed

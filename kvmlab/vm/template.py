@@ -249,6 +249,31 @@ def scan() -> list[Stored]:
     return sorted(found, key=lambda stored: stored.last_used)
 
 
+SCRATCH_STALE_S = 3600.0
+"""A template's scratch directory this old belongs to a kvmlab that died saving it."""
+
+
+def leftovers() -> list[Path]:
+    """What a kvmlab killed while making a template leaves: the memory file it booted the
+    template in (named for its pid, which is gone) and its half-written scratch directory."""
+    found = []
+    for directory in (LIVE_RAM, area()):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name.lstrip(".")
+            if name.startswith("kvmlab-") and name.endswith(".ram"):
+                pid = name.removesuffix(".ram").rsplit("-", 1)[-1]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    found.append(Path(entry.path))
+            elif directory == area() and entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > SCRATCH_STALE_S:
+                    found.append(Path(entry.path))
+    return found
+
+
 def unusable(directory: Path) -> str | None:
     """Why a stored template can never be restored again (None: it may be): no readable
     record, or its kernel file has changed or gone since it was saved."""

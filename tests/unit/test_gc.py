@@ -292,3 +292,28 @@ def test_gc_prunes_templates_unused_for_long_or_whose_kernel_changed(tmp_path):
     assert not recent.exists()
     bad = kvmlab("gc", "--templates-older-than", "soon")
     assert_one_line_error(bad, "--templates-older-than wants a number of days")
+
+
+def test_gc_removes_what_a_killed_kvmlab_left_while_saving_a_template(processes):
+    """A template's memory file named for a pid that is gone, and a scratch directory
+    older than an hour, go; those of a kvmlab still saving one stay."""
+    ended = processes([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = processes([sys.executable, "-c", "import time; time.sleep(600)"])
+    area = template.area()
+    dead_ram = area / f".kvmlab-6.1-run-0123-{ended.pid}.ram"
+    live_ram = area / f".kvmlab-6.1-run-0123-{alive.pid}.ram"
+    for ram in (dead_ram, live_ram):
+        ram.write_bytes(b"\1" * 8192)
+    old_scratch, new_scratch = area / ".6.1-run-0123.abc", area / ".6.1-run-4567.def"
+    for scratch in (old_scratch, new_scratch):
+        scratch.mkdir()
+        (scratch / "state").write_bytes(b"state")
+    old = time.time() - 2 * 3600
+    os.utime(old_scratch, (old, old))
+
+    done = kvmlab("gc")
+    assert done.returncode == 0, done.stderr
+    assert not dead_ram.exists() and not old_scratch.exists()
+    assert live_ram.exists() and new_scratch.exists()
+    assert f"removing {dead_ram}: left by a kvmlab that died saving a template" in done.stdout
