@@ -93,7 +93,8 @@ def inputs(settings: boot.Settings, role: str, files: dict[str, str] | None = No
     kernel = settings.kernel
     return {
         "format": FORMAT, "role": role, "kernel": kernel.pinned, "release": kernel.release,
-        "vmlinuz": _identity(kernel.vmlinuz), "image": settings.recipe.key, "guest_code": layer.code_digest(),
+        "vmlinuz": _identity(kernel.vmlinuz), "kvm_modules": _kvm_modules(kernel),
+        "image": settings.recipe.key, "guest_code": layer.code_digest(),
         "qemu": settings.emulator.to_json(), "accel": settings.accel.name, "cpu": settings.accel.cpu,
         "clock": settings.clock.name, "cpus": settings.cpus, "memory_mb": settings.memory_mb,
         "append": settings.append, "env": settings.env, "modules": settings.modules, "files": files or {},
@@ -218,6 +219,15 @@ def _sparse_move(source: Path, target: Path) -> None:
     source.unlink(missing_ok=True)
     if done.returncode != 0:
         raise RestoreFailed(f"moving the template's memory failed: {done.stderr.strip()}")
+
+
+def _kvm_modules(kernel) -> list[str]:
+    """The KVM modules the guest loads, as files: a kernel rebuilt with other modules under
+    the same spec (a local tree, kvm-modules) must not restore a guest holding the old ones."""
+    if kernel.modules_root is None:
+        return []
+    kvm = kernel.modules_root / "lib" / "modules" / kernel.release / "kernel" / "arch" / "x86" / "kvm"
+    return [_identity(path) for path in sorted(kvm.glob("kvm*.ko*"))] if kvm.is_dir() else []
 
 
 def _identity(path: Path) -> str:

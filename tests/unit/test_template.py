@@ -115,3 +115,19 @@ def test_live_memory_goes_to_disk_when_tmpfs_has_no_room(tmp_path, monkeypatch):
     assert template.live_ram(directory, 1).parent == template.LIVE_RAM
     monkeypatch.setattr(template, "LIVE_RAM", tmp_path / "no-such-tmpfs")
     assert template.live_ram(directory, 1).parent == template.area()
+
+
+def test_rebuilt_kvm_modules_make_another_template(tmp_path):
+    """A local tree or kvm-modules: rebuilt under the same spec, its KVM modules change."""
+    root = tmp_path / "root"
+    kvm = root / "lib/modules/6.1.0-50-cloud-amd64/kernel/arch/x86/kvm"
+    kvm.mkdir(parents=True)
+    (kvm / "kvm.ko").write_bytes(b"kvm")
+    (kvm / "kvm-amd.ko").write_bytes(b"kvm-amd")
+    base = settings(tmp_path)
+    kernel = Kernel(**{**base.kernel.__dict__, "modules_root": root})
+    before = template.inputs(settings(tmp_path, kernel=kernel), "run")
+    assert len(before["kvm_modules"]) == 2
+    (kvm / "kvm.ko").write_bytes(b"kvm, patched")
+    after = template.inputs(settings(tmp_path, kernel=kernel), "run")
+    assert template.directory_for(after) != template.directory_for(before)
