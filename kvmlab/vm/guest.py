@@ -89,6 +89,8 @@ class Guest:
         self._held = False
         """A restored guest stays paused until its first message is sent (``_settle``)."""
         self._restored_at = 0.0
+        self._ended_with: int | None = None
+        """QEMU's exit status as ``_shut`` found it, before ending it (None: still running)."""
 
         self._result: lifecycle.RunResult | None = None
 
@@ -110,6 +112,8 @@ class Guest:
                 try:
                     self._restore(found)
                 except template.RestoreFailed as err:
+                    if self._killed():
+                        self._fail()  # killed from outside mid-restore: a guest lost, not a bad template
                     self._say(f"{err}; booting afresh")
                     self._abandon("restore failed")
                     template.discard(found.directory)
@@ -149,6 +153,8 @@ class Guest:
             try:
                 made = template.save(self._vm, directory, key, self.status.ready_at or 0.0)
             except template.RestoreFailed as err:
+                if self._killed():
+                    self._fail()
                 self._say(f"{err}; this guest goes on as a fresh boot")
                 self._monitor("cont")
                 return None
@@ -173,6 +179,8 @@ class Guest:
         try:
             self._socket = self._connect(machine.control_socket)
         except GuestDown as down:
+            if self._killed():
+                raise
             raise template.RestoreFailed(f"restored guest of {found.name} went down: "
                                          f"{down.result.message.splitlines()[0]}") from None
         self.status.ready_at = self.status.last_beat = 0.0
@@ -180,6 +188,11 @@ class Guest:
         self._held = True
         self._restored_at = time.monotonic()
         runs.record(run_dir, state="running", restore_s=round(time.monotonic() - self._vm.started, 3))
+
+    def _killed(self) -> bool:
+        """QEMU ended by a signal (another process killed it), not by failing on its own."""
+        code = self.process.poll() if self.process is not None else self._ended_with
+        return code is not None and code < 0
 
     def _follow(self, vm: boot.Booted) -> None:
         self.run_dir, self.process = vm.run_dir, vm.process
@@ -346,6 +359,7 @@ class Guest:
             self._socket.close()
             self._socket = None
         if self.process is not None:
+            self._ended_with = self.process.poll()
             lifecycle.kill(self.process)
             if state != "finished":
                 runs.record(self.run_dir, state=state)
