@@ -186,9 +186,10 @@ def assemble(settings: Settings, options: RunOptions, run_dir: Path, log=sys.std
 
 
 def describe(settings: Settings, run_dir: Path, log=sys.stderr) -> None:
-    """Say, and record in run.json, what the guest runs under."""
-    print(f"kvmlab: {settings.accel.describe()}; {settings.emulator.describe()}; {settings.clock.describe()}",
-          file=log)
+    """Say (``log`` None: only record) and record in run.json what the guest runs under."""
+    if log is not None:
+        print(f"kvmlab: {settings.accel.describe()}; {settings.emulator.describe()}; "
+              f"{settings.clock.describe()}", file=log)
     runs.record(run_dir, qemu=settings.emulator.to_json(), accel=settings.accel.name, cpu=settings.accel.cpu,
                 clock=settings.clock.name, cpus=settings.cpus, memory_mb=settings.memory_mb,
                 panic_driver=settings.panic_driver)

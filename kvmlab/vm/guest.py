@@ -89,6 +89,7 @@ class Guest:
         self._held = False
         """A restored guest stays paused until its first message is sent (``_settle``)."""
         self._restored_at = 0.0
+        self._vm_made_template = False
         self._ended_with: int | None = None
         """QEMU's exit status as ``_shut`` found it, before ending it (None: still running)."""
 
@@ -161,6 +162,7 @@ class Guest:
         finally:
             ram.unlink(missing_ok=True)  # the guest keeps its mapping; the file is the template's now
         runs.record(self.run_dir, state="saved", saved_as=made.name)
+        self._vm_made_template = True  # its boot said what the guest runs under
         self._forget()
         return made
 
@@ -171,7 +173,7 @@ class Guest:
                     state="preparing", restored=True, **found.describe(), **self.options.labels)
         initrd = run_dir / "initrd.cpio"
         initrd.touch()  # QEMU opens -initrd at start; the restored memory already holds its contents
-        boot.describe(self.settings, run_dir, self.log)
+        boot.describe(self.settings, run_dir, None if self._vm_made_template else self.log)
         machine = boot.machine_for(self.settings, run_dir, initrd, ram_file=found.ram, incoming=True)
         self._vm = boot.launch(machine, self.options.keep)
         self._follow(self._vm)
