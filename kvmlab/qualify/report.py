@@ -350,7 +350,7 @@ def conditions_markdown(analysis: Analysis, every_row: bool = False) -> list[str
     shown = [name for name in names if every_row or name in differing or name in KEY_CONDITIONS]
     lines = [
         f"Conditions, as the guests reported them ({found.boots['base']} base and "
-        f"{found.boots['patched']} patched boots) and from each kernel's config; "
+        f"{found.boots['patched']} patched guests) and from each kernel's config; "
         + ("≠ marks a difference, ≠ **setting** one both sides have, set differently:" if differing
            else "the two sides differ in none of them:"),
         "",

@@ -132,7 +132,7 @@ def test_a_qualification_of_a_kernel_against_itself_marks_nothing():
     result = _analysis_with(GUEST, dict(GUEST))
     text = report.markdown(result)
     assert "≠" not in text and "conditions differ" not in text
-    assert "Conditions, as the guests reported them (1 base and 1 patched boots)" in text
+    assert "Conditions, as the guests reported them (1 base and 1 patched guests)" in text
 
 
 def test_a_store_without_conditions_says_so_and_judges_as_before():

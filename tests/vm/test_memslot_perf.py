@@ -11,14 +11,21 @@ ALL_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactive
 
 
 STALLED = "stopped responding"
+L2_TRIPLE_FAULT = "unexpected exit KVM_EXIT_SHUTDOWN"
 
 
 def _stalled(done) -> bool:
     return done.returncode == 124 and STALLED in done.stderr
 
 
+def _emulator_failed(done) -> bool:
+    """The two faces of nested TCG's trouble (docs/known-problems.md): the L1 kernel stalled,
+    or an L2 vCPU triple-faulted (seen once in RW at 10 slots on 6.1 in a full suite run)."""
+    return _stalled(done) or L2_TRIPLE_FAULT in done.stdout
+
+
 def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tuple[object, dict]:
-    """Run memslot_perf in the lab; up to two retries if the guest kernel livelocked.
+    """Run memslot_perf in the lab; up to two retries (each a warning) if the emulator failed it.
 
     Nested KVM under multi-threaded TCG occasionally freezes the whole L1 kernel (both
     vCPUs spinning in __schedule, jiffies stopped; seen with upstream's C test too, see
@@ -27,7 +34,7 @@ def memslot_perf(spec: str, tmp_path, *args: str, timeout: float = 1500) -> tupl
     done = kvmlab_retrying(
         "run", spec, "--timeout", str(timeout), "--out", str(tmp_path), "--",
         "python3", "-m", "kselftest_py.memslot_perf", "--json", "/results/perf.json", *args,
-        retry_if=_stalled, timeout=timeout + 120)
+        retry_if=_emulator_failed, timeout=timeout + 120)
     path = tmp_path / "perf.json"
     return done, json.loads(path.read_text()) if path.exists() else {}
 
@@ -40,7 +47,7 @@ def test_every_test_runs_and_verifies(spec, counts, tmp_path):
     script = "; ".join(f"python3 -m kselftest_py.memslot_perf -s {slots} -l 1 -d "
                        f"--json /results/perf-{slots}.json" for slots in counts)
     done = kvmlab_retrying("run", spec, "--timeout", "1500", "--out", str(tmp_path), "--", "sh", "-c",
-                           script, retry_if=_stalled, timeout=1620)
+                           script, retry_if=_emulator_failed, timeout=1620)
     for slots in counts:
         report = json.loads((tmp_path / f"perf-{slots}.json").read_text())
         assert report["exit_code"] == 0, done.stdout[-3000:] + done.stderr[-2000:]
