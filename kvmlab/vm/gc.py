@@ -211,11 +211,33 @@ TEMPLATE_IDLE_DAYS = 14.0
 
 @dataclass
 class TemplatePlan:
-    kept: list[template.Stored] = field(default_factory=list)
-    removable: list[tuple[template.Stored, str]] = field(default_factory=list)
+    kept: list[StoredTemplate] = field(default_factory=list)
+    removable: list[tuple[StoredTemplate, str]] = field(default_factory=list)
     """Each with why it may go."""
     leftovers: list[Path] = field(default_factory=list)
     """What a kvmlab killed while saving a template left (``template.leftovers``)."""
+
+
+@dataclass(frozen=True)
+class StoredTemplate:
+    directory: Path
+    last_used: float
+    disk_bytes: int
+
+
+def scan_templates() -> list[StoredTemplate]:
+    """Every template directory in the cache, least recently used first."""
+    found = []
+    for entry in os.scandir(template.area()):
+        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+            continue  # a template being made, or a lock
+        directory = Path(entry.path)
+        try:
+            used = (directory / template.USED).stat().st_mtime
+        except OSError:
+            used = entry.stat(follow_symlinks=False).st_mtime
+        found.append(StoredTemplate(directory, used, disk_usage(directory)))
+    return sorted(found, key=lambda stored: stored.last_used)
 
 
 def plan_templates(idle_s: float) -> TemplatePlan:
@@ -223,7 +245,7 @@ def plan_templates(idle_s: float) -> TemplatePlan:
     (their key names the kernel file as it was), or without a readable record."""
     now = time.time()
     result = TemplatePlan()
-    for stored in template.scan():
+    for stored in scan_templates():
         why = template.unusable(stored.directory)
         if why is None and now - stored.last_used > idle_s:
             why = f"unused for {(now - stored.last_used) / 86400:.0f} days"
@@ -235,7 +257,7 @@ def plan_templates(idle_s: float) -> TemplatePlan:
     return result
 
 
-def remove_templates(doomed: list[template.Stored], leftovers: list[Path] = ()) -> int:
+def remove_templates(doomed: list[StoredTemplate], leftovers: list[Path] = ()) -> int:
     """Remove the templates of a plan and the leftovers; returns the bytes freed. A guest
     restored from a template keeps its memory mapped: the file goes when that guest ends."""
     freed = 0

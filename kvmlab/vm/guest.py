@@ -208,10 +208,7 @@ class Guest:
 
     def _abandon(self, state: str) -> None:
         """End a QEMU that will not be used, leaving its run directory to say why."""
-        if self.process is not None:
-            lifecycle.kill(self.process)
-        if self.run_dir is not None:
-            runs.record(self.run_dir, state=state)
+        self._shut(state=state)
         self._forget()
 
     def _forget(self) -> None:

@@ -43,12 +43,9 @@ def run(kernel: Kernel, options: RunOptions, log=sys.stderr) -> RunResult:
     followers = _follow_streams(guest.run_dir, options.stream)
     code = None
     try:
-        argv, files = options.argv, {f"{protocol.GUEST_ROOT}/{name}": text.encode()
-                                     for name, text in options.files.items()}
-        if options.trace:
-            files.update({f"{protocol.GUEST_ROOT}/{name}": text.encode()
-                          for name, text in boot.trace_files(options.trace).items()})
-            argv = boot.traced(argv)
+        named = {**options.files, **(boot.trace_files(options.trace) if options.trace else {})}
+        files = {f"{protocol.GUEST_ROOT}/{name}": text.encode() for name, text in named.items()}
+        argv = boot.traced(options.argv) if options.trace else options.argv
         reply = guest.request(argv, timeout_s=options.timeout_s, env=options.env, put=files,
                               added=options.added, stream=True)
         code = reply.code

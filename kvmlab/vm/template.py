@@ -10,7 +10,7 @@ already is the memory. Both files then move into the cache. A restore maps the R
 loads the device state with ``-incoming defer`` and ``migrate-incoming``. Under icount
 the instruction counter is part of that state, so a restored guest goes on counting
 from where its template stopped: two restores of one template run the same work to
-the same nanosecond (docs/benchmarks.md).
+the same nanosecond, or within 0.05 % (docs/benchmarks.md).
 
 A template is keyed by everything that shapes the saved guest (``inputs``): the
 kernel, the image, the guest code, QEMU, accelerator, CPU model, clock, vCPUs,
@@ -236,29 +236,6 @@ def _identity(path: Path) -> str:
     return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
-# -- what the cache holds, for kvmlab gc --------------------------------------------------
-@dataclass(frozen=True)
-class Stored:
-    directory: Path
-    last_used: float
-    disk_bytes: int
-
-
-def scan() -> list[Stored]:
-    """Every template directory in the cache, least recently used first."""
-    found = []
-    for entry in os.scandir(area()):
-        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
-            continue
-        directory = Path(entry.path)
-        try:
-            used = (directory / USED).stat().st_mtime
-        except OSError:
-            used = entry.stat(follow_symlinks=False).st_mtime
-        found.append(Stored(directory, used, _allocated(directory)))
-    return sorted(found, key=lambda stored: stored.last_used)
-
-
 SCRATCH_STALE_S = 3600.0
 """A template's scratch directory this old belongs to a kvmlab that died saving it."""
 
@@ -298,13 +275,3 @@ def unusable(directory: Path) -> str | None:
     except OSError:
         return f"stale (its kernel {path} is gone)"
     return None if current == vmlinuz else f"stale (its kernel {path} has changed)"
-
-
-def _allocated(directory: Path) -> int:
-    total = 0
-    for path in directory.iterdir():
-        try:
-            total += path.lstat().st_blocks * 512
-        except OSError:
-            continue
-    return total
