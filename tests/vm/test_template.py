@@ -31,8 +31,8 @@ def restored_from(stderr: str) -> str | None:
 
 def test_two_restores_of_one_template_measure_the_same(tmp_path):
     """Under icount a restored guest goes on from its template's instruction count: the same
-    memslot_perf cell, run in two restores, gives the same figures: equal to the nanosecond
-    in every trial so far (docs/benchmarks.md), asserted within the issue's 0.1 %."""
+    memslot_perf cell, run in two restores, gives the same figures: mostly equal to the
+    nanosecond, once 0.05 % apart (docs/benchmarks.md); asserted within the issue's 0.1 %."""
     figures = []
     for attempt in range(2):
         out = tmp_path / f"r{attempt}"
@@ -47,7 +47,7 @@ def test_two_restores_of_one_template_measure_the_same(tmp_path):
     assert made_a == made_b
     assert abs(first - second) <= 0.001 * first, figures
     assert abs(setup_a - setup_b) <= 0.001 * setup_a, figures
-    assert count_a == count_b, figures
+    assert abs(count_a - count_b) <= 0.001 * count_a, figures
 
 
 def _template_of(stderr: str):
