@@ -58,9 +58,9 @@ def qualify(jobs: int, out: Path) -> dict:
         "cores_busy": round((busy_after - busy_before) / os.sysconf("SC_CLK_TCK") / took, 2),
         "runs": sum(1 for r in records if r["kind"] == "run"), "boots": boots, "crashes": crashes,
         "verdict": next((line for line in done.stdout.splitlines() if line.startswith("Verdict:")), "?"),
-        "cells": {f"{c.test}@{c.slots}": (c.comparison.base_median, c.comparison.patched_median, c.verdict)
+        "cells": {f"{c.measure}@{c.point}": (c.comparison.base_median, c.comparison.patched_median, c.verdict)
                   for c in result.cells if c.comparison},
-        "spread": {f"{c.test}@{c.slots}": max(_range(c.base), _range(c.patched))
+        "spread": {f"{c.measure}@{c.point}": max(_range(c.base), _range(c.patched))
                    for c in result.cells if c.comparison},
     }
 

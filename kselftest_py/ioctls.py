@@ -162,6 +162,40 @@ class KvmCpuid2Header(ctypes.Structure):
     _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
 
 
+class KvmDirtyLog(ctypes.Structure):
+    """``struct kvm_dirty_log``: KVM_GET_DIRTY_LOG's slot and the address of the bitmap
+    KVM fills, one bit per page of the slot, in 64-bit words."""
+
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("padding1", ctypes.c_uint32),
+        ("dirty_bitmap", ctypes.c_uint64),
+    ]
+
+
+class KvmClearDirtyLog(ctypes.Structure):
+    """``struct kvm_clear_dirty_log``: KVM_CLEAR_DIRTY_LOG re-protects the pages whose bits
+    are set in the bitmap, over ``num_pages`` pages from ``first_page`` of ``slot``."""
+
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("num_pages", ctypes.c_uint32),
+        ("first_page", ctypes.c_uint64),
+        ("dirty_bitmap", ctypes.c_uint64),
+    ]
+
+
+class KvmEnableCap(ctypes.Structure):
+    """``struct kvm_enable_cap``: a capability to enable on a VM (or vCPU) and its arguments."""
+
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
 def kvm_cpuid2(entries: int) -> ctypes.Structure:
     """A ``struct kvm_cpuid2`` with room for ``entries`` entries, ``nent`` set to that."""
 
@@ -187,7 +221,10 @@ KVM_GET_VCPU_MMAP_SIZE = IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, ctypes.sizeof(KvmCpuid2Header))
 # on a VM fd
 KVM_CREATE_VCPU = IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = IOW(KVMIO, 0x42, ctypes.sizeof(KvmDirtyLog))
 KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
+KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, ctypes.sizeof(KvmEnableCap))
+KVM_CLEAR_DIRTY_LOG = IOWR(KVMIO, 0xC0, ctypes.sizeof(KvmClearDirtyLog))
 # on a vCPU fd
 KVM_RUN = IO(KVMIO, 0x80)
 KVM_GET_REGS = IOR(KVMIO, 0x81, ctypes.sizeof(KvmRegs))
@@ -203,7 +240,10 @@ IOCTL_NAMES = {
     KVM_GET_VCPU_MMAP_SIZE: "KVM_GET_VCPU_MMAP_SIZE",
     KVM_GET_SUPPORTED_CPUID: "KVM_GET_SUPPORTED_CPUID",
     KVM_CREATE_VCPU: "KVM_CREATE_VCPU",
+    KVM_GET_DIRTY_LOG: "KVM_GET_DIRTY_LOG",
     KVM_SET_USER_MEMORY_REGION: "KVM_SET_USER_MEMORY_REGION",
+    KVM_ENABLE_CAP: "KVM_ENABLE_CAP",
+    KVM_CLEAR_DIRTY_LOG: "KVM_CLEAR_DIRTY_LOG",
     KVM_RUN: "KVM_RUN",
     KVM_GET_REGS: "KVM_GET_REGS",
     KVM_SET_REGS: "KVM_SET_REGS",
@@ -219,6 +259,11 @@ KVM_CAP_USER_MEMORY = 3
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's flags (what KVM_CHECK_EXTENSION answers, and args[0])
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 # --- memslot flags -------------------------------------------------------------------
 

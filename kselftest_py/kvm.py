@@ -30,11 +30,14 @@ from collections import namedtuple
 from kselftest_py.ioctls import (
     IOCTL_NAMES,
     KVM_CHECK_EXTENSION,
+    KVM_CLEAR_DIRTY_LOG,
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
+    KVM_ENABLE_CAP,
     KVM_EXIT_IO,
     KVM_EXIT_MMIO,
     KVM_GET_API_VERSION,
+    KVM_GET_DIRTY_LOG,
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_GET_SUPPORTED_CPUID,
@@ -44,6 +47,9 @@ from kselftest_py.ioctls import (
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_USER_MEMORY_REGION,
+    KvmClearDirtyLog,
+    KvmDirtyLog,
+    KvmEnableCap,
     KvmRegs,
     KvmSregs,
     KvmUserspaceMemoryRegion,
@@ -51,7 +57,10 @@ from kselftest_py.ioctls import (
     kvm_cpuid2,
 )
 
-__all__ = ["GuestMemory", "IoExit", "KvmError", "KvmSystem", "MemslotUpdate", "MmioExit", "Vcpu", "Vm"]
+__all__ = [
+    "DirtyBitmap", "DirtyLogCall", "GuestMemory", "IoExit", "KvmError", "KvmSystem", "MemslotUpdate",
+    "MmioExit", "Vcpu", "Vm",
+]
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -243,6 +252,81 @@ class MemslotUpdate:
             raise KvmError("KVM_SET_USER_MEMORY_REGION", text, err.errno) from err
 
 
+class DirtyBitmap:
+    """One memslot's dirty bitmap: bit ``page`` (LSB first within each byte, as an x86
+    ``unsigned long`` array reads) says whether that page of the slot was written.
+
+    Sized in whole 64-bit words, because KVM copies whole longs to and from it. The
+    memory is ctypes', so its address can go into the ioctl structs once and for all.
+    """
+
+    def __init__(self, npages: int):
+        self.npages = npages
+        self.nbytes = (npages + 63) // 64 * 8
+        self._buffer = ctypes.create_string_buffer(self.nbytes)
+        self.address = ctypes.addressof(self._buffer)
+
+    @property
+    def raw(self) -> bytes:
+        return self._buffer.raw
+
+    def fill(self, data: bytes) -> None:
+        """Overwrite the bitmap (tests, and callers that build the bits themselves)."""
+        if len(data) > self.nbytes:
+            raise ValueError(f"{len(data)} bytes for a bitmap of {self.nbytes}")
+        ctypes.memmove(self.address, data.ljust(self.nbytes, b"\0"), self.nbytes)
+
+    def is_set(self, page: int) -> bool:
+        return bool(self._buffer.raw[page >> 3] >> (page & 7) & 1)
+
+    def count(self) -> int:
+        """How many pages have their bit set."""
+        return bin(int.from_bytes(self._buffer.raw, "little")).count("1")
+
+    def missing(self, first: int, count: int, limit: int = 8) -> tuple[int, list[int]]:
+        """Pages of ``[first, first + count)`` whose bit is clear: (how many, the first
+        ``limit`` of them). One big-integer AND, so checking a whole slot is cheap."""
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages {first}..{first + count} outside a bitmap of {self.npages}")
+        bits = int.from_bytes(self._buffer.raw, "little")
+        clear = ~bits & ((1 << count) - 1) << first
+        total = bin(clear).count("1")
+        pages = []
+        while clear and len(pages) < limit:
+            lowest = clear & -clear
+            pages.append(lowest.bit_length() - 1)
+            clear ^= lowest
+        return total, pages
+
+
+#: struct kvm_dirty_log and struct kvm_clear_dirty_log, packed once per slot.
+DIRTY_LOG = struct.Struct("<IIQ")
+CLEAR_DIRTY_LOG = struct.Struct("<IIQQ")
+assert DIRTY_LOG.size == ctypes.sizeof(KvmDirtyLog)
+assert CLEAR_DIRTY_LOG.size == ctypes.sizeof(KvmClearDirtyLog)
+
+
+class DirtyLogCall:
+    """One prepared KVM_GET_DIRTY_LOG or KVM_CLEAR_DIRTY_LOG of one slot's bitmap.
+
+    As :class:`MemslotUpdate`: the dirty-log tests call these for every slot on every
+    iteration and time them, so the struct is packed once and a call is one ioctl. The
+    kernel reads the struct and writes (get) or reads (clear) the bitmap at its address.
+    """
+
+    __slots__ = ("fd", "request", "slot", "bitmap", "_arg", "_text")
+
+    def __init__(self, fd: int, request: int, slot: int, bitmap: DirtyBitmap, arg: bytes, text: str):
+        self.fd, self.request, self.slot, self.bitmap = fd, request, slot, bitmap
+        self._arg, self._text = arg, text
+
+    def apply(self) -> None:
+        try:
+            fcntl.ioctl(self.fd, self.request, self._arg)
+        except OSError as err:
+            raise KvmError(IOCTL_NAMES[self.request], self._text, err.errno) from err
+
+
 class Vm(_FdOwner):
     """A VM file descriptor: memslots and vCPUs.
 
@@ -291,6 +375,41 @@ class Vm(_FdOwner):
             previous.close()
         self.memory[slot] = memory
         return memory
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM: turn on capability ``cap`` with up to four arguments."""
+        request = KvmEnableCap(cap=cap)
+        for index, value in enumerate(args):
+            request.args[index] = value
+        _ioctl(self.fd, KVM_ENABLE_CAP, request, f"cap={cap}, args={list(args)}")
+
+    def get_dirty_log_call(self, slot: int, bitmap: DirtyBitmap) -> DirtyLogCall:
+        """A prepared KVM_GET_DIRTY_LOG: copy ``slot``'s dirty bits into ``bitmap``.
+
+        Without manual protection this also clears them and write-protects the pages
+        again; with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 that is left to
+        :meth:`clear_dirty_log_call`.
+        """
+        return DirtyLogCall(self.fd, KVM_GET_DIRTY_LOG, slot, bitmap,
+                            DIRTY_LOG.pack(slot, 0, bitmap.address), f"slot={slot}")
+
+    def clear_dirty_log_call(self, slot: int, bitmap: DirtyBitmap, first_page: int = 0,
+                             num_pages: int | None = None) -> DirtyLogCall:
+        """A prepared KVM_CLEAR_DIRTY_LOG: clear (and write-protect again) the pages of
+        ``slot`` whose bits ``bitmap`` has set, over ``num_pages`` from ``first_page``
+        (the whole bitmap by default; KVM wants both multiples of 64 unless the range
+        ends at the end of the slot)."""
+        num_pages = bitmap.npages - first_page if num_pages is None else num_pages
+        return DirtyLogCall(self.fd, KVM_CLEAR_DIRTY_LOG, slot, bitmap,
+                            CLEAR_DIRTY_LOG.pack(slot, num_pages, first_page, bitmap.address),
+                            f"slot={slot}, first_page={first_page}, num_pages={num_pages}")
+
+    def get_dirty_log(self, slot: int, bitmap: DirtyBitmap) -> None:
+        self.get_dirty_log_call(slot, bitmap).apply()
+
+    def clear_dirty_log(self, slot: int, bitmap: DirtyBitmap, first_page: int = 0,
+                        num_pages: int | None = None) -> None:
+        self.clear_dirty_log_call(slot, bitmap, first_page, num_pages).apply()
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, then KVM_SET_CPUID2 with the VM's CPUID, before any other

@@ -45,6 +45,7 @@ from kselftest_py.memslot_layout import PAGE_SIZE, TooManySlots
 from kselftest_py.memslot_vm import GuestFailure, SetupOverBudget, TestVm, run_unmap_plan
 from kselftest_py.trace_marker import mark
 from kselftest_py.watchdog import Watchdog
+from kselftest_py.workload import Axis, Claim, Measure, Metric, Workload
 
 MIB = 1 << 20
 
@@ -252,6 +253,62 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
         return RunResult(test.name, run, nslots, vm.slot_setup_ns, iterations, runtime, cpu)
     finally:
         vm.close()
+
+
+# -- as kvmlab qualify runs it --------------------------------------------------------
+#: Tests whose runs give upstream's "slot setup time for the whole test area".
+WHOLE_AREA = ("move active area", "move inactive area", "RW")
+#: Tests whose work also grows with the size of one slot: the test memory is split over
+#: the slots (a slot is mem_size / n), and a move moves the last slot whole.
+SLOT_SIZED = ("move active area", "move inactive area")
+SLOT_SETUP = "slot setup"
+
+
+class MemslotPerf(Workload):
+    """One run: ``-f T -e T -r 1``, so that runs of the two kernels can alternate run by run."""
+
+    def measures(self, tests: tuple[str, ...]) -> list[Measure]:
+        """Each test's time per iteration, then the slot setup time: of the runs of
+        upstream's whole-area tests (upstream takes its "best slot setup time" from
+        those), or of every test when none of them runs."""
+        rows = [Measure(test, "iteration_ns", (test,), point_sized=test in SLOT_SIZED) for test in tests]
+        whole = tuple(test for test in tests if test in WHOLE_AREA) or tuple(tests)
+        return rows + [Measure(SLOT_SETUP, "slot_setup_ns", whole, per_point=True)]
+
+    def argv(self, test: str, point: int, seconds: float, result_file: str,
+             setup_budget: float | None = None) -> list[str]:
+        number = str(self.tests.index(test))
+        argv = ["python3", "-m", self.module, "-s", str(point), "-f", number, "-e", number, "-r", "1",
+                "-l", str(seconds), "--json", result_file]
+        return argv + (["--setup-budget", str(setup_budget)] if setup_budget else [])
+
+    def figures(self, result: dict) -> dict:
+        return {**super().figures(result), "default_sizes": result.get("default_sizes")}
+
+    def cost(self, point: int) -> float:
+        # A run's fixed part (restore, the measured loop) plus slot setup, linear and worse in n.
+        return 1.0 + point / 1000
+
+    def option(self, test: str) -> str:
+        return test.lower().removesuffix(" area").replace(" ", "-")
+
+
+WORKLOAD = MemslotPerf(
+    name="memslot-perf",
+    module="kselftest_py.memslot_perf",
+    tests=tuple(test.name for test in TESTS),
+    axis=Axis("slots", "memslots", "slot", "{} slots in use", (10, 30, 50, 100, 509, 32764), 2,
+              ((32764, "32k"),)),
+    metrics=(Metric("iteration_ns", "per iteration"), Metric("slot_setup_ns", "per VM")),
+    summary="time per iteration (slot setup: per VM)",
+    complexity="time against slot count, fitted as a + b·f(n), best by AIC; R² of the best; slot setup "
+    "per slot; a move's time also against its slot's size, which the test shrinks as 1/n",
+    claim=Claim("The scalable-memslots series (Linux 5.17) claims O(n) before and O(log n) after",
+                base=("n", "n log n"), patched=("constant", "log n")),
+    suite="memslots",
+    kept=("iteration_cpu_ns", "iterations", "guest_runtime_ns"),
+    columns=("iterations",),
+)
 
 
 # -- the command line ---------------------------------------------------------------

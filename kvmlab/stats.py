@@ -49,11 +49,18 @@ class CellComparison:
     verdict: str
     runs: tuple[int, int]
     method: str = MANN_WHITNEY
+    lower_is_better: bool = True
+
+    @property
+    def improvement(self) -> float:
+        """The change in the better direction: positive is better, whichever way that is."""
+        return -self.change if self.lower_is_better else self.change
 
 
 def compare_cell(base, patched, alpha: float = 0.05, threshold: float = 0.05,
-                 seed: int = 0, method: str = MANN_WHITNEY) -> CellComparison:
-    """Base against patched run times of one cell; ``threshold`` is the practical floor."""
+                 seed: int = 0, method: str = MANN_WHITNEY, lower_is_better: bool = True) -> CellComparison:
+    """Base against patched runs of one cell (times, unless ``lower_is_better`` is off:
+    rates, where more is better); ``threshold`` is the practical floor."""
     base, patched = np.asarray(base, dtype=float), np.asarray(patched, dtype=float)
     if len(base) < 2 or len(patched) < 2:
         raise ValueError("a cell needs at least two runs of each kernel")
@@ -70,9 +77,10 @@ def compare_cell(base, patched, alpha: float = 0.05, threshold: float = 0.05,
     change = ratio - 1
     verdict = NO_CHANGE
     if p_value < alpha and abs(change) >= threshold:
-        verdict = IMPROVED if change < 0 else REGRESSED
+        verdict = IMPROVED if (change < 0) == lower_is_better else REGRESSED
     return CellComparison(base_median, patched_median, float(base.min()), float(patched.min()), change,
-                          low - 1, high - 1, p_value, verdict, (len(base), len(patched)), method)
+                          low - 1, high - 1, p_value, verdict, (len(base), len(patched)), method,
+                          lower_is_better)
 
 
 def welch_log_ratio(base, patched, level: float = 0.95) -> tuple[float, float, float, float]:

@@ -1,8 +1,14 @@
-"""``kvmlab qualify``: is a patched kernel faster or slower than its base at memslot work?
+"""``kvmlab qualify``: is a patched kernel faster or slower than its base on a workload?
 
-- ``matrix``: the cells (test × slot count) and the interleaved order of their runs;
+- ``qualification``: create, resume or shard a qualification, run it, report (below the CLI);
+- ``workloads``: the kselftest_py tests it can run (``kselftest_py.workload`` declarations);
+- ``config``: what qualify.json records, typed, with its defaults and checks;
+- ``matrix``: the cells (test × point) and the interleaved order of their runs;
+- ``plan``: a qualification dealt into shards; ``merge``: the shards put back together;
 - ``store``: the append-only record of every run, what ``--resume`` reads back;
-- ``driver``: boots one guest per kernel and runs the matrix, A/B interleaved;
+- ``driver`` and ``lane``: guests running the matrix, A/B interleaved;
+- ``conditions``: what each side's KVM ran with;
 - ``analysis``: per-cell statistics, verdicts, complexity fits, the exit code;
-- ``report``: report.md, report.html with plots, junit.xml, report.ktap, runs.csv.
+- ``reference``: published figures beside the measured ones;
+- ``report``: report.md, report.html with plots, junit.xml, report.ktap, runs.csv, report.json.
 """

@@ -1,14 +1,16 @@
 """From the store's records to verdicts: per-cell statistics, complexity fits, exit code.
 
-A cell's value per run is memslot_perf's time per iteration, as upstream reports it;
-"slot setup" is the slot setup time of the runs of upstream's whole-area tests (move
-active, move inactive, RW: upstream takes its "best slot setup time" from those), or of
-every test when the matrix has none of them. The verdict statistics are
-``kvmlab.stats.compare_cell``'s (benchstat's: medians, Mann-Whitney U, a threshold).
+The rows are the workload's measures (``kselftest_py.workload.Measure``): each a metric
+over the runs of some tests, compared per point (memslot_perf's: each test's time per
+iteration, as upstream reports it, and the slot setup time of the runs of upstream's
+whole-area tests). The verdict statistics are ``kvmlab.stats.compare_cell``'s
+(benchstat's: medians, Mann-Whitney U or Welch's t on logs, a threshold), in the
+direction the metric declares better.
 
-The complexity fit of slot setup is of the time per slot: setting up n slots is n
-additions, each O(n) with the array and O(log n) with the trees, which is the scalable-memslots series'
-claim in the classes the fit knows.
+A measure's complexity fit is of its value against the point, or of its value per
+point (``Measure.per_point``: setting up n slots is n additions, each O(n) with the
+array and O(log n) with the trees, which is the scalable-memslots series' claim in the
+classes the fit knows).
 """
 
 from __future__ import annotations
@@ -17,19 +19,21 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from kselftest_py.workload import Measure, Workload
 from kvmlab import stats
-from kvmlab.qualify import matrix
 from kvmlab.qualify.conditions import Conditions, from_records
-from kvmlab.qualify.store import CONDITIONS
+from kvmlab.qualify.config import SIDES, Config
+from kvmlab.qualify.store import CONDITIONS, RUN
 
-SLOT_SETUP = "slot setup"
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @dataclass
 class Cell:
-    test: str
-    slots: int
+    """One measure at one point: both kernels' runs, compared."""
+
+    measure: str
+    point: int
     base: list[float]
     patched: list[float]
     comparison: stats.CellComparison | None = None
@@ -43,15 +47,16 @@ class Cell:
 
 @dataclass
 class Fit:
-    test: str
+    measure: str
     side: str
     fit: stats.ComplexityFit
-    per_slot: bool
+    per_point: bool
 
 
 @dataclass
 class Analysis:
-    config: dict
+    config: Config
+    workload: Workload
     cells: list[Cell]
     fits: list[Fit]
     runs: pd.DataFrame
@@ -67,8 +72,9 @@ class Analysis:
     @property
     def failures(self) -> list[str]:
         """What makes the qualification fail besides regressions, one line each."""
+        axis = self.workload.axis.name
         lines = [
-            f"{r['side']} {r['test']} @{r['slots']} run {r['run'] + 1}: test failed: {r['reason']}"
+            f"{r['side']} {r['test']} @{r[axis]} run {r['run'] + 1}: test failed: {r['reason']}"
             for r in self.problems.get("fail", [])
         ]
         lines += [
@@ -82,95 +88,83 @@ class Analysis:
         return EXIT_FAILED if self.regressions or self.failures else EXIT_OK
 
 
-def analyse(config: dict, records: list[dict]) -> Analysis:
+def analyse(config: Config, records: list[dict]) -> Analysis:
+    workload = config.workload
+    axis = workload.axis.name
+    metrics = [metric.key for metric in workload.metrics]
     runs = pd.DataFrame(
-        [r for r in records if r["kind"] == "run"],
-        columns=["side", "test", "slots", "run", "iteration_ns", "slot_setup_ns", "iterations", "release"],
+        [r for r in records if r["kind"] == RUN],
+        columns=["side", "test", axis, "run", *metrics, *workload.columns, "release"],
     )
-    runs = runs.astype({"slots": int}) if len(runs) else runs
+    runs = runs.astype({axis: int}) if len(runs) else runs
     problems: dict[str, list[dict]] = {}
     for record in records:
-        if record["kind"] not in ("run", CONDITIONS):
+        if record["kind"] not in (RUN, CONDITIONS):
             problems.setdefault(record["kind"], []).append(record)
-    not_applicable = {(r["side"], r["test"], r["slots"]): r["reason"] for r in problems.get("skip", [])}
-    failed = {(r["side"], r["test"], r["slots"]) for r in problems.get("fail", [])}
-    cells = []
-    for slots in config["slots"]:
-        for test in config["tests"]:
-            cells.append(_cell(runs, test, slots, "iteration_ns", not_applicable, failed, config))
-        cells.append(_setup_cell(runs, slots, config, not_applicable, failed))
-    return Analysis(config, cells, _fits(runs, config), runs, problems, from_records(records))
+    not_applicable = {(r["side"], r["test"], r[axis]): r["reason"] for r in problems.get("skip", [])}
+    failed = {(r["side"], r["test"], r[axis]) for r in problems.get("fail", [])}
+    measures = workload.measures(config.tests)
+    cells = [_cell(runs, workload, measure, point, not_applicable, failed, config)
+             for point in config.points for measure in measures]
+    return Analysis(config, workload, cells, _fits(runs, workload, measures), runs, problems,
+                    from_records(records))
 
 
-def setup_tests(config: dict) -> list[str]:
-    """The tests whose runs give the slot setup time (see the module's docstring)."""
-    whole = [test for test in config["tests"] if test in matrix.WHOLE_AREA]
-    return whole or list(config["tests"])
-
-
-def _values(runs: pd.DataFrame, side: str, tests: list[str], slots: int, column: str) -> list[float]:
+def _values(runs: pd.DataFrame, side: str, measure: Measure, point: int, axis: str) -> list[float]:
     if runs.empty:
         return []
-    chosen = runs[(runs["side"] == side) & runs["test"].isin(tests) & (runs["slots"] == slots)]
-    return [float(v) for v in chosen[column].dropna()]
+    chosen = runs[(runs["side"] == side) & runs["test"].isin(measure.tests) & (runs[axis] == point)]
+    return [float(v) for v in chosen[measure.metric].dropna()]
 
 
-def _cell(runs, test, slots, column, not_applicable, failed, config, tests=None) -> Cell:
-    tests = tests or [test]
-    cell = Cell(
-        test,
-        slots,
-        _values(runs, "base", tests, slots, column),
-        _values(runs, "patched", tests, slots, column),
-    )
+def _cell(runs, workload: Workload, measure: Measure, point: int, not_applicable, failed, config) -> Cell:
+    axis = workload.axis.name
+    cell = Cell(measure.name, point, *(_values(runs, side, measure, point, axis) for side in SIDES))
     reasons = [
-        f"{side}: {not_applicable[(side, t, slots)]}"
-        for side in matrix.SIDES
-        for t in tests
-        if (side, t, slots) in not_applicable
+        f"{side}: {not_applicable[(side, t, point)]}"
+        for side in SIDES
+        for t in measure.tests
+        if (side, t, point) in not_applicable
     ]
-    if any((side, t, slots) in failed for side in matrix.SIDES for t in tests):
+    if any((side, t, point) in failed for side in SIDES for t in measure.tests):
         cell.note = "test failed (see below)"
     elif len(cell.base) >= 2 and len(cell.patched) >= 2:
         cell.comparison = stats.compare_cell(
             cell.base,
             cell.patched,
-            threshold=config["threshold"],
-            method=config.get("method", stats.MANN_WHITNEY),
+            threshold=config.threshold,
+            method=config.method,
+            lower_is_better=workload.metric(measure.metric).lower_is_better,
         )
     elif reasons:
         cell.note = "n/a: " + "; ".join(dict.fromkeys(reasons))
     else:
         cell.note = f"too few runs to compare ({len(cell.base)} base, {len(cell.patched)} patched)"
-        if column == "iteration_ns" and not runs.empty:
-            zero = runs[(runs["test"] == test) & (runs["slots"] == slots) & runs["iteration_ns"].isna()]
-            if len(zero):
-                cell.note += f"; {len(zero)} runs finished no iteration in {config['seconds']} s"
+        if not runs.empty:
+            empty = runs[runs["test"].isin(measure.tests) & (runs[axis] == point)
+                         & runs[measure.metric].isna()]
+            if len(empty):
+                cell.note += f"; {len(empty)} runs measured none in {config.seconds} s"
     return cell
 
 
-def _setup_cell(runs, slots, config, not_applicable, failed) -> Cell:
-    tests = setup_tests(config)
-    return _cell(runs, SLOT_SETUP, slots, "slot_setup_ns", not_applicable, failed, config, tests)
-
-
-def _fits(runs: pd.DataFrame, config: dict) -> list[Fit]:
-    """Per test (and slot setup, per slot) and kernel, over every run: the best growth class."""
+def _fits(runs: pd.DataFrame, workload: Workload, measures: list[Measure]) -> list[Fit]:
+    """Per measure and kernel, over every run: the best growth class against the point."""
     fits = []
     if runs.empty:
         return fits
-    measures = [(test, [test], "iteration_ns", False) for test in config["tests"]]
-    measures.append((SLOT_SETUP, setup_tests(config), "slot_setup_ns", True))
-    for name, tests, column, per_slot in measures:
-        for side in matrix.SIDES:
-            chosen = runs[(runs["side"] == side) & runs["test"].isin(tests)].dropna(subset=[column])
-            if chosen["slots"].nunique() < 3:
+    axis = workload.axis.name
+    for measure in measures:
+        for side in SIDES:
+            chosen = runs[(runs["side"] == side) & runs["test"].isin(measure.tests)]
+            chosen = chosen.dropna(subset=[measure.metric])
+            if chosen[axis].nunique() < 3:
                 continue
-            slots = chosen["slots"].to_numpy(dtype=float)
-            times = chosen[column].to_numpy(dtype=float)
-            if per_slot:
-                times = times / slots
-            sized = name in matrix.SLOT_SIZED and chosen["slots"].nunique() >= 4
-            fit = stats.complexity_fit(slots, times, *((1 / slots, "slot size") if sized else ()))
-            fits.append(Fit(name, side, fit, per_slot))
+            points = chosen[axis].to_numpy(dtype=float)
+            values = chosen[measure.metric].to_numpy(dtype=float)
+            if measure.per_point:
+                values = values / points
+            sized = measure.point_sized and chosen[axis].nunique() >= 4
+            fit = stats.complexity_fit(points, values, *((1 / points, "slot size") if sized else ()))
+            fits.append(Fit(measure.name, side, fit, measure.per_point))
     return fits

@@ -6,8 +6,9 @@ clock a unit is a whole cell, so both kernels of a cell share one pair of guests
 one quiet host, and drift in its speed falls on both alike; parallel lanes disturb
 each other's timing (qualify says so). Under the instruction clock (icount) a run's
 result does not depend on how busy the host is, so ``--jobs N`` runs N lanes side by
-side; a unit is one boot's worth (one kernel, one row, one round), booted afresh and
-closed after it, so that every boot runs the same runs whatever N is.
+side; a unit is one guest's worth (one run restored from its round's template, or with
+``--fresh-boot`` one kernel's row of one round, booted afresh), closed after it, so that
+every guest runs the same runs whatever N is.
 
 Lanes run in threads: their work is waiting on guests. Ctrl-C reaches the main thread,
 which kills every lane's QEMU; runs cut short that way are not recorded.
@@ -26,7 +27,9 @@ from kvmlab import durations
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix, plan
 from kvmlab.qualify.lane import ATTEMPTS, CHECK_EVERY_S, Lane
-from kvmlab.qualify.store import CRASH, FAIL, RUN, SKIP, Cell, Store, record_key
+from kvmlab.qualify.store import CONDITIONS, CRASH, FAIL, RUN, SKIP, Share, Store, record_key
+from kvmlab.vm.boot import Machine
+from kvmlab.vm.guest import Guest
 
 __all__ = ["CHECK_EVERY_S", "Driver", "default_jobs"]
 
@@ -47,33 +50,42 @@ def default_jobs(clock: str) -> int:
 
 class Driver:
     def __init__(self, store: Store, kernels: dict[str, Kernel], session_options: dict,
-                 check_invariants: bool = False, jobs: int = 1, log=sys.stderr):
+                 check_invariants: bool = False, jobs: int = 1, log=sys.stderr, guests=Guest,
+                 machine: Machine | None = None):
+        """``guests``: makes a lane's guests, called as ``Guest`` is (the unit tests give a
+        fake); ``machine``: the accelerator, QEMU and clock every guest runs under."""
         self.store, self.kernels, self.log = store, kernels, log
+        self._guests, self.machine = guests, machine
         self.config = store.config
+        self.workload = store.workload
         self.session_options = session_options
         self.check_invariants = check_invariants
         self.jobs = jobs
-        self.per_round = bool(self.config.get("boot_per_round"))
+        self.per_round = self.config.boot_per_round
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._crashes: Counter = Counter()
-        self._not_applicable: set[Cell] = set()
+        self._not_applicable: set[Share] = set()
+        self._conditions_known: set[str] = set()
         self._done_now = self._begun = 0
         self._started = 0.0
         self._total = self._before = self._todo = 0
 
     # -- the matrix -------------------------------------------------------------------
     def run(self) -> None:
-        items = plan.items_of(self.config, matrix.plan(self.config["tests"], self.config["slots"],
-                                                       self.config["runs"], rounds_first=self.per_round))
+        axis, config = self.workload.axis.name, self.config
+        items = plan.items_of(config, matrix.plan(config.tests, config.points, config.runs,
+                                                  rounds_first=self.per_round))
         records = self.store.records()
-        self._crashes = Counter(record_key(r) for r in records if r["kind"] == CRASH)
-        self._not_applicable = {record_key(r).cell for r in records if r["kind"] == SKIP}
-        todo = [item for item in items if not _finished(item, records, self._crashes)]
+        self._crashes = Counter(record_key(r, axis) for r in records if r["kind"] == CRASH)
+        self._not_applicable = {record_key(r, axis).share for r in records if r["kind"] == SKIP}
+        self._conditions_known = {r["template"] for r in records
+                                  if r["kind"] == CONDITIONS and r.get("template")}
+        todo = [item for item in items if not _finished(item, records, self._crashes, axis)]
         self._total, self._before, self._todo = len(items), len(items) - len(todo), len(todo)
         if self._before:
             self.say(f"resuming: {self._before} of {len(items)} runs already in {self.store.runs_path}")
-        units = matrix.units(todo, by_cell=not self.per_round)
+        units = matrix.units(todo, by_cell=not self.per_round, restored=not config.fresh_boot)
         self.jobs = jobs = max(1, min(self.jobs, len(units)))
         if jobs > 1 and not self.per_round:
             self.say(f"warning: {jobs} lanes under the wall clock disturb each other's timing; "
@@ -123,14 +135,14 @@ class Driver:
                 for item in unit:
                     if self.stopping.is_set():
                         return
-                    if item.key.cell in self._not_applicable:
+                    if item.key.share in self._not_applicable:
                         continue
                     self._progress(lane, item)
                     lane.run(item)
                     with self._lock:
                         self._done_now += 1
                 if self.per_round and not self.stopping.is_set():
-                    lane.close()  # each unit is one boot's worth (matrix.units)
+                    lane.close()  # each unit is one guest's worth (matrix.units)
         except BaseException as err:
             if failures is None:
                 raise
@@ -141,13 +153,17 @@ class Driver:
                 lane.close()
 
     # -- what the lanes share ----------------------------------------------------------
+    def guest(self, kernel: Kernel, options, role: str | None) -> Guest:
+        """A guest of ``kernel`` for a lane, not started yet."""
+        return self._guests(kernel, options, self.log, role=role, machine=self.machine)
+
     def record(self, record: dict) -> None:
         """Append to the store, stamped with the clock the run was measured by; nothing
         once the qualification is being stopped (those runs were cut short by us)."""
         with self._lock:
             if self.stopping.is_set():
                 return
-            self.store.append({**record, "clock": self.config.get("clock", "wall")})
+            self.store.append({**record, "clock": self.config.clock})
 
     def count_crash(self, item: matrix.Item) -> int:
         """One more boot of ``item`` went down; how many have so far."""
@@ -155,12 +171,23 @@ class Driver:
             self._crashes[item.key] += 1
             return self._crashes[item.key]
 
-    def claim_skip(self, cell: Cell) -> bool:
-        """Whether this lane is the first to find ``cell`` n/a (only the first records it)."""
+    def claim_conditions(self, template: str | None) -> bool:
+        """Whether a guest's conditions are still to be asked: every booted guest's, and the
+        first closed guest's of each template (its guests share one boot)."""
         with self._lock:
-            if cell in self._not_applicable:
+            if template is None:
+                return True
+            if template in self._conditions_known:
                 return False
-            self._not_applicable.add(cell)
+            self._conditions_known.add(template)
+            return True
+
+    def claim_skip(self, share: Share) -> bool:
+        """Whether this lane is the first to find ``share`` n/a (only the first records it)."""
+        with self._lock:
+            if share in self._not_applicable:
+                return False
+            self._not_applicable.add(share)
             return True
 
     # -- telling the user ---------------------------------------------------------------
@@ -172,7 +199,7 @@ class Driver:
         elapsed = time.monotonic() - self._started
         eta = f", ETA {durations.clock(elapsed / done_now * (self._todo - done_now))}" if done_now else ""
         who = f"lane {lane.number}: " if self.jobs > 1 else ""
-        self.say(f"[{position}/{self._total}] {who}{item.describe()} "
+        self.say(f"[{position}/{self._total}] {who}{item.describe(self.workload.axis.name)} "
                  f"(elapsed {durations.clock(elapsed)}{eta})")
 
     def say(self, text: str) -> None:
@@ -180,11 +207,11 @@ class Driver:
             print(f"kvmlab qualify: {text}", file=self.log, flush=True)
 
 
-def _finished(item: matrix.Item, records: list[dict], crashes: Counter) -> bool:
+def _finished(item: matrix.Item, records: list[dict], crashes: Counter, axis: str) -> bool:
     """Measured, failed or n/a already; or tried in as many boots as a run gets."""
     for record in records:
-        if record["kind"] == SKIP and record_key(record).cell == item.key.cell:
+        if record["kind"] == SKIP and record_key(record, axis).share == item.key.share:
             return True
-        if record["kind"] in (RUN, FAIL) and record_key(record) == item.key:
+        if record["kind"] in (RUN, FAIL) and record_key(record, axis) == item.key:
             return True
     return crashes[item.key] >= ATTEMPTS

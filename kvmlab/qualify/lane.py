@@ -34,6 +34,7 @@ class Lane:
         """``driver``: the ``driver.Driver`` whose queue this lane works through."""
         self.driver, self.number = driver, number
         self.config = driver.config
+        self.axis = driver.workload.axis.name
         self.sessions: dict[str, Guest | None] = dict.fromkeys(matrix.SIDES)
         self.current: matrix.Item | None = None
         self._reported_watch: set[str] = set()
@@ -80,18 +81,19 @@ class Lane:
                     return  # we killed it: the run was cut short, not crashed
                 tries = self.driver.count_crash(item)
                 result = down.result
-                self.driver.record({"kind": "crash", **_fields(item), "outcome": result.outcome,
+                self.driver.record({"kind": "crash", **self._fields(item), "outcome": result.outcome,
                                     "message": result.message, "boot": result.run_dir.name,
                                     "vmcore": result.vmcore})
                 first = result.message.splitlines()[0] if result.message else result.outcome
                 again = tries < ATTEMPTS
                 self.driver.say(
-                    f"{item.describe()}: guest {result.outcome}: {first}; "
+                    f"{item.describe(self.axis)}: guest {result.outcome}: {first}; "
                     f"{'trying again in a fresh boot' if again else 'giving up on this run'} "
                     f"(console: {result.run_dir / 'console.log'})"
                 )
                 if not again:
-                    self.driver.record({"kind": "fail", **_fields(item),
+                    self._boot_next.discard(item.side)  # the next run restores as its round's others do
+                    self.driver.record({"kind": "fail", **self._fields(item),
                                         "reason": f"guest {result.outcome} in {ATTEMPTS} boots"})
                     return
 
@@ -103,30 +105,28 @@ class Lane:
         record = _json_file(reply.files.get(RESULT_JSON))
         tests = record.get("tests", []) if record else []
         if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
-            if self.driver.claim_skip(item.key.cell):
-                self.driver.record({"kind": "skip", **_fields(item), "reason": tests[0]["reason"]})
-                self.driver.say(f"{item.side} {item.test} @{item.slots}: n/a: {tests[0]['reason']}")
+            if self.driver.claim_skip(item.key.share):
+                self.driver.record({"kind": "skip", **self._fields(item), "reason": tests[0]["reason"]})
+                self.driver.say(f"{item.side} {item.test} @{item.point}: n/a: {tests[0]['reason']}")
             return
         if reply.code != 0 or not record or not record.get("runs"):
             reason = (
                 tests[0].get("reason") if tests else None
             ) or f"exit {reply.code}: {reply.stderr.strip()[-500:] or reply.stdout.strip()[-500:]}"
-            self.driver.record({"kind": "fail", **_fields(item), "reason": reason})
-            self.driver.say(f"{item.describe()}: FAILED: {reason}")
+            self._fail(item, reason)
             return
-        run = record["runs"][0]
-        extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.get("trace") else {}
+        try:
+            figures = self.driver.workload.figures(record)
+        except (KeyError, IndexError, TypeError) as err:
+            self._fail(item, f"its JSON result lacks {err} (what the workload declares it holds)")
+            return
+        extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.trace else {}
         self.driver.record(
             {
                 "kind": "run",
-                **_fields(item),
-                "iteration_ns": run["iteration_ns"],
-                "iteration_cpu_ns": run.get("iteration_cpu_ns"),
-                "iterations": run["iterations"],
-                "slot_setup_ns": run["slot_setup_ns"],
-                "guest_runtime_ns": run["guest_runtime_ns"],
-                "release": record["kernel_release"],
-                "default_sizes": record.get("default_sizes"),
+                **self._fields(item),
+                **figures,
+                "release": record.get("kernel_release") or "?",
                 "boot": session.run_dir.name,
                 **_origin(session),
                 "elapsed_s": round(reply.elapsed_s, 3),
@@ -135,14 +135,15 @@ class Lane:
             }
         )
 
+    def _fail(self, item: matrix.Item, reason: str) -> None:
+        self.driver.record({"kind": "fail", **self._fields(item), "reason": reason})
+        self.driver.say(f"{item.describe(self.axis)}: FAILED: {reason}")
+
     def _command(self, item: matrix.Item) -> tuple[list[str], tuple[str, ...]]:
-        number = matrix.test_number(item.test)
-        argv = ["python3", "-m", "kselftest_py.memslot_perf", "-s", str(item.slots), "-f", str(number),
-                "-e", str(number), "-r", "1", "-l", str(self.config["seconds"]), "--json", RESULT_JSON]
-        if self.config.get("setup_budget"):
-            argv += ["--setup-budget", str(self.config["setup_budget"])]
+        argv = self.driver.workload.argv(item.test, item.point, self.config.seconds, RESULT_JSON,
+                                         self.config.setup_budget)
         files = (RESULT_JSON,)
-        if self.config.get("trace"):
+        if self.config.trace:
             argv = boot.traced(argv, out=TRACE_OUT)
             files += tuple(f"{TRACE_OUT}/{name}" for name in TRACE_FILES)
         return argv, files
@@ -152,7 +153,7 @@ class Lane:
         # heartbeat catches a frozen guest long before this. The setup budget is guest
         # time, which under icount on a busy 2-core host ran 6x slower than the wall
         # (5.10's 32764 slots: 59 s of guest time, 384 s on the wall).
-        return 900.0 + 4 * float(self.config["seconds"]) + 8 * float(self.config.get("setup_budget") or 0)
+        return 900.0 + 4 * self.config.seconds + 8 * (self.config.setup_budget or 0)
 
     # -- guests -----------------------------------------------------------------------
     def _session(self, item: matrix.Item) -> Guest:
@@ -167,7 +168,7 @@ class Lane:
             options = boot.RunOptions(argv=[], **self.driver.session_options[side])
             if self.driver.check_invariants:
                 options.checker = InvariantWatch.every(kernel, CHECK_EVERY_S)
-            session = Guest(kernel, options, self.driver.log, role=self._role(item))
+            session = self.driver.guest(kernel, options, role=self._role(item))
             self.sessions[side] = session
             try:
                 session.start()
@@ -185,7 +186,7 @@ class Lane:
         icount (each round samples a boot of its own), one per side under the wall clock;
         None with ``--fresh-boot``. The sides never share one, even for one kernel: a
         self-qualification compares two boots, as a qualification of two kernels does."""
-        if self.config.get("fresh_boot") or item.side in self._boot_next:
+        if self.config.fresh_boot or item.side in self._boot_next:
             self._boot_next.discard(item.side)
             return None
         if self.driver.per_round:
@@ -194,9 +195,9 @@ class Lane:
 
     def _record_conditions(self, side: str, session: Guest) -> None:
         """What this boot's KVM ran with (``qualify.conditions``), asked as the guest is
-        closed: its runs' boot history stays what it was before kvmlab asked (a run's
-        figures move a little with what its boot ran before). A guest that cannot say is
-        named, and its runs stand without it."""
+        closed, so that its runs ran before kvmlab asked anything (a template's guests are
+        asked once: they are all one boot). A guest that cannot say is named, and its
+        runs stand without it."""
         try:
             if session.paused:
                 session.resume()
@@ -210,8 +211,16 @@ class Lane:
         except ValueError as err:
             self.driver.say(f"{self._name(side)}: warning: its conditions could not be read: {err}")
             return
-        self.driver.record({"kind": CONDITIONS, "side": side, "test": None, "slots": None, "run": None,
-                            "conditions": found, "boot": session.run_dir.name})
+        self.driver.record({"kind": CONDITIONS, **self._about_guest(side),
+                            "conditions": found, "boot": session.run_dir.name, **_origin(session)})
+
+    def _fields(self, item: matrix.Item) -> dict:
+        """Which run a record is about, the point under the workload's axis name."""
+        return {"side": item.side, "test": item.test, self.axis: item.point, "run": item.run}
+
+    def _about_guest(self, side: str) -> dict:
+        """The key fields of a record about a guest, not a run."""
+        return {"side": side, "test": None, self.axis: None, "run": None}
 
     def _name(self, side: str) -> str:
         return f"lane {self.number} {side}" if self.driver.jobs > 1 else side
@@ -227,7 +236,7 @@ class Lane:
         """Record a guest that went away between its runs; its next run boots afresh."""
         self._retire(side)
         result = down.result
-        self.driver.record({"kind": "crash", "side": side, "test": None, "slots": None, "run": None,
+        self.driver.record({"kind": "crash", **self._about_guest(side),
                             "outcome": result.outcome, "message": result.message,
                             "boot": result.run_dir.name})
         self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle "
@@ -240,32 +249,33 @@ class Lane:
             return
         self.sessions[side] = None
         if close:
-            if not self.driver.stopping.is_set():
+            template = session.template.name if session.template else None
+            if not self.driver.stopping.is_set() and self.driver.claim_conditions(template):
                 self._record_conditions(side, session)
             session.close()
         report = session.watch.report if session.watch else None
         if report is not None and report.checks:
-            self.driver.record({"kind": "checks", "side": side, "test": None, "slots": None, "run": None,
+            self.driver.record({"kind": "checks", **self._about_guest(side),
                                 "checks": report.checks, "checks_with_vms": report.checks_with_vms,
                                 "max_slots": report.max_slots, "violations": len(report.violations),
                                 "boot": session.run_dir.name})
 
     def _note_kernel_reports(self, item: matrix.Item, session: Guest) -> None:
         for splat in session.new_splats():
-            self.driver.record({"kind": "splat", **_fields(item), "summary": splat.summary(),
+            self.driver.record({"kind": "splat", **self._fields(item), "summary": splat.summary(),
                                 "excerpt": splat.excerpt, "boot": session.run_dir.name})
             self.driver.say(f"{self._name(item.side)}: guest kernel reported a {splat.summary()}")
         watch = session.watch
         if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
             self._reported_watch.add(session.run_dir.name)
-            self.driver.record({"kind": "invariant", **_fields(item), "summary": watch.report.summary(),
+            self.driver.record({"kind": "invariant", **self._fields(item), "summary": watch.report.summary(),
                                 "violations": watch.report.violations, "error": watch.report.error,
                                 "boot": session.run_dir.name})
             self.driver.say(f"{self._name(item.side)}: {watch.report.summary()}")
 
     def _save_trace(self, item: matrix.Item, files: dict) -> str:
         slug = item.test.replace(" ", "-")
-        relative = Path("traces") / item.side / f"{slug}-{item.slots}-{item.run}"
+        relative = Path("traces") / item.side / f"{slug}-{item.point}-{item.run}"
         target = self.driver.store.directory / relative
         target.mkdir(parents=True, exist_ok=True)
         for path, data in files.items():
@@ -281,8 +291,6 @@ def _origin(session: Guest) -> dict:
     return {"restored": True, **session.template.describe()}
 
 
-def _fields(item: matrix.Item) -> dict:
-    return {"side": item.side, "test": item.test, "slots": item.slots, "run": item.run}
 
 
 def _json_file(data: bytes | None) -> dict | None:

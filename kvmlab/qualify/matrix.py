@@ -1,7 +1,8 @@
-"""What a qualification runs: cells of (test, slot count), each run N times per kernel.
+"""What a qualification runs: cells of (test, point), each run N times per kernel.
 
-The tests are kselftest_py.memslot_perf's, numbered as upstream; each run is one
-``memslot_perf -f T -e T -r 1`` in the guest, so that runs of the two kernels can
+The tests and the axis the points lie on are the workload's (``workloads``; memslot_perf's
+tests, numbered as upstream, at slot counts, by default). Each run is one invocation of
+the workload's module for one test at one point, so that runs of the two kernels can
 alternate run by run. Within a cell the pair order alternates too (base first, then
 patched first, ...): whatever a guest gains or loses from running first after a switch
 falls on both kernels alike.
@@ -11,28 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kselftest_py import memslot_perf
+from kselftest_py.workload import Workload
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify.store import SIDES, RunKey
+from kvmlab.qualify.config import SIDES
+from kvmlab.qualify.store import RunKey
 from kvmlab.vm.clock import ICOUNT, WALL
 
-
-def _option(name: str) -> str:
-    """The CLI word for a memslot_perf test: "move active area" → "move-active"."""
-    return name.lower().removesuffix(" area").replace(" ", "-")
-
-
-#: CLI name → memslot_perf's test number and name (as the scalable-memslots tables call them).
-TESTS = {_option(test.name): (number, test.name) for number, test in enumerate(memslot_perf.TESTS)}
-TEST_NAMES = tuple(name for _, name in TESTS.values())
-#: memslot_perf's tests whose runs give upstream's "slot setup time for the whole test area".
-WHOLE_AREA = ("move active area", "move inactive area", "RW")
-DEFAULT_SLOTS = (10, 30, 50, 100, 509, 32764)
-#: Tests whose work also grows with the size of one slot, which the test varies with n:
-#: memslot_perf splits its test memory over the slots (a slot is mem_size / n), and a
-#: move moves the last slot whole, which KVM then flushes. Their complexity fits take
-#: the slot size (1/n) as a covariate, so that its share is not credited to the lookup.
-SLOT_SIZED = ("move active area", "move inactive area")
 #: Mann-Whitney U with 5 runs a side reaches p = 0.008 when the sides do not overlap and
 #: stays below 0.05 with up to two swapped pairs; 4 is the least that can reach 0.05 at all.
 MIN_RUNS = 4
@@ -53,83 +38,83 @@ class Item:
 
     side: str
     test: str
-    slots: int
+    point: int
     run: int
 
     @property
     def key(self) -> RunKey:
-        return RunKey(self.side, self.test, self.slots, self.run)
+        return RunKey(self.side, self.test, self.point, self.run)
 
-    def describe(self) -> str:
-        return f"{self.side} {self.test} @{self.slots} slots run {self.run + 1}"
+    def describe(self, axis: str = "slots") -> str:
+        return f"{self.side} {self.test} @{self.point} {axis} run {self.run + 1}"
 
 
-def parse_tests(text: str | None) -> list[str]:
-    """memslot_perf test names from ``map,unmap,...`` (all six when None)."""
+def parse_tests(workload: Workload, text: str | None) -> list[str]:
+    """The workload's test names from ``a,b,...`` (its command-line words; all when None)."""
     if not text:
-        return [name for _, name in TESTS.values()]
+        return list(workload.tests)
+    words = {workload.option(test): test for test in workload.tests}
     names = []
     for word in text.split(","):
         word = word.strip().lower().replace(" ", "-").replace("_", "-")
-        if word not in TESTS:
-            raise KvmlabError(f"--tests: unknown test {word!r}; known: {', '.join(TESTS)}")
-        names.append(TESTS[word][1])
+        if word not in words:
+            raise KvmlabError(f"--tests: {workload.name} has no test {word!r}; known: {', '.join(words)}")
+        names.append(words[word])
     return list(dict.fromkeys(names))
 
 
-def parse_slots(text: str | None) -> list[int]:
+def parse_points(workload: Workload, text: str | None, option: str = "--slots") -> list[int]:
+    """Points on the workload's axis from ``10,509`` (its defaults when None), sorted."""
     if not text:
-        return list(DEFAULT_SLOTS)
+        return list(workload.axis.defaults)
     try:
-        slots = sorted({int(word) for word in text.split(",")})
+        points = sorted({int(word) for word in text.split(",")})
     except ValueError:
-        raise KvmlabError(f"--slots wants comma-separated counts, got {text!r}") from None
-    if slots[0] < 2:
-        raise KvmlabError("--slots: memslot_perf needs at least 2 slots per VM")
-    return slots
+        raise KvmlabError(f"{option} wants comma-separated counts, got {text!r}") from None
+    if points[0] < workload.axis.minimum:
+        raise KvmlabError(f"{option}: {workload.name} needs at least {workload.axis.minimum} "
+                          f"{workload.axis.title} per VM")
+    return points
 
 
-def kernel_arguments(config: dict, side: str) -> str:
-    """What ``side``'s guests append to the kernel command line: ``--append``, then the side's own."""
-    return " ".join(filter(None, (config.get("append", ""), config[side].get("append", ""))))
-
-
-def test_number(name: str) -> int:
-    return next(number for number, test in TESTS.values() if test == name)
-
-
-def plan(tests: list[str], slots: list[int], runs: int, rounds_first: bool = False) -> list[Item]:
+def plan(tests: list[str], points: list[int], runs: int, rounds_first: bool = False) -> list[Item]:
     """Every item in the order they run, runs of the two kernels alternating.
 
     Cell by cell by default (the wall clock: a cell's runs close together in time, so
     host drift falls on both kernels alike); ``rounds_first`` runs the whole matrix once
     per round instead (icount: each round in fresh boots, so that the spread between
     boots shows in every cell's runs)."""
-    cells = [(count, test) for count in slots for test in tests]
+    cells = [(point, test) for point in points for test in tests]
     order = (
         [(cell, run) for run in range(runs) for cell in cells]
         if rounds_first
         else [(cell, run) for cell in cells for run in range(runs)]
     )
     items = []
-    for (count, test), run in order:
+    for (point, test), run in order:
         sides = SIDES if run % 2 == 0 else SIDES[::-1]
-        items += [Item(side, test, count, run) for side in sides]
+        items += [Item(side, test, point, run) for side in sides]
     return items
 
 
-def units(items: list[Item], by_cell: bool) -> list[list[Item]]:
-    """The plan cut into what one lane runs at a stretch, in the plan's order.
+def units(items: list[Item], by_cell: bool, restored: bool = False) -> list[list[Item]]:
+    """The plan cut into what one guest (or, under the wall clock, one pair) runs, in the plan's order.
 
     ``by_cell`` (the wall clock): whole cells, so that a cell's two kernels alternate on
-    one pair of guests. Otherwise (icount) one boot's worth: one kernel's runs of one
-    row (slot count) in one round. A run's figures depend a little on what its boot ran
-    before (slot setup at 10 slots moved 2 % with it), so a boot's history must not
-    depend on how many lanes or shards share the work: cut this way, every boot runs
-    the same tests in the same order with ``--jobs 1``, ``--jobs 8`` or in a shard, and
-    both kernels of a cell have the same history."""
+    one pair of guests. ``restored`` (icount, guests restored from templates): one run,
+    each in a guest of its own restored from its round's template, so that every run
+    starts from the same saved state. An icount guest idle between two requests runs
+    its clock ahead to its next timers, as far as the host takes to send the next one,
+    so a second run in one guest starts at a tick phase the host's latency chose (slot
+    setup at 10 slots moved 0.2 % with the host's gap between requests, and 1.3 % in CI
+    between a one-piece run and its shards); a restore costs 0.3 s. Otherwise (icount,
+    ``--fresh-boot``) one boot's worth: one kernel's runs of one row (point) in one round. Cut
+    this way, every guest runs the same tests in the same order with ``--jobs 1``,
+    ``--jobs 8`` or in a shard, and both kernels of a cell have the same history."""
+    if restored and not by_cell:
+        return [[item] for item in items]
     groups: dict[tuple, list[Item]] = {}
     for item in items:
-        key = (item.test, item.slots) if by_cell else (item.run, item.side, item.slots)
+        key = (item.test, item.point) if by_cell else (item.run, item.side, item.point)
         groups.setdefault(key, []).append(item)
     return list(groups.values())

@@ -14,47 +14,49 @@ import shutil
 from pathlib import Path
 
 from kvmlab.errors import KvmlabError
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 
 
-def read_shards(directories: list[Path]) -> tuple[dict, list[tuple[Path, list[dict]]]]:
+def read_shards(directories: list[Path]) -> tuple[Config, list[tuple[Path, list[dict]]]]:
     """The plan's config and each shard's records, or a one-line refusal naming the first problem."""
     if not directories:
         raise KvmlabError("qualify merge needs the shard directories to merge")
-    shards: dict[int, tuple[Path, dict, list[dict]]] = {}
-    first: dict | None = None
+    shards: dict[int, tuple[Path, Config, list[dict]]] = {}
+    first: Config | None = None
     for directory in directories:
         store = Store.read(directory)
         config = store.config
-        plan = config.get("plan")
-        if not isinstance(plan, dict) or not {"id", "shard", "shards"} <= plan.keys():
+        plan = config.plan
+        if not isinstance(plan, dict) or not {"id", "shard", "shards"} <= plan.keys() or config.cells is None:
             raise KvmlabError(f"{directory} is not a shard of a plan (made without --shard K/N PLAN)")
         if first is None:
             first = config
-        elif plan["id"] != first["plan"]["id"] or plan["shards"] != first["plan"]["shards"]:
+        elif plan["id"] != first.plan["id"] or plan["shards"] != first.plan["shards"]:
             raise KvmlabError(f"{directory} is shard {plan['shard']}/{plan['shards']} of plan {plan['id']}, "
-                              f"not of plan {first['plan']['id']}: shards of two plans do not merge")
+                              f"not of plan {first.plan['id']}: shards of two plans do not merge")
         if plan["shard"] in shards:
             raise KvmlabError(f"{directory} and {shards[plan['shard']][0]} are both shard "
                               f"{plan['shard']}/{plan['shards']}")
         shards[plan["shard"]] = (directory, config, _own_records(store, config))
-    total = first["plan"]["shards"]
+    total = first.plan["shards"]
     missing = sorted(set(range(1, total + 1)) - shards.keys())
     if missing:
         raise KvmlabError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {total} "
-                          f"missing: merge needs every shard of plan {first['plan']['id']}")
-    config = {key: value for key, value in first.items() if key not in ("cells", "created", "plan")}
-    config["merged"] = {"plan": first["plan"]["id"], "shards": [str(shards[k][0]) for k in sorted(shards)]}
+                          f"missing: merge needs every shard of plan {first.plan['id']}")
+    config = first.common().with_(merged={"plan": first.plan["id"],
+                                          "shards": [str(shards[k][0]) for k in sorted(shards)]})
     return config, [(shards[k][0], shards[k][2]) for k in sorted(shards)]
 
 
-def _own_records(store: Store, config: dict) -> list[dict]:
-    cells = {(test, count) for test, count in config["cells"]}
+def _own_records(store: Store, config: Config) -> list[dict]:
+    cells = set(config.cells)
+    axis = store.workload.axis.name
     records = store.records()
     for record in records:
-        if record["test"] is not None and (record["test"], record["slots"]) not in cells:
+        if record["test"] is not None and (record["test"], record[axis]) not in cells:
             raise KvmlabError(f"{store.runs_path}: a {record['kind']} record of {record['test']} "
-                              f"@{record['slots']}, outside shard {config['plan']['shard']}'s cells")
+                              f"@{record[axis]}, outside shard {config.plan['shard']}'s cells")
     return records
 
 

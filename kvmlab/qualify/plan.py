@@ -19,59 +19,54 @@ import hashlib
 import json
 from pathlib import Path
 
+from kselftest_py.workload import Workload
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix
-from kvmlab.qualify.store import config_problem
+from kvmlab.qualify.config import Config
 
 FORMAT = "kvmlab-qualify-plan-1"
-#: Fields of a qualification's config that are the same for every shard and make the id.
-VOLATILE = ("created", "plan", "cells")
 
 
-def plan_id(config: dict) -> str:
-    fixed = {key: value for key, value in config.items() if key not in VOLATILE}
+def plan_id(config: Config) -> str:
+    """A hash of what every shard of the plan measures alike (``Config.common``)."""
+    fixed = config.common().to_json()
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def deal(tests: list[str], slots: list[int], shards: int) -> list[list[list]]:
-    """The cells (``[test, slots]``) of each shard, in the plan's order.
+def deal(workload: Workload, tests: list[str], points: list[int], shards: int) -> list[list[list]]:
+    """The cells (``[test, point]``) of each shard, in the plan's order.
 
     Whole rows (every test at one slot count) while there are at least as many rows as
     shards: a boot runs one kernel's row (``matrix.units``), so a shard's boots then run
     what a one-piece run's boots run, and its figures match that run's, not just its
     verdicts. More shards than rows split rows into cells. Either way the costliest
-    piece goes first, each to the shard with the least work so far; a cell's cost grows
-    with its slot count (slot setup)."""
+    piece goes first, each to the shard with the least work so far; a cell's cost is the
+    workload's (memslot_perf's grows with the slot count: slot setup)."""
     if shards < 1:
         raise KvmlabError("--shards wants at least 1 shard")
-    cells = [[test, count] for count in slots for test in tests]
+    cells = [[test, point] for point in points for test in tests]
     if shards > len(cells):
         raise KvmlabError(f"--shards {shards}: the matrix has only {len(cells)} cells to share out")
-    if shards <= len(slots):
-        pieces = [[[test, count] for test in tests] for count in slots]
+    if shards <= len(points):
+        pieces = [[[test, point] for test in tests] for point in points]
     else:
         pieces = [[cell] for cell in cells]
     dealt: list[list[list]] = [[] for _ in range(shards)]
     load = [0.0] * shards
-    for piece in sorted(pieces, key=lambda p: -sum(_cost(count) for _, count in p)):
+    for piece in sorted(pieces, key=lambda p: -sum(workload.cost(point) for _, point in p)):
         least = load.index(min(load))
         dealt[least] += piece
-        load[least] += sum(_cost(count) for _, count in piece)
+        load[least] += sum(workload.cost(point) for _, point in piece)
     order = {tuple(cell): n for n, cell in enumerate(cells)}
     return [sorted(shard, key=lambda c: order[tuple(c)]) for shard in dealt]
 
 
-def _cost(slots: int) -> float:
-    # A run's fixed part (boot share, the measured loop) plus slot setup, linear and worse in n.
-    return 1.0 + slots / 1000
-
-
-def write(path: Path, config: dict, shards: int) -> dict:
+def write(path: Path, config: Config, shards: int) -> dict:
     if path.exists():
         raise KvmlabError(f"-o {path}: already exists; a plan is written once")
-    record = {"format": FORMAT, "id": plan_id(config), "config": config, "shards": shards,
-              "cells": deal(config["tests"], config["slots"], shards)}
+    record = {"format": FORMAT, "id": plan_id(config), "config": config.to_json(), "shards": shards,
+              "cells": deal(config.workload, list(config.tests), list(config.points), shards)}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -93,14 +88,16 @@ def read(path: Path) -> dict:
 def _plan_problem(record) -> str | None:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         return f"no \"format\": \"{FORMAT}\""
-    config, shards, cells = record.get("config"), record.get("shards"), record.get("cells")
-    if config_problem(config):
-        return f"its config: {config_problem(config)}"
+    shards, cells = record.get("shards"), record.get("cells")
+    try:
+        config = Config.from_json(record.get("config"))
+    except KvmlabError as err:
+        return f"its config: {err}"
     if not isinstance(shards, int) or not isinstance(cells, list) or len(cells) != shards or shards < 1:
         return "its shards and cells disagree"
     if record.get("id") != plan_id(config):
         return "its id does not match its config (edited by hand?)"
-    wanted = sorted([test, count] for count in config["slots"] for test in config["tests"])
+    wanted = sorted([test, point] for point in config.points for test in config.tests)
     if sorted(cell for shard in cells for cell in shard) != wanted:
         return "its shards do not cover the matrix once"
     return None
@@ -118,34 +115,34 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def shard_config(record: dict, k: int, n: int) -> dict:
-    """The qualify.json of shard K: the plan's config, the shard's cells, and which plan."""
+def shard_config(record: dict, k: int, n: int) -> Config:
+    """The config of shard K: the plan's, with the shard's cells and which plan."""
     if n != record["shards"]:
         raise KvmlabError(f"--shard {k}/{n}: the plan has {record['shards']} shards")
-    return {**record["config"], "cells": record["cells"][k - 1],
-            "plan": {"id": record["id"], "shard": k, "shards": n}}
+    return Config.from_json(record["config"]).with_(
+        cells=tuple((test, point) for test, point in record["cells"][k - 1]),
+        plan={"id": record["id"], "shard": k, "shards": n})
 
 
-def refuse_other_kernel(config: dict, side: str, kernel: Kernel) -> None:
+def refuse_other_kernel(config: Config, side: str, kernel: Kernel) -> None:
     """This machine must boot the very kernel the plan names: same package version and patches."""
-    planned = config[side]
+    planned = config.side(side)
     mismatch = []
-    if kernel.pinned != planned["exact"] and kernel.release != planned.get("release"):
-        mismatch.append(f"release {kernel.release}, not {planned.get('release')}")
-    if planned.get("version") and kernel.version != planned["version"]:
-        mismatch.append(f"Debian version {kernel.version}, not {planned['version']}")
+    if kernel.pinned != planned.exact and kernel.release != planned.release:
+        mismatch.append(f"release {kernel.release}, not {planned.release}")
+    if planned.version and kernel.version != planned.version:
+        mismatch.append(f"Debian version {kernel.version}, not {planned.version}")
     ours = [p["sha256"] for p in kernel.patches or []]
-    if ours != [p["sha256"] for p in planned.get("patches") or []]:
+    if ours != [p["sha256"] for p in planned.patches or []]:
         mismatch.append("other patch contents")
     if mismatch:
-        raise KvmlabError(f"--shard: {side} {planned['spec']} resolves here to {kernel.pinned} with "
+        raise KvmlabError(f"--shard: {side} {planned.spec} resolves here to {kernel.pinned} with "
                           f"{'; '.join(mismatch)}: the shards would not measure one plan")
 
 
-def items_of(config: dict, items: list[matrix.Item]) -> list[matrix.Item]:
+def items_of(config: Config, items: list[matrix.Item]) -> list[matrix.Item]:
     """The plan's items that fall in this qualification's cells (all, when not a shard)."""
-    cells = config.get("cells")
-    if cells is None:
+    if config.cells is None:
         return items
-    chosen = {(test, count) for test, count in cells}
-    return [item for item in items if (item.test, item.slots) in chosen]
+    chosen = set(config.cells)
+    return [item for item in items if (item.test, item.point) in chosen]

@@ -2,7 +2,8 @@
 
 A series' cover letter posts a table of before and after times. Given as a CSV file
 with the columns ``test,slots,before,after,source`` (times in seconds, as cover letters
-post them; tests by kvmlab's names or memslot_perf's, ``slot setup`` too), the report
+post them; tests by the workload's measures or their command-line words, ``slot setup``
+too; the second column is named by the workload's axis), the report
 shows beside each cell the published change, the measured one, and whether the two
 point the same way. A clock other than the author's machine can change the size of a
 change; what a reproduction must get right first is its direction.
@@ -18,18 +19,21 @@ import io
 import math
 from pathlib import Path
 
+from kselftest_py.workload import Workload
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify import matrix
+from kvmlab.qualify import workloads
 
-COLUMNS = ("test", "slots", "before", "after", "source")
 SHIPPED = Path(__file__).parent / "references"
-SLOT_SETUP = "slot setup"
 #: Bigger than any table a cover letter posts; a bound on what is read from a file kvmlab did not write.
 MAX_BYTES = 1 << 20
 IMPROVED, REGRESSED, NONE = "faster", "slower", "none"
 
 
-def read(path: Path) -> dict:
+def columns(workload: Workload) -> tuple[str, ...]:
+    return ("test", workload.axis.name, "before", "after", "source")
+
+
+def read(path: Path, workload: Workload | None = None) -> dict:
     """``{"file": name, "rows": [{test, slots, before, after, source}, ...]}``, or a one-line KvmlabError.
 
     A bare name that is no file here names a table kvmlab ships (``SHIPPED``), so that
@@ -51,23 +55,25 @@ def read(path: Path) -> dict:
         text = data.decode()
     except UnicodeDecodeError:
         raise KvmlabError(f"{where}: not UTF-8 text") from None
-    return {"file": path.name, "rows": parse(text, where)}
+    return {"file": path.name, "rows": parse(text, where, workload)}
 
 
-def parse(text: str, where: str = "--reference") -> list[dict]:
+def parse(text: str, where: str = "--reference", workload: Workload | None = None) -> list[dict]:
+    workload = workload or workloads.get(workloads.DEFAULT)
+    wanted, axis = columns(workload), workload.axis.name
     reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader, None)
-        if header is None or [word.strip().lower() for word in header] != list(COLUMNS):
-            raise KvmlabError(f"{where}: the first line must be the header {','.join(COLUMNS)}")
+        if header is None or [word.strip().lower() for word in header] != list(wanted):
+            raise KvmlabError(f"{where}: the first line must be the header {','.join(wanted)}")
         rows, seen = [], set()
         for line, fields in enumerate(reader, 2):
             if not any(field.strip() for field in fields):
                 continue
-            row = _row(fields, f"{where}:{line}")
-            if (row["test"], row["slots"]) in seen:
-                raise KvmlabError(f"{where}:{line}: a second row for {row['test']} @{row['slots']}")
-            seen.add((row["test"], row["slots"]))
+            row = _row(fields, f"{where}:{line}", workload)
+            if (row["test"], row[axis]) in seen:
+                raise KvmlabError(f"{where}:{line}: a second row for {row['test']} @{row[axis]}")
+            seen.add((row["test"], row[axis]))
             rows.append(row)
     except csv.Error as err:
         raise KvmlabError(f"{where}: not CSV: {err}") from None
@@ -76,35 +82,38 @@ def parse(text: str, where: str = "--reference") -> list[dict]:
     return rows
 
 
-def _row(fields: list[str], where: str) -> dict:
-    if len(fields) != len(COLUMNS):
-        raise KvmlabError(f"{where}: {len(fields)} fields where {','.join(COLUMNS)} are 5")
-    test, slots, before, after, source = (field.strip() for field in fields)
-    return {"test": test_name(test, where), "slots": _slots(slots, where),
+def _row(fields: list[str], where: str, workload: Workload) -> dict:
+    wanted = columns(workload)
+    if len(fields) != len(wanted):
+        raise KvmlabError(f"{where}: {len(fields)} fields where {','.join(wanted)} are 5")
+    test, point, before, after, source = (field.strip() for field in fields)
+    return {"test": test_name(test, where, workload), workload.axis.name: _point(point, where, workload),
             "before": _seconds(before, "before", where), "after": _seconds(after, "after", where),
             "source": source}
 
 
-def test_name(word: str, where: str) -> str:
-    """kvmlab's name of a test: ``move-active``, ``Move active area``, ``slot setup``…"""
+def test_name(word: str, where: str, workload: Workload) -> str:
+    """The workload's name of a measure: ``move-active``, ``Move active area``, ``slot setup``…"""
     lowered = word.lower().replace("_", " ").replace("-", " ").strip()
-    if lowered == SLOT_SETUP:
-        return SLOT_SETUP
-    for option, (_, name) in matrix.TESTS.items():
+    names = [measure.name for measure in workload.measures(workload.tests)]
+    for name in names:
+        option = workload.option(name) if name in workload.tests else name
         if lowered in (option.replace("-", " "), name.lower()):
             return name
-    known = ", ".join([*matrix.TESTS, "slot-setup"])
+    known = ", ".join(workload.option(name) if name in workload.tests else name.replace(" ", "-")
+                      for name in names)
     raise KvmlabError(f"{where}: unknown test {word!r} (known: {known})")
 
 
-def _slots(text: str, where: str) -> int:
+def _point(text: str, where: str, workload: Workload) -> int:
+    axis = workload.axis
     try:
-        slots = int(text)
+        point = int(text)
     except ValueError:
-        raise KvmlabError(f"{where}: slots {text!r} is not a count") from None
-    if not 2 <= slots <= 1 << 20:
-        raise KvmlabError(f"{where}: slots {slots} is not a memslot count")
-    return slots
+        raise KvmlabError(f"{where}: {axis.name} {text!r} is not a count") from None
+    if not axis.minimum <= point <= 1 << 20:
+        raise KvmlabError(f"{where}: {axis.name} {point} is not a {axis.noun} count")
+    return point
 
 
 def _seconds(text: str, column: str, where: str) -> float:
@@ -117,10 +126,12 @@ def _seconds(text: str, column: str, where: str) -> float:
     return value
 
 
-def published(config: dict, test: str, slots: int) -> dict | None:
-    """The reference row of one cell, if the qualification has a reference and it has that row."""
-    for row in (config.get("reference") or {}).get("rows", []):
-        if row["test"] == test and row["slots"] == slots:
+def published(config, measure: str, point: int) -> dict | None:
+    """The reference row of one cell, if the qualification (a ``config.Config``) has a
+    reference and it has that row."""
+    axis = config.workload.axis.name
+    for row in (config.reference or {}).get("rows", []):
+        if row["test"] == measure and row.get(axis) == point:
             return row
     return None
 

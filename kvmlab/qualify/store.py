@@ -7,8 +7,10 @@ progress, and ``--resume`` reads back which runs are done. A line cut short by a
 during the write is the one exception: it was never a record, and reopening the store
 drops it. A last record that is whole but lacks only its newline is kept.
 
-Record kinds: ``run`` (a measured run), ``skip`` (the kernel or the test cannot take
-this cell: n/a, with the reason; covers every run of that kernel in the cell),
+Records name their cell by test and point, the point under the name of the workload's
+axis (``slots``: ``kselftest_py.workload``), and a run record holds each of the
+workload's metrics under its key. Record kinds: ``run`` (a measured run), ``skip`` (the
+kernel or the test cannot take this cell: n/a, with the reason; covers every run of that kernel in the cell),
 ``fail`` (the test failed), ``crash`` (the guest hung, crashed or vanished during the
 run: outcome and console excerpt; the run is tried again in a fresh boot), ``splat`` (a
 kernel report on the console of a guest that went on), ``invariant`` (a memslot
@@ -30,24 +32,26 @@ import os
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from kselftest_py.workload import Workload
 from kvmlab.errors import KvmlabError
+from kvmlab.qualify import workloads
+from kvmlab.qualify.config import SIDES, Config
 
 CONFIG = "qualify.json"
 RUNS = "runs.jsonl"
 LOCK = ".lock"
-SIDES = ("base", "patched")
 
 #: Record kinds (above); ``checks`` is a guest's invariant-check summary when it shut down.
 RUN, SKIP, FAIL, CRASH = "run", "skip", "fail", "crash"
 SPLAT, INVARIANT, CHECKS, CONDITIONS = "splat", "invariant", "checks", "conditions"
 
 
-class Cell(NamedTuple):
-    """One kernel's share of one cell of the matrix."""
+class Share(NamedTuple):
+    """One kernel's share of one cell of the matrix: what an n/a record covers."""
 
     side: str
     test: str | None
-    slots: int | None
+    point: int | None
 
 
 class RunKey(NamedTuple):
@@ -55,16 +59,17 @@ class RunKey(NamedTuple):
 
     side: str
     test: str | None
-    slots: int | None
+    point: int | None
     run: int | None
 
     @property
-    def cell(self) -> Cell:
-        return Cell(self.side, self.test, self.slots)
+    def share(self) -> Share:
+        return Share(self.side, self.test, self.point)
 
 
-def record_key(record: dict) -> RunKey:
-    return RunKey(record["side"], record["test"], record["slots"], record.get("run"))
+def record_key(record: dict, axis: str = "slots") -> RunKey:
+    """The run a record is about; ``axis``: the name its workload's points go by."""
+    return RunKey(record["side"], record["test"], record[axis], record.get("run"))
 
 
 def _is_int(value) -> bool:
@@ -82,40 +87,23 @@ def _is_time(value) -> bool:
 
 #: What a field may hold, by the words an error message uses for it.
 _TYPES = {
-    "a number": _is_number,
     "a time in ns or null": _is_time,
-    "a positive number": lambda value: _is_number(value) and value > 0,
-    "a fraction in [0, 1)": lambda value: _is_number(value) and 0 <= value < 1,
     "an integer": _is_int,
     "an integer of at least 0": lambda value: _is_int(value) and value >= 0,
-    "an integer of at least 1": lambda value: _is_int(value) and value >= 1,
-    "an integer of at least 2": lambda value: _is_int(value) and value >= 2,
     "a string or null": lambda value: value is None or isinstance(value, str),
-    "an object or null": lambda value: value is None or isinstance(value, dict),
-    "true or false": lambda value: isinstance(value, bool),
-    "icount or wall": lambda value: value in ("icount", "wall"),
     "a string": lambda value: isinstance(value, str),
     "an integer or null": lambda value: value is None or _is_int(value),
-    "a list of test names": lambda value: isinstance(value, list) and bool(value)
-    and all(isinstance(v, str) for v in value),
     "an object of strings": lambda value: isinstance(value, dict)
     and all(isinstance(v, str) for v in value.values()),
-    "published figures": lambda value: value is None or (
-        isinstance(value, dict) and isinstance(value.get("rows"), list)
-        and all(isinstance(row, dict) and isinstance(row.get("test"), str) and _is_int(row.get("slots"))
-                and _is_number(row.get("before")) and _is_number(row.get("after")) and row["before"] > 0
-                and isinstance(row.get("source"), str) for row in value["rows"])),
-    "a list of slot counts": lambda value: isinstance(value, list) and bool(value)
-    and all(_is_int(v) and v >= 2 for v in value),
 }
-_KEY_FIELDS = {"test": "a string or null", "slots": "an integer or null", "run": "an integer or null"}
-#: Per kind, the fields beyond side/test/slots/run that readers of the store rely on.
+#: Per kind, the fields beyond side/test/point/run that readers of the store rely on
+#: (the point's field is named by the workload's axis, ``POINT`` here).
+POINT = "<axis>"
 _KIND_FIELDS = {
-    RUN: {"test": "a string", "slots": "an integer", "run": "an integer of at least 0",
-          "iteration_ns": "a time in ns or null", "iterations": "an integer of at least 0",
-          "slot_setup_ns": "a time in ns or null", "release": "a string"},
-    SKIP: {"test": "a string", "slots": "an integer", "reason": "a string"},
-    FAIL: {"test": "a string", "slots": "an integer", "run": "an integer of at least 0",
+    RUN: {"test": "a string", POINT: "an integer", "run": "an integer of at least 0",
+          "release": "a string"},
+    SKIP: {"test": "a string", POINT: "an integer", "reason": "a string"},
+    FAIL: {"test": "a string", POINT: "an integer", "run": "an integer of at least 0",
            "reason": "a string"},
     CRASH: {"outcome": "a string", "message": "a string or null"},
     SPLAT: {"summary": "a string"},
@@ -124,20 +112,14 @@ _KIND_FIELDS = {
              "violations": "an integer of at least 0"},
     CONDITIONS: {"conditions": "an object of strings", "boot": "a string"},
 }
-_CONFIG_FIELDS = {"tests": "a list of test names", "slots": "a list of slot counts",
-                  "runs": "an integer of at least 2", "seconds": "a positive number",
-                  "threshold": "a fraction in [0, 1)"}
-#: Fields an older kvmlab did not write; checked when there.
-_OPTIONAL_CONFIG_FIELDS = {"cpus": "an integer of at least 1", "clock": "icount or wall",
-                           "emulator": "an object or null", "check_invariants": "true or false",
-                           "append": "a string", "trace": "an object or null", "accel": "a string or null",
-                           "reference": "published figures", "setup_budget": "a positive number"}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
 
 
-def record_problem(record) -> str | None:
-    """What is wrong with one store record, or None if it is one kvmlab wrote."""
+def record_problem(record, workload: Workload | None = None) -> str | None:
+    """What is wrong with one store record of a qualification of ``workload`` (default:
+    memslot-perf), or None if it is one kvmlab wrote."""
+    workload = workload or workloads.get(workloads.DEFAULT)
     if not isinstance(record, dict):
         return f"a record is a JSON object, found {type(record).__name__}"
     kind = record.get("kind")
@@ -147,30 +129,16 @@ def record_problem(record) -> str | None:
         return f"unknown record kind {kind!r} (known: {', '.join(_KIND_FIELDS)})"
     if record.get("side") not in SIDES:
         return f"{kind} record: 'side' is {record.get('side')!r}, not base or patched"
-    for name, wanted in {**_KEY_FIELDS, **_KIND_FIELDS[kind]}.items():
+    axis = workload.axis.name
+    fields = {"test": "a string or null", axis: "an integer or null", "run": "an integer or null"}
+    fields |= {axis if name == POINT else name: wanted for name, wanted in _KIND_FIELDS[kind].items()}
+    if kind == RUN:
+        fields |= {metric.key: "a time in ns or null" for metric in workload.metrics}
+    for name, wanted in fields.items():
         if name not in record:
             return f"{kind} record without {name!r}"
         if not _TYPES[wanted](record[name]):
             return f"{kind} record: {name!r} wants {wanted}, found {record[name]!r}"
-    return None
-
-
-def config_problem(config) -> str | None:
-    """What is wrong with a qualify.json, or None when the fields resume and analysis read are there."""
-    if not isinstance(config, dict):
-        return f"a JSON object is expected, found {type(config).__name__}"
-    for side in SIDES:
-        kernel = config.get(side)
-        if not isinstance(kernel, dict) or not all(isinstance(kernel.get(k), str) for k in ("spec", "exact")):
-            return f"{side!r} wants the kernel's spec and exact spec, found {kernel!r}"
-    for name, wanted in _CONFIG_FIELDS.items():
-        if name not in config:
-            return f"no {name!r}"
-        if not _TYPES[wanted](config[name]):
-            return f"{name!r} wants {wanted}, found {config[name]!r}"
-    for name, wanted in _OPTIONAL_CONFIG_FIELDS.items():
-        if name in config and not _TYPES[wanted](config[name]):
-            return f"{name!r} wants {wanted}, found {config[name]!r}"
     return None
 
 
@@ -189,13 +157,13 @@ class Store:
             )
 
     @classmethod
-    def create(cls, directory: Path, config: dict) -> Store:
+    def create(cls, directory: Path, config: Config) -> Store:
         cls.refuse_existing(directory)
         store = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         store.claim()
         cls.refuse_existing(directory)  # another process may have made it meanwhile
-        store.config_path.write_text(json.dumps(config, indent=2) + "\n")
+        store.config_path.write_text(json.dumps(config.to_json(), indent=2) + "\n")
         store.runs_path.touch()
         return store
 
@@ -247,22 +215,27 @@ class Store:
             handle.close()
 
     @property
-    def config(self) -> dict:
+    def config(self) -> Config:
         try:
-            config = json.loads(self.config_path.read_text())
+            data = json.loads(self.config_path.read_text())
         except (OSError, UnicodeDecodeError) as err:
             raise KvmlabError(f"{self.config_path}: cannot read it: {_reason(err)}") from None
         except ValueError as err:
             raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
-        problem = config_problem(config)
-        if problem:
-            raise KvmlabError(f"{self.config_path} is damaged: {problem}")
-        return config
+        try:
+            return Config.from_json(data)
+        except KvmlabError as err:
+            raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
+
+    @property
+    def workload(self) -> Workload:
+        return self.config.workload
 
     def records(self) -> list[dict]:
         """Every record, checked: a damaged, foreign or doubled one is named by its line."""
         if not self.runs_path.exists():
             return []
+        workload = self.workload
         try:
             text = self.runs_path.read_text()
         except (OSError, UnicodeDecodeError) as err:
@@ -276,10 +249,10 @@ class Store:
                 record = json.loads(line)
             except ValueError:  # not JSON, or a number too long for Python to read
                 raise KvmlabError(f"{self.runs_path}:{number}: not a JSON record") from None
-            problem = record_problem(record)
+            problem = record_problem(record, workload)
             if problem is None and record["kind"] in (RUN, FAIL, SKIP):
-                key = record_key(record)
-                key = key.cell if record["kind"] == SKIP else key
+                key = record_key(record, workload.axis.name)
+                key = key.share if record["kind"] == SKIP else key
                 if key in final_at:
                     problem = (f"a second result for {_describe(key)} (the first is line {final_at[key]}): "
                                "were two processes writing this store?")
@@ -314,8 +287,8 @@ class Store:
             os.fsync(handle.fileno())
 
 
-def _describe(key: RunKey | Cell) -> str:
-    where = f"{key.side} {key.test} @{key.slots}"
+def _describe(key: RunKey | Share) -> str:
+    where = f"{key.side} {key.test} @{key.point}"
     return f"{where} run {key.run}" if isinstance(key, RunKey) else f"{where} (n/a)"
 
 

@@ -100,13 +100,35 @@ class Settings:
     modules: list[str]
     """What the guest init loads: the recipe's modules and the panic driver."""
     panic_driver: str | None
+    announced: bool = False
+    """The command already said what its guests run under (``Machine``): a guest need not."""
 
 
-def settle(kernel: Kernel, options: RunOptions) -> Settings:
-    """Check the kernel and choose the accelerator, QEMU and clock for ``options``."""
-    chosen = accel_mod.choose(options.accel)
-    qemu_emulator = emulator.choose()
-    clock = clock_mod.choose(options.clock, chosen, qemu_emulator, options.clock_default)
+@dataclass(frozen=True)
+class Machine:
+    """The accelerator, QEMU and clock guests run under, decided once for a whole command."""
+
+    accel: accel_mod.Accel
+    emulator: emulator.Emulator
+    clock: clock_mod.Clock
+
+    @classmethod
+    def choose(cls, accel: str | None = None, clock: str | None = None,
+               clock_default: str = clock_mod.ICOUNT) -> "Machine":
+        chosen = accel_mod.choose(accel)
+        qemu_emulator = emulator.choose()
+        return cls(chosen, qemu_emulator, clock_mod.choose(clock, chosen, qemu_emulator, clock_default))
+
+    def describe(self) -> str:
+        return f"{self.accel.describe()}; {self.emulator.describe()}; {self.clock.describe()}"
+
+
+def settle(kernel: Kernel, options: RunOptions, machine: "Machine | None" = None) -> Settings:
+    """Check the kernel and choose the accelerator, QEMU and clock for ``options`` (those
+    of ``machine`` when one was chosen for the whole command)."""
+    given = machine
+    machine = machine or Machine.choose(options.accel, options.clock, options.clock_default)
+    chosen, qemu_emulator, clock = machine.accel, machine.emulator, machine.clock
     require_kvm(kernel)
     require_emulator(kernel, qemu_emulator)
     append, env = options.append, options.env
@@ -116,7 +138,8 @@ def settle(kernel: Kernel, options: RunOptions) -> Settings:
     recipe = image.recipe(options.recipe)
     panic_driver = modules_archive.first_available(kernel, vmcore.GUEST_MODULES)
     return Settings(kernel, chosen, qemu_emulator, clock, options.cpus, options.memory_mb, append, env,
-                    recipe, recipe.modules + ([panic_driver] if panic_driver else []), panic_driver)
+                    recipe, recipe.modules + ([panic_driver] if panic_driver else []), panic_driver,
+                    announced=given is not None)
 
 
 def start(kernel: Kernel, options: RunOptions, log=sys.stderr, settings: Settings | None = None,
@@ -187,7 +210,7 @@ def assemble(settings: Settings, options: RunOptions, run_dir: Path, log=sys.std
 
 def describe(settings: Settings, run_dir: Path, log=sys.stderr) -> None:
     """Say (``log`` None: only record) and record in run.json what the guest runs under."""
-    if log is not None:
+    if log is not None and not settings.announced:
         print(f"kvmlab: {settings.accel.describe()}; {settings.emulator.describe()}; "
               f"{settings.clock.describe()}", file=log)
     runs.record(run_dir, qemu=settings.emulator.to_json(), accel=settings.accel.name, cpu=settings.accel.cpu,

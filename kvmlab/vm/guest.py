@@ -65,11 +65,12 @@ class Reply:
 
 class Guest:
     def __init__(self, kernel: Kernel, options: boot.RunOptions, log=sys.stderr, role: str | None = None,
-                 agent: bool = True):
+                 agent: bool = True, machine: boot.Machine | None = None):
         """``role``: the template this guest restores (made first if need be), unless
         ``options.fresh_boot``; None: it boots. ``agent``: the guest runs the agent and takes
-        requests; else it is a job guest, which boots to run ``options.argv``."""
-        self.kernel, self.log, self.agent = kernel, log, agent
+        requests; else it is a job guest, which boots to run ``options.argv``. ``machine``:
+        the accelerator, QEMU and clock already chosen (else chosen from ``options``)."""
+        self.kernel, self.log, self.agent, self.machine_chosen = kernel, log, agent, machine
         self.role = role if agent else None
         self.options = replace(options, argv=AGENT) if agent else options
         self.run_dir: Path | None = None
@@ -106,7 +107,7 @@ class Guest:
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
         """Restore or boot the guest, up to its agent (or its job) running."""
-        self.settings = boot.settle(self.kernel, self.options)
+        self.settings = boot.settle(self.kernel, self.options, self.machine_chosen)
         if self.role and not self.options.fresh_boot:
             found = self._template()
             if found is not None:
@@ -116,6 +117,7 @@ class Guest:
                     if self._killed():
                         self._fail()  # killed from outside mid-restore: a guest lost, not a bad template
                     self._say(f"{err}; booting afresh")
+                    runs.record(self.run_dir, message=str(err))  # what went wrong stays with the run
                     self._abandon("restore failed")
                     template.discard(found.directory)
             if self._vm is None:

@@ -203,12 +203,19 @@ def _wait_migration(socket: Path, process: subprocess.Popen) -> None:
 
 
 def _await_socket(socket: Path, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Wait until QEMU greets on ``socket``. The file appears when QEMU binds it, a moment
+    before it listens: a connection then is refused (one restore in about twelve, while
+    the host was busy), so a refused connection is tried again until the deadline."""
     deadline = time.monotonic() + timeout_s
-    while not socket.exists():
+    while True:
         if process.poll() is not None:
             raise KvmlabError(f"QEMU ended before it listened on {socket.name} (exit {process.returncode})")
-        if time.monotonic() > deadline:
-            raise KvmlabError(f"QEMU made no {socket.name} within {timeout_s:g} s")
+        try:
+            qmp.await_greeting(socket, max(deadline - time.monotonic(), 0.01), "restore")
+            return
+        except KvmlabError:
+            if time.monotonic() > deadline:
+                raise
         time.sleep(0.01)
 
 

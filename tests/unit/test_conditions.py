@@ -9,6 +9,7 @@ from kvmlab_guest import conditions as guest
 
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import analysis, conditions, report
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store, record_problem
 from unit.test_report import SPREAD, _records
 from unit.test_store import CONFIG as STORE_CONFIG
@@ -23,13 +24,13 @@ model name\t: Other CPU
 flags\t\t: fpu vmx ept
 """
 
-CONFIG = {
+CONFIG = Config.from_json({
     "base": {"spec": "debian:bookworm", "exact": "x", "release": "6.1.0-50-cloud-amd64"},
     "patched": {"spec": "debian:bookworm", "exact": "x", "release": "6.1.0-50-cloud-amd64",
                 "append": "kvm.tdp_mmu=0"},
     "tests": ["move active area"], "slots": [10, 509], "runs": 5, "seconds": 1.0, "threshold": 0.05,
     "trace": None, "check_invariants": False, "append": "",
-}
+})
 GUEST = {"kvm.tdp_mmu": "Y", "kvm.halt_poll_ns": "200000", "kvm_amd.npt": "1", "kvm_amd.sev": "N",
          "cmdline": "console=ttyS0 quiet", "cpu.model": "AMD EPYC Processor", "cpu.virt_flags": "npt svm",
          "l1.vcpus": "1", "l1.memory_mib": "3900"}
@@ -101,7 +102,7 @@ def test_a_value_that_changes_between_boots_of_one_side_is_named():
 
 def _analysis_with(base: dict, patched: dict) -> analysis.Analysis:
     values = {(side, test, slots): [1e6 * s for s in SPREAD]
-              for side in ("base", "patched") for test in CONFIG["tests"] for slots in CONFIG["slots"]}
+              for side in ("base", "patched") for test in CONFIG.tests for slots in CONFIG.points}
     records = _records(values) + [_conditions_record("base", base), _conditions_record("patched", patched)]
     return analysis.analyse(CONFIG, records)
 
@@ -111,7 +112,7 @@ def test_the_reports_mark_a_confound_and_name_it_in_the_verdict_without_changing
     text = report.markdown(result)
     assert "| kvm.tdp_mmu | Y | N | ≠ **setting** |" in text
     assert "| cmdline:kvm.tdp_mmu | – | 0 | ≠ |" in text
-    assert "| cpu.model | AMD EPYC Processor | AMD EPYC Processor |  |" in text
+    assert "| cpu.model | AMD EPYC Processor | AMD EPYC Processor | |" in text
     assert "| kvm.halt_poll_ns |" not in text  # the same on both sides, and not a key condition
     assert text.rstrip().endswith(
         "Verdict: PASS (4 no significant change); conditions differ: kvm.tdp_mmu Y vs N.")
@@ -132,19 +133,19 @@ def test_a_qualification_of_a_kernel_against_itself_marks_nothing():
     result = _analysis_with(GUEST, dict(GUEST))
     text = report.markdown(result)
     assert "≠" not in text and "conditions differ" not in text
-    assert "Conditions, as the guests reported them (1 base and 1 patched guests)" in text
+    assert "the guests reported them (1 base and 1 patched boots; a template's guests ask once)" in text
 
 
 def test_a_store_without_conditions_says_so_and_judges_as_before():
     values = {(side, "move active area", slots): [1e6 * s for s in SPREAD]
-              for side in ("base", "patched") for slots in CONFIG["slots"]}
+              for side in ("base", "patched") for slots in CONFIG.points}
     result = analysis.analyse(CONFIG, _records(values))
     assert "Conditions: not recorded for base and patched" in report.markdown(result)
     assert "conditions differ" not in report.verdict_line(result)
 
 
 def test_resume_refuses_a_base_append_other_than_the_stored_one(tmp_path):
-    config = {**STORE_CONFIG, "base": {**STORE_CONFIG["base"], "append": "kvm.tdp_mmu=0"}}
+    config = Config.from_json({**STORE_CONFIG, "base": {**STORE_CONFIG["base"], "append": "kvm.tdp_mmu=0"}})
     store = Store.create(tmp_path / "q", config)
     store.release()
     done = kvmlab("qualify", "--resume", "--base-append", "kvm.tdp_mmu=1", "-o", str(store.directory))

@@ -6,13 +6,15 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import assert_one_line_error, kvmlab
 
+from kselftest_py.memslot_perf import SLOT_SETUP
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify import analysis, matrix, report
+from kvmlab.qualify import analysis, matrix, report, workloads
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.driver import _finished
 from kvmlab.qualify.store import Store
 
-CONFIG = {
+CONFIG = Config.from_json({
     "base": {"spec": "debian:bullseye", "exact": "x", "release": "5.10"},
     "patched": {"spec": "debian:bookworm", "exact": "y", "release": "6.1"},
     "tests": ["unmap", "move active area"],
@@ -22,7 +24,7 @@ CONFIG = {
     "threshold": 0.05,
     "trace": None,
     "check_invariants": False,
-}
+})
 
 
 def test_runs_alternate_between_kernels_and_swap_who_goes_first():
@@ -39,23 +41,24 @@ def test_runs_alternate_between_kernels_and_swap_who_goes_first():
         ("patched", 3),
         ("base", 3),
     ]
-    assert {i.slots for i in items[8:]} == {509}
+    assert {i.point for i in items[8:]} == {509}
 
 
 def test_test_and_slot_lists():
-    assert matrix.parse_tests("unmap, Unmap_Chunked,move-active") == [
+    memslot_perf = workloads.get("memslot-perf")
+    assert matrix.parse_tests(memslot_perf, "unmap, Unmap_Chunked,move-active") == [
         "unmap",
         "unmap chunked",
         "move active area",
     ]
-    assert len(matrix.parse_tests(None)) == 6
-    assert matrix.parse_slots("509,10,10") == [10, 509]
+    assert len(matrix.parse_tests(memslot_perf, None)) == 6
+    assert matrix.parse_points(memslot_perf, "509,10,10") == [10, 509]
     for bad in ("unmapp", "rw,bogus"):
-        with pytest.raises(KvmlabError, match="unknown test"):
-            matrix.parse_tests(bad)
+        with pytest.raises(KvmlabError, match="has no test"):
+            matrix.parse_tests(memslot_perf, bad)
     for bad in ("ten", "1,10"):
         with pytest.raises(KvmlabError, match="--slots"):
-            matrix.parse_slots(bad)
+            matrix.parse_points(memslot_perf, bad)
 
 
 def _run(n: int, **fields) -> dict:
@@ -111,11 +114,11 @@ def test_finished_runs_are_not_run_again():
     crash = {**run, "kind": "crash"}
     from collections import Counter
 
-    assert _finished(item, [run], Counter())
-    assert _finished(item, [skip], Counter())
-    assert not _finished(item, [{**run, "run": 1}], Counter())
-    assert not _finished(item, [crash], Counter([item.key]))  # one crash: tried again
-    assert _finished(item, [crash, crash], Counter([item.key, item.key]))
+    assert _finished(item, [run], Counter(), "slots")
+    assert _finished(item, [skip], Counter(), "slots")
+    assert not _finished(item, [{**run, "run": 1}], Counter(), "slots")
+    assert not _finished(item, [crash], Counter([item.key]), "slots")  # one crash: tried again
+    assert _finished(item, [crash, crash], Counter([item.key, item.key]), "slots")
 
 
 def _records(values: dict) -> list[dict]:
@@ -133,7 +136,7 @@ def _records(values: dict) -> list[dict]:
                     "iteration_ns": value,
                     "slot_setup_ns": slots * 1000 * (1 + run / 100),
                     "iterations": 10,
-                    "release": CONFIG[side]["release"],
+                    "release": CONFIG.side(side).release,
                 }
             )
     return records
@@ -141,8 +144,8 @@ def _records(values: dict) -> list[dict]:
 
 def _matrix(base_times, patched_times) -> dict:
     values = {}
-    for slots in CONFIG["slots"]:
-        for test in CONFIG["tests"]:
+    for slots in CONFIG.points:
+        for test in CONFIG.tests:
             values[("base", test, slots)] = base_times(slots)
             values[("patched", test, slots)] = patched_times(slots)
     return values
@@ -156,14 +159,14 @@ def test_a_faster_patched_kernel_is_improved_everywhere_and_passes():
         _matrix(lambda n: [1e6 * n * s for s in SPREAD], lambda n: [0.5e6 * n * s for s in SPREAD])
     )
     result = analysis.analyse(CONFIG, records)
-    timed = [cell for cell in result.cells if cell.test != analysis.SLOT_SETUP]
+    timed = [cell for cell in result.cells if cell.measure != SLOT_SETUP]
     assert [cell.verdict for cell in timed] == [stats.IMPROVED] * 6
     assert all(abs(cell.comparison.change + 0.5) < 0.01 for cell in timed)
-    setup = [cell for cell in result.cells if cell.test == analysis.SLOT_SETUP]
+    setup = [cell for cell in result.cells if cell.measure == SLOT_SETUP]
     assert [cell.verdict for cell in setup] == [stats.NO_CHANGE] * 3  # the same setup times
     assert len(setup[0].base) == 5  # from the whole-area test only (move active area)
     assert result.exit_code == 0
-    fits = {(f.test, f.side): f.fit.best for f in result.fits}
+    fits = {(f.measure, f.side): f.fit.best for f in result.fits}
     assert fits[("unmap", "base")] == "n" and fits[("unmap", "patched")] == "n"
 
     text = report.markdown(result)
@@ -197,7 +200,7 @@ def test_a_regression_a_failure_and_an_na_cell_each_show_and_fail_the_run(tmp_pa
         }
     )
     result = analysis.analyse(CONFIG, records)
-    cells = {(c.test, c.slots): c for c in result.cells}
+    cells = {(c.measure, c.point): c for c in result.cells}
     assert cells[("unmap", 100)].verdict == stats.REGRESSED
     assert cells[("unmap", 509)].note.startswith("n/a: base: slot cap 509")
     assert cells[("move active area", 10)].note == "test failed (see below)"
@@ -231,7 +234,7 @@ def test_cli_refuses_bad_qualify_usage(tmp_path):
             "-o",
             str(tmp_path / "q"),
         ),
-        "unknown test 'mapp'",
+        "has no test 'mapp'",
     )
     Store.create(tmp_path / "done", CONFIG)
     assert_one_line_error(
@@ -249,7 +252,7 @@ def test_cli_refuses_bad_qualify_usage(tmp_path):
     assert_one_line_error(
         kvmlab("qualify", "--resume", "--runs", "9", "-o", str(tmp_path / "done")), "--runs differ"
     )
-    assert json.loads((tmp_path / "done" / "qualify.json").read_text()) == CONFIG
+    assert json.loads((tmp_path / "done" / "qualify.json").read_text()) == CONFIG.to_json()
 
 
 def test_a_run_length_or_threshold_that_is_not_a_number_is_refused(tmp_path):
@@ -267,22 +270,21 @@ def test_under_icount_the_matrix_runs_round_by_round():
     assert len(items) == 2 * 2 * 3 * 2
     rounds = [item.run for item in items]
     assert rounds == sorted(rounds)  # every cell once per round, each round in its own boots
-    first_round = {(i.test, i.slots) for i in items if i.run == 0}
+    first_round = {(i.test, i.point) for i in items if i.run == 0}
     assert len(first_round) == 4
     assert [i.side for i in items if i.run == 1][:2] == ["patched", "base"]
 
 
-ICOUNT_CONFIG = {
-    **CONFIG,
-    "clock": "icount",
-    "method": stats.WELCH_LOG,
-    "boot_per_round": True,
-    "emulator": {"version": "10.0.2", "package": "qemu-system-x86 1:10.0.2+ds-2+deb13u1~bpo12+1"},
-    "cpu": "EPYC,+svm",
-    "cpus": 1,
-    "threshold": 0.02,
-    "runs": 3,
-}
+ICOUNT_CONFIG = CONFIG.with_(
+    clock="icount",
+    method=stats.WELCH_LOG,
+    boot_per_round=True,
+    emulator={"version": "10.0.2", "package": "qemu-system-x86 1:10.0.2+ds-2+deb13u1~bpo12+1"},
+    cpu="EPYC,+svm",
+    cpus=1,
+    threshold=0.02,
+    runs=3,
+)
 
 
 def test_an_icount_report_names_its_clock_emulator_and_statistic(tmp_path):
@@ -290,7 +292,7 @@ def test_an_icount_report_names_its_clock_emulator_and_statistic(tmp_path):
     values = _matrix(lambda n: [1e6 * s for s in tight], lambda n: [1e6 * s for s in tight])
     values[("patched", "unmap", 509)] = [1.03e6 * s for s in tight]  # 3 %: over the 2 % threshold
     result = analysis.analyse(ICOUNT_CONFIG, _records(values))
-    cells = {(c.test, c.slots): c for c in result.cells}
+    cells = {(c.measure, c.point): c for c in result.cells}
     assert cells[("unmap", 509)].verdict == stats.REGRESSED
     assert cells[("unmap", 509)].comparison.method == stats.WELCH_LOG
     assert cells[("unmap", 10)].verdict == stats.NO_CHANGE
@@ -307,7 +309,7 @@ def test_resume_refuses_another_clock_or_emulator(tmp_path):
     assert_one_line_error(
         kvmlab("qualify", "--resume", "--clock", "wall", "-o", str(tmp_path / "q")), "--clock differ"
     )
-    other = {**ICOUNT_CONFIG, "emulator": {"version": "9.2.0", "package": "qemu-system-x86 1:9.2"}}
+    other = ICOUNT_CONFIG.with_(emulator={"version": "9.2.0", "package": "qemu-system-x86 1:9.2"})
     Store.create(tmp_path / "old-qemu", other)
     assert_one_line_error(
         kvmlab("qualify", "--resume", "-o", str(tmp_path / "old-qemu")), "measured under QEMU 9.2.0"
@@ -336,7 +338,7 @@ def test_icount_with_kvm_or_an_old_qemu_is_refused_before_anything_boots(tmp_pat
 
 def test_a_crash_with_a_vmcore_names_it_in_the_report():
     records = _records(_matrix(lambda n: [100.0, 101.0, 99.0], lambda n: [100.0, 101.0, 99.0]))
-    crash = {"kind": "crash", "side": "patched", "test": CONFIG["tests"][0], "slots": CONFIG["slots"][0],
+    crash = {"kind": "crash", "side": "patched", "test": CONFIG.tests[0], "slots": CONFIG.points[0],
              "run": 0, "outcome": "splat", "boot": "20261201-1", "vmcore": "/runs/20261201-1/vmcore",
              "message": "guest kernel reported a panic: Kernel panic - not syncing: sysrq\nexcerpt"}
     lost = {**crash, "boot": "20261201-2", "outcome": "lost", "message": "VM lost", "vmcore": None}

@@ -10,15 +10,16 @@ from conftest import assert_one_line_error, kvmlab
 
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, reference, report
+from kvmlab.qualify.config import Config
 from unit.test_report import SPREAD, _records
 
 HEADER = "test,slots,before,after,source\n"
-CONFIG = {
+CONFIG = Config.from_json({
     "base": {"spec": "debian:bullseye", "exact": "x", "release": "5.10"},
     "patched": {"spec": "debian:bookworm", "exact": "y", "release": "6.1"},
     "tests": ["unmap", "move active area"], "slots": [10, 509], "runs": 5, "seconds": 1.0,
     "threshold": 0.05, "trace": None, "check_invariants": False, "append": "",
-}
+})
 
 
 def test_the_cover_letters_table_ships_whole_and_by_name():
@@ -71,11 +72,11 @@ def test_qualify_refuses_a_reference_naming_an_unknown_test_before_anything_boot
 
 def test_the_report_puts_the_published_change_beside_the_measured_one():
     published = HEADER + "unmap,10,1,0.5,letter\nmove-active,10,1,1.01,letter\nunmap,509,1,2,letter\n"
-    config = {**CONFIG, "reference": {"file": "ref.csv", "rows": reference.parse(published)}}
+    config = CONFIG.with_(reference={"file": "ref.csv", "rows": reference.parse(published)})
     faster = [0.5e6 * s for s in SPREAD]
     same = [1e6 * s for s in SPREAD]
-    values = {("base", test, slots): same for test in CONFIG["tests"] for slots in CONFIG["slots"]}
-    values |= {("patched", test, slots): same for test in CONFIG["tests"] for slots in CONFIG["slots"]}
+    values = {("base", test, slots): same for test in CONFIG.tests for slots in CONFIG.points}
+    values |= {("patched", test, slots): same for test in CONFIG.tests for slots in CONFIG.points}
     values[("patched", "unmap", 10)] = values[("patched", "unmap", 509)] = faster
     result = analysis.analyse(config, _records(values))
     text = report.markdown(result)

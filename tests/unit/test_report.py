@@ -12,13 +12,15 @@ import matplotlib.figure
 import pytest
 from conftest import mounted_tmpfs
 
+from kselftest_py.memslot_perf import SLOT_SETUP
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, report
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 
 RELEASE = "6.1.0-50-cloud-amd64"
-KVM_MODULES_AB = {
+KVM_MODULES_AB_JSON = {
     "base": {"spec": "kvm-modules:debian:bookworm", "exact": "x", "release": RELEASE},
     "patched": {"spec": "kvm-modules:debian:bookworm+/home/me/v2/my.patch", "exact": "y", "release": RELEASE},
     "tests": ["unmap", "move active area"],
@@ -29,6 +31,7 @@ KVM_MODULES_AB = {
     "trace": None,
     "check_invariants": False,
 }
+KVM_MODULES_AB = Config.from_json(KVM_MODULES_AB_JSON)
 SPREAD = [1.0, 1.01, 0.99, 1.02, 0.98]
 
 
@@ -42,12 +45,12 @@ def _records(values: dict) -> list[dict]:
     ]
 
 
-def _same_everywhere(config: dict) -> dict:
+def _same_everywhere(config: Config) -> dict:
     return {(side, test, slots): [1e6 * s for s in SPREAD]
-            for side in ("base", "patched") for test in config["tests"] for slots in config["slots"]}
+            for side in ("base", "patched") for test in config.tests for slots in config.points}
 
 
-def _analysis(config: dict = KVM_MODULES_AB) -> analysis.Analysis:
+def _analysis(config: Config = KVM_MODULES_AB) -> analysis.Analysis:
     return analysis.analyse(config, _records(_same_everywhere(config)))
 
 
@@ -76,7 +79,8 @@ def test_a_kvm_modules_ab_names_its_sides_by_spec_with_the_release_second(tmp_pa
 
 def test_a_recorded_patch_hash_is_in_every_label():
     patches = [{"name": "my.patch", "sha256": "ab12" * 16}]
-    config = {**KVM_MODULES_AB, "patched": {**KVM_MODULES_AB["patched"], "patches": patches}}
+    config = Config.from_json({**KVM_MODULES_AB_JSON, "patched": {**KVM_MODULES_AB_JSON["patched"],
+                                                                  "patches": patches}})
     assert report.kernel_label(config, "patched") == (
         f"kvm-modules:debian:bookworm+my.patch ({RELEASE}; my.patch sha256 ab12ab12ab12)")
     assert report.legend_label(config, "patched").endswith(f"\n{RELEASE}, sha256 ab12ab12ab12")
@@ -84,13 +88,15 @@ def test_a_recorded_patch_hash_is_in_every_label():
 
 
 def test_two_patches_of_one_name_keep_their_paths():
-    config = {**KVM_MODULES_AB,
-              "base": {**KVM_MODULES_AB["base"], "spec": "kvm-modules:debian:bookworm+v1/fix.patch"},
-              "patched": {**KVM_MODULES_AB["patched"], "spec": "kvm-modules:debian:bookworm+v2/fix.patch"}}
+    config = Config.from_json({
+        **KVM_MODULES_AB_JSON,
+        "base": {**KVM_MODULES_AB_JSON["base"], "spec": "kvm-modules:debian:bookworm+v1/fix.patch"},
+        "patched": {**KVM_MODULES_AB_JSON["patched"], "spec": "kvm-modules:debian:bookworm+v2/fix.patch"}})
     assert report.spec_names(config) == {"base": "kvm-modules:debian:bookworm+v1/fix.patch",
                                          "patched": "kvm-modules:debian:bookworm+v2/fix.patch"}
-    series = {**KVM_MODULES_AB, "patched": {**KVM_MODULES_AB["patched"],
-                                            "spec": "kvm-modules:debian:bookworm+../work/series/"}}
+    series = Config.from_json({
+        **KVM_MODULES_AB_JSON,
+        "patched": {**KVM_MODULES_AB_JSON["patched"], "spec": "kvm-modules:debian:bookworm+../work/series/"}})
     assert report.spec_names(series)["patched"] == "kvm-modules:debian:bookworm+series/"
 
 
@@ -132,7 +138,7 @@ def test_every_verdict_has_its_own_shade_and_keeps_its_words(tmp_path):
     parser = _Rows()
     parser.feed(page)
     shaded_rows = [row for row in parser.rows if row["class"]]  # the cells' rows, in the cells' order
-    rows = {(row["cells"][0], cell.slots): row for row, cell in zip(shaded_rows, result.cells, strict=True)}
+    rows = {(row["cells"][0], cell.point): row for row, cell in zip(shaded_rows, result.cells, strict=True)}
 
     expected = {("Unmap", 100): ("regressed", stats.REGRESSED),
                 ("Move active area", 509): ("improved", stats.IMPROVED),
@@ -251,7 +257,7 @@ def test_junit_holds_a_guest_reason_with_control_characters(tmp_path):
     import xml.etree.ElementTree as ET
 
     records = _records(_same_everywhere(KVM_MODULES_AB))
-    test, slots = KVM_MODULES_AB["tests"][0], KVM_MODULES_AB["slots"][0]
+    test, slots = KVM_MODULES_AB.tests[0], KVM_MODULES_AB.points[0]
     records.append({"kind": "fail", "side": "patched", "test": test, "slots": slots, "run": 0,
                     "reason": "exit 1: \x1b[31mTraceback\x1b[0m\x00 end"})
     suite = ET.fromstring(report.junit(analysis.analyse(KVM_MODULES_AB, records)).split("\n", 1)[1])
@@ -270,8 +276,8 @@ def test_the_complexity_table_says_when_the_fit_cannot_tell_the_classes_apart():
         analysis.Fit("unmap", "patched", fit("log n"), False),
         analysis.Fit("move active area", "base", fit("n", ["constant"]), False),  # one claimed, one not
         analysis.Fit("move active area", "patched", fit("constant"), False),
-        analysis.Fit(analysis.SLOT_SETUP, "base", fit("constant"), True),  # not the claim: no
-        analysis.Fit(analysis.SLOT_SETUP, "patched", fit("log n"), True),
+        analysis.Fit(SLOT_SETUP, "base", fit("constant"), True),  # not the claim: no
+        analysis.Fit(SLOT_SETUP, "patched", fit("log n"), True),
     ]
     lines = report.complexity_markdown(result)
     assert "| unmap | n or n log n, undecided (R² 0.50) | log n (R² 0.50) | yes |" in lines

@@ -6,12 +6,15 @@ import json
 import pytest
 from conftest import assert_one_line_error, kvmlab
 
+from kselftest_py.memslot_perf import SLOT_SETUP
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
-from kvmlab.qualify import analysis, matrix, merge, plan
+from kvmlab.qualify import analysis, matrix, merge, plan, workloads
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 
-CONFIG = {
+MEMSLOT_PERF = workloads.get("memslot-perf")
+CONFIG = Config.from_json({
     "base": {"spec": "debian:bullseye", "exact": "debian:linux-image-5.10.0-32-cloud-amd64",
              "release": "5.10.0-32-cloud-amd64", "version": "5.10.223-1"},
     "patched": {"spec": "debian:bookworm", "exact": "debian:linux-image-6.1.0-50-cloud-amd64",
@@ -21,7 +24,8 @@ CONFIG = {
     "emulator": {"version": "10.0.2", "package": "qemu-system-x86 1:10.0.2+ds-2+deb13u1~bpo12+1"},
     "cpu": "EPYC,+svm", "trace": None, "check_invariants": False, "accel": None, "append": "",
     "created": "2026-12-01T10:00:00+0000",
-}
+})
+TESTS, SLOTS = list(CONFIG.tests), list(CONFIG.points)
 
 
 def _run(side, test, slots, run, value):
@@ -32,10 +36,10 @@ def _run(side, test, slots, run, value):
 
 def _records(cells) -> list[dict]:
     """Runs of every item of ``cells``: the patched kernel 20 % faster at 509 slots."""
-    everything = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
-    items = plan.items_of({"cells": cells}, everything)
-    return [_run(i.side, i.test, i.slots, i.run,
-                 1e6 * (1 + i.run / 200) * (0.8 if i.side == "patched" and i.slots == 509 else 1.0))
+    everything = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    items = plan.items_of(CONFIG.with_(cells=cells), everything)
+    return [_run(i.side, i.test, i.point, i.run,
+                 1e6 * (1 + i.run / 200) * (0.8 if i.side == "patched" and i.point == 509 else 1.0))
             for i in items]
 
 
@@ -47,56 +51,66 @@ def planned(tmp_path):
 def _shard(tmp_path, record, k, records=None) -> Store:
     config = plan.shard_config(record, k, record["shards"])
     store = Store.create(tmp_path / f"shard{k}", config)
-    for line in records if records is not None else _records(config["cells"]):
+    for line in records if records is not None else _records(config.cells):
         store.append(line)
     store.release()
     return store
 
 
 def test_the_cells_are_dealt_once_each_and_evenly():
-    dealt = plan.deal(CONFIG["tests"], CONFIG["slots"], 2)
+    dealt = plan.deal(MEMSLOT_PERF, TESTS, SLOTS, 2)
     cells = sorted(cell for shard in dealt for cell in shard)
-    assert cells == sorted([t, s] for s in CONFIG["slots"] for t in CONFIG["tests"])
+    assert cells == sorted([t, s] for s in SLOTS for t in TESTS)
     # Whole rows, so that a shard's boots run what a one-piece run's boots run: the
     # costliest row (509) alone, the two cheap ones together.
-    tests = CONFIG["tests"]
+    tests = TESTS
     assert dealt == [[[t, 509] for t in tests], [[t, s] for s in (10, 100) for t in tests]]
-    assert plan.deal(CONFIG["tests"], CONFIG["slots"], 2) == dealt  # the same plan everywhere
-    four = plan.deal(CONFIG["tests"], CONFIG["slots"], 4)  # more shards than rows: cells
+    assert plan.deal(MEMSLOT_PERF, TESTS, SLOTS, 2) == dealt  # the same plan everywhere
+    four = plan.deal(MEMSLOT_PERF, TESTS, SLOTS, 4)  # more shards than rows: cells
     assert sorted(len(shard) for shard in four) == [1, 1, 2, 2]
     assert sorted(cell for shard in four for cell in shard) == cells
     with pytest.raises(KvmlabError, match="only 6 cells"):
-        plan.deal(CONFIG["tests"], CONFIG["slots"], 7)
+        plan.deal(MEMSLOT_PERF, TESTS, SLOTS, 7)
 
 
 def test_each_icount_unit_is_one_kernels_row_in_one_round_whatever_the_lanes():
-    items = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
+    items = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
     units = matrix.units(items, by_cell=False)
-    assert len(units) == 3 * 2 * len(CONFIG["slots"])
+    assert len(units) == 3 * 2 * len(SLOTS)
     for unit in units:
-        assert len({(i.run, i.side, i.slots) for i in unit}) == 1
-        assert [i.test for i in unit] == CONFIG["tests"]
+        assert len({(i.run, i.side, i.point) for i in unit}) == 1
+        assert [i.test for i in unit] == TESTS
     flat = [i for unit in units for i in unit]
     assert sorted(flat, key=items.index) == items  # nothing lost or doubled
     assert all(unit == sorted(unit, key=items.index) for unit in units)
     # A shard's units are the one-piece run's units of its rows, test for test.
-    shard = [i for i in items if i.slots == 509]
-    assert matrix.units(shard, by_cell=False) == [u for u in units if u[0].slots == 509]
+    shard = [i for i in items if i.point == 509]
+    assert matrix.units(shard, by_cell=False) == [u for u in units if u[0].point == 509]
     # The wall clock keeps whole cells: both kernels of a cell on one pair of guests.
-    cells = matrix.units(matrix.plan(CONFIG["tests"], CONFIG["slots"], 3), by_cell=True)
+    cells = matrix.units(matrix.plan(TESTS, SLOTS, 3), by_cell=True)
     assert all({i.side for i in cell} == set(matrix.SIDES) and len(cell) == 6 for cell in cells)
 
 
+def test_a_restored_icount_guest_runs_one_run():
+    """Every run in a guest of its own, restored from its template: none follows another
+    run in its guest, whose timing the host's gap between requests would shift."""
+    items = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    assert matrix.units(items, by_cell=False, restored=True) == [[item] for item in items]
+    # The wall clock keeps its cells even with templates: a cell's pair alternates on one pair.
+    wall = matrix.plan(TESTS, SLOTS, 3)
+    assert matrix.units(wall, by_cell=True, restored=True) == matrix.units(wall, by_cell=True)
+
+
 def test_a_shard_runs_exactly_its_cells_in_the_plans_order(planned):
-    everything = matrix.plan(CONFIG["tests"], CONFIG["slots"], 3, rounds_first=True)
+    everything = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
     shards = [plan.items_of(plan.shard_config(planned, k, 2), everything) for k in (1, 2)]
     assert sorted(shards[0] + shards[1], key=everything.index) == everything
     assert not set(shards[0]) & set(shards[1])
     for items in shards:
         assert items == sorted(items, key=everything.index)
-        cells = {(i.test, i.slots) for i in items}
+        cells = {(i.test, i.point) for i in items}
         assert all({(side, run) for side in matrix.SIDES for run in range(3)} ==
-                   {(i.side, i.run) for i in items if (i.test, i.slots) == cell} for cell in cells)
+                   {(i.side, i.run) for i in items if (i.test, i.point) == cell} for cell in cells)
 
 
 def test_a_plan_edited_by_hand_or_foreign_is_refused(tmp_path, planned):
@@ -118,14 +132,16 @@ def test_a_plan_edited_by_hand_or_foreign_is_refused(tmp_path, planned):
 def test_merged_shards_analyse_as_one_qualification(tmp_path, planned):
     shards = [_shard(tmp_path, planned, k) for k in (1, 2)]
     merged = merge.merge([s.directory for s in shards], tmp_path / "merged")
-    whole = analysis.analyse({**CONFIG}, _records(None))
+    whole = analysis.analyse(CONFIG, _records(None))
     together = analysis.analyse(merged.config, merged.records())
-    assert [(c.test, c.slots, c.verdict, c.base, c.patched) for c in together.cells] == \
-        [(c.test, c.slots, c.verdict, c.base, c.patched) for c in whole.cells]
-    measured = [c.verdict for c in together.cells if c.slots == 509 and c.test != analysis.SLOT_SETUP]
+    assert [(c.measure, c.point, c.verdict, c.base, c.patched) for c in together.cells] == \
+        [(c.measure, c.point, c.verdict, c.base, c.patched) for c in whole.cells]
+    measured = [c.verdict for c in together.cells if c.point == 509 and c.measure != SLOT_SETUP]
     assert measured == [stats.IMPROVED] * 2
-    assert "cells" not in merged.config and "plan" not in merged.config  # a whole qualification now
-    assert merged.config["merged"]["plan"] == planned["id"]
+    written = json.loads(merged.config_path.read_text())
+    assert "cells" not in written and "plan" not in written  # a whole qualification now
+    assert merged.config.cells is None and merged.config.plan is None
+    assert merged.config.merged["plan"] == planned["id"]
 
 
 def test_the_merge_command_writes_the_reports_and_the_verdicts_exit_code(tmp_path, planned):
@@ -152,11 +168,11 @@ def test_a_mix_of_shards_is_refused_and_nothing_is_written(tmp_path, planned, da
     elif damage == "missing":
         dirs = [one.directory]
     elif damage == "foreign":
-        other = plan.write(tmp_path / "other.json", {**CONFIG, "seconds": 1.0}, 2)
+        other = plan.write(tmp_path / "other.json", CONFIG.with_(seconds=1.0), 2)
         (tmp_path / "other").mkdir()
         dirs = [one.directory, _shard(tmp_path / "other", other, 2).directory]
     elif damage == "outside":
-        stray = _records(plan.shard_config(planned, 1, 2)["cells"])[0]
+        stray = _records(plan.shard_config(planned, 1, 2).cells)[0]
         with open(two.runs_path, "a") as handle:
             handle.write(json.dumps(stray) + "\n")
     elif damage == "damaged":

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, kvmlab
 
 from kvmlab.errors import KvmlabError
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 from kvmlab.vm import emulator
 
@@ -32,7 +33,7 @@ RUN = {"kind": "run", "side": "base", "test": "unmap", "slots": 10, "run": 0, "i
 
 
 def _store_with(tmp_path, *lines: str) -> Store:
-    store = Store.create(tmp_path / "q", CONFIG)
+    store = Store.create(tmp_path / "q", Config.from_json(CONFIG))
     store.runs_path.write_text("".join(line + "\n" for line in lines))
     store.release()  # the kvmlab processes a test starts write here
     return store
@@ -126,7 +127,7 @@ def _with(path, fields: dict) -> None:
     (lambda path: path.write_text(json.dumps({k: v for k, v in CONFIG.items() if k != "runs"})),
      "is damaged: no 'runs'"),
     (lambda path: path.write_text(json.dumps({**CONFIG, "slots": "10,100"})),
-     "'slots' wants a list of slot counts, found '10,100'"),
+     "'slots' wants a list of slot counts of at least 2, found '10,100'"),
     (lambda path: path.write_text(json.dumps({**CONFIG, "base": "debian:bullseye"})),
      "'base' wants the kernel's spec and exact spec"),
     (lambda path: (path.unlink(), path.mkdir()), "cannot read it: Is a directory"),

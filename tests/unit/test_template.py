@@ -131,3 +131,37 @@ def test_rebuilt_kvm_modules_make_another_template(tmp_path):
     (kvm / "kvm.ko").write_bytes(b"kvm, patched")
     after = template.inputs(settings(tmp_path, kernel=kernel), "run")
     assert template.directory_for(after) != template.directory_for(before)
+
+
+def test_a_restore_waits_for_qmp_to_listen_not_for_its_socket_file(tmp_path):
+    """QEMU binds its QMP socket a moment before it listens; a connection in between is
+    refused. A restore waits for the greeting, trying again while it is refused."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    path = tmp_path / "qmp.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))  # the file exists; nothing listens yet
+    greeted = []
+
+    def listen_later():
+        time.sleep(0.3)
+        server.listen(1)
+        connection, _ = server.accept()
+        greeted.append(time.monotonic())
+        connection.sendall(b'{"QMP": {"version": {}}}\n')
+        connection.close()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        template._await_socket(path, qemu, timeout_s=10)
+        assert greeted and time.monotonic() >= greeted[0]
+    finally:
+        qemu.kill()
+        thread.join()
+        server.close()

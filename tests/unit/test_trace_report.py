@@ -15,8 +15,10 @@ import pytest
 from conftest import REPO, assert_one_line_error, kvmlab
 
 from kvmlab.cli import main
-from kvmlab.cli.qualify import _traced_runs
+from kvmlab.cli.qualify import _say
 from kvmlab.qualify import report as qualify_report
+from kvmlab.qualify.config import Config
+from kvmlab.qualify.qualification import traced_runs
 from kvmlab.qualify.store import Store
 from kvmlab.stats import bootstrap_ratio
 from kvmlab.trace_report import TracedRun, calls_file, distinct_labels, load_run
@@ -68,11 +70,11 @@ def test_histogram_counts_are_checked_against_the_graph_calls_of_the_job():
 
 RELEASE = "5.10.0-32-cloud-amd64"
 CAPTURE = {"set": "memslot-update", "release": RELEASE, "calibration": {"overhead_ns_per_call": 2000.0}}
-QUALIFY_CONFIG = {"base": {"spec": "debian:bullseye", "exact": "x", "release": RELEASE},
+QUALIFY_CONFIG = Config.from_json({"base": {"spec": "debian:bullseye", "exact": "x", "release": RELEASE},
                   "patched": {"spec": "kvm-modules:debian:bullseye+/src/v2/fix.patch", "exact": "y",
                               "release": RELEASE},
                   "tests": ["move active area"], "slots": [10], "runs": 2, "seconds": 0.5, "threshold": 0.02,
-                  "cpus": 1, "trace": "memslot-update", "check_invariants": False}
+                  "cpus": 1, "trace": {"name": "memslot-update"}, "check_invariants": False})
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def test_qualify_keeps_its_trace_report_when_one_trace_is_damaged(tmp_path, bull
                       "iteration_ns": 1e6, "iterations": 10, "slot_setup_ns": 1e6, "release": RELEASE,
                       "trace_dir": f"t{number}"})
     (store.directory / "t3" / "capture.json").write_text("{")
-    text = "\n".join(qualify_report.trace_markdown(_traced_runs(store, QUALIFY_CONFIG)))
+    text = "\n".join(qualify_report.trace_markdown(traced_runs(store, QUALIFY_CONFIG, _say)))
     assert "| base debian:bullseye | move active area |" in text
     assert "| patched kvm-modules:debian:bullseye+fix.patch | move active area |" in text
     assert f"- {store.directory / 't1' / 'trace.dat'}: truncated at offset 300" in text

@@ -7,6 +7,7 @@ import re
 import pytest
 from conftest import REPO, kvmlab, kvmlab_retrying
 
+from kselftest_py.memslot_perf import SLOT_SETUP
 from kvmlab import cache, kernels, stats
 from kvmlab.inspect import attach
 from kvmlab.qualify import analysis
@@ -29,7 +30,7 @@ def _qualify(out, patch: str, tests: str, slots: str, expect_code: int):
     header = (out / "report.md").read_text()
     assert f"kvm-modules:debian:bookworm+{patch} (" in header and recorded["sha256"][:12] in header
     result = analysis.analyse(store.config, store.records())
-    return {(cell.test, cell.slots): cell for cell in result.cells}, done
+    return {(cell.measure, cell.point): cell for cell in result.cells}, done
 
 
 @pytest.mark.vm
@@ -73,7 +74,7 @@ def test_a_planted_linear_regression_is_caught_with_its_signature_and_twice_alik
     spreads 1.5-2.4 % between boots (docs/benchmarks.md), so a ~4 % change there sits at p = 0.02-0.05
     and may flip; docs/qualify.md says so."""
     first, done = _qualify(tmp_path / "q1", "kvm-planted-on.patch", "move-inactive", "10,509", 1)
-    move, setup = first[("move inactive area", 509)], first[(analysis.SLOT_SETUP, 509)]
+    move, setup = first[("move inactive area", 509)], first[(SLOT_SETUP, 509)]
     assert move.verdict == stats.REGRESSED and setup.verdict == stats.REGRESSED, done.stdout
     small = first[("move inactive area", 10)].comparison.change
     assert move.comparison.change > 3 * max(small, 0.01), done.stdout
@@ -87,7 +88,7 @@ def test_a_three_percent_regression_on_one_cell_is_caught(tmp_path, no_leaked_qe
     """kvm-planted-small.patch adds a fixed 300 rounds of cpu_relax() to each slot move: about
     3 % of a move iteration at 10 slots, nothing in slot setup (no moves there)."""
     cells, done = _qualify(tmp_path / "q", "kvm-planted-small.patch", "move-inactive", "10", 1)
-    moved, setup = cells[("move inactive area", 10)], cells[(analysis.SLOT_SETUP, 10)]
+    moved, setup = cells[("move inactive area", 10)], cells[(SLOT_SETUP, 10)]
     assert moved.verdict == stats.REGRESSED and 0.015 < moved.comparison.change < 0.05, done.stdout
     assert setup.verdict == stats.NO_CHANGE, done.stdout
 

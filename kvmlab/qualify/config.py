@@ -1,0 +1,216 @@
+"""What a qualification was asked to do: qualify.json, and a plan's config, typed.
+
+Every key the file may hold, its default and its check are here, and only here: a new
+qualification is made with ``Config``, and resume, shards, merge, the analysis and the
+reports read one back with ``Config.from_json``, which names the first thing wrong
+with a damaged or foreign file in one line. Keys an older kvmlab did not write take
+the default it meant (a store without ``clock`` was measured on the wall clock; one
+without ``workload`` ran memslot_perf).
+
+The points of the matrix are kept under the name of the workload's axis (``slots``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+from kselftest_py.workload import Workload
+from kvmlab import stats
+from kvmlab.errors import KvmlabError
+from kvmlab.qualify import workloads
+from kvmlab.vm.clock import ICOUNT, WALL
+
+SIDES = ("base", "patched")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One kernel of the A/B, as it was resolved when the qualification was made."""
+
+    spec: str
+    exact: str
+    release: str | None = None
+    version: str | None = None
+    patches: tuple[dict, ...] | None = None
+    """name and sha256 of each patch (kvm-modules: kernels)."""
+    append: str = ""
+    """Kernel arguments for this side's guests only."""
+
+    def to_json(self) -> dict:
+        data = {"spec": self.spec, "exact": self.exact, "release": self.release, "version": self.version}
+        if self.patches:
+            data["patches"] = [dict(patch) for patch in self.patches]
+        if self.append:
+            data["append"] = self.append
+        return data
+
+
+@dataclass(frozen=True)
+class Config:
+    base: Side
+    patched: Side
+    tests: tuple[str, ...]
+    points: tuple[int, ...]
+    runs: int
+    seconds: float
+    threshold: float
+    workload_name: str = workloads.DEFAULT
+    clock: str = WALL
+    method: str = stats.MANN_WHITNEY
+    boot_per_round: bool = False
+    """Each round in guests of its own (icount): the spread between boots is in every cell."""
+    cpus: int | None = None
+    emulator: dict | None = None
+    """The QEMU measured with: ``version`` and Debian ``package``."""
+    cpu: str | None = None
+    accel: str | None = None
+    append: str = ""
+    trace: dict | None = None
+    check_invariants: bool = False
+    reference: dict | None = None
+    setup_budget: float | None = None
+    fresh_boot: bool = False
+    created: str | None = None
+    plan: dict | None = None
+    """A shard's plan: ``id``, ``shard``, ``shards``."""
+    cells: tuple[tuple[str, int], ...] | None = None
+    """A shard's cells (None: the whole matrix)."""
+    merged: dict | None = None
+    """A merged qualification's plan id and shard directories."""
+    extra: dict = field(default_factory=dict, compare=False)
+    """Keys a newer kvmlab wrote that this one does not know: kept, so a rewrite loses nothing."""
+
+    @property
+    def workload(self) -> Workload:
+        return workloads.get(self.workload_name)
+
+    def side(self, name: str) -> Side:
+        return self.base if name == "base" else self.patched
+
+    def kernel_arguments(self, side: str) -> str:
+        """What ``side``'s guests append to the kernel command line: ``append``, then the side's own."""
+        return " ".join(filter(None, (self.append, self.side(side).append)))
+
+    def with_(self, **changes) -> Config:
+        return replace(self, **changes)
+
+    def common(self) -> Config:
+        """What every shard of one plan has alike: without its cells, plan and creation time."""
+        return replace(self, created=None, plan=None, cells=None, merged=None)
+
+    # -- JSON -------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = {"base": self.base.to_json(), "patched": self.patched.to_json(),
+                "workload": self.workload_name,
+                "tests": list(self.tests), self.workload.axis.name: list(self.points)}
+        for name in _PLAIN:
+            value = getattr(self, name)
+            if name in _WRITTEN_WHEN_SET and not value:
+                continue
+            data[name] = list(map(list, value)) if name == "cells" and value is not None else value
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_json(cls, data) -> Config:
+        """The config in ``data`` (a qualify.json's object), or a KvmlabError naming what is wrong."""
+        problem = _problem(data)
+        if problem:
+            raise KvmlabError(problem)
+        workload = workloads.get(data.get("workload", workloads.DEFAULT))
+        sides = {name: _side(data[name]) for name in SIDES}
+        known = {"base", "patched", "workload", "tests", workload.axis.name, *_PLAIN}
+        plain = {name: data[name] for name in _PLAIN if name in data}
+        if plain.get("cells") is not None:
+            plain["cells"] = tuple((test, point) for test, point in plain["cells"])
+        return cls(**sides, workload_name=workload.name, tests=tuple(data["tests"]),
+                   points=tuple(data[workload.axis.name]), **plain,
+                   extra={key: value for key, value in data.items() if key not in known})
+
+
+_FIXED = ("base", "patched", "tests", "points", "workload_name", "extra")
+_PLAIN = tuple(f.name for f in fields(Config) if f.name not in _FIXED)
+#: Keys an older kvmlab wrote only when they were set; written the same way.
+_WRITTEN_WHEN_SET = ("setup_budget", "fresh_boot", "created", "plan", "cells", "merged")
+
+
+def _side(data: dict) -> Side:
+    patches = data.get("patches")
+    return Side(data["spec"], data["exact"], data.get("release"), data.get("version"),
+                tuple(patches) if patches else None, data.get("append", ""))
+
+
+# -- checks ----------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: What a key may hold, by the words an error message uses for it.
+_TYPES = {
+    "a positive number": lambda value: _is_number(value) and value > 0,
+    "a fraction in [0, 1)": lambda value: _is_number(value) and 0 <= value < 1,
+    "an integer of at least 1": lambda value: _is_int(value) and value >= 1,
+    "an integer of at least 2": lambda value: _is_int(value) and value >= 2,
+    "a string or null": lambda value: value is None or isinstance(value, str),
+    "an object or null": lambda value: value is None or isinstance(value, dict),
+    "true or false": lambda value: isinstance(value, bool),
+    "icount or wall": lambda value: value in (ICOUNT, WALL),
+    "a string": lambda value: isinstance(value, str),
+    "a list of test names": lambda value: isinstance(value, list) and bool(value)
+    and all(isinstance(v, str) for v in value),
+    "published figures": lambda value: value is None or (
+        isinstance(value, dict) and isinstance(value.get("rows"), list)
+        and all(isinstance(row, dict) and isinstance(row.get("test"), str)
+                and _is_number(row.get("before")) and _is_number(row.get("after")) and row["before"] > 0
+                and isinstance(row.get("source"), str) for row in value["rows"])),
+    "a list of cells": lambda value: value is None or (isinstance(value, list) and all(
+        isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], str) and _is_int(cell[1])
+        for cell in value)),
+}
+_REQUIRED = {"tests": "a list of test names", "runs": "an integer of at least 2",
+             "seconds": "a positive number", "threshold": "a fraction in [0, 1)"}
+_OPTIONAL = {"cpus": "an integer of at least 1", "clock": "icount or wall", "method": "a string",
+             "boot_per_round": "true or false", "emulator": "an object or null", "cpu": "a string or null",
+             "check_invariants": "true or false", "append": "a string", "trace": "an object or null",
+             "accel": "a string or null", "reference": "published figures",
+             "setup_budget": "a positive number",
+             "fresh_boot": "true or false", "created": "a string or null", "plan": "an object or null",
+             "cells": "a list of cells", "merged": "an object or null", "workload": "a string"}
+
+
+def _problem(data) -> str | None:
+    """What is wrong with a qualify.json's object, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON object is expected, found {type(data).__name__}"
+    for side in SIDES:
+        kernel = data.get(side)
+        if not isinstance(kernel, dict) or not all(isinstance(kernel.get(k), str) for k in ("spec", "exact")):
+            return f"{side!r} wants the kernel's spec and exact spec, found {kernel!r}"
+    name = data.get("workload", workloads.DEFAULT)
+    if name not in workloads.names():
+        return f"unknown workload {name!r} (known: {', '.join(workloads.names())})"
+    axis = workloads.get(name).axis
+    for key, wanted in _REQUIRED.items():
+        if key not in data:
+            return f"no {key!r}"
+        if not _TYPES[wanted](data[key]):
+            return f"{key!r} wants {wanted}, found {data[key]!r}"
+    points = data.get(axis.name)
+    if points is None:
+        return f"no {axis.name!r}"
+    if not (isinstance(points, list) and points and all(_is_int(p) and p >= axis.minimum for p in points)):
+        wanted = f"a list of {axis.noun} counts of at least {axis.minimum}"
+        return f"{axis.name!r} wants {wanted}, found {points!r}"
+    for key, wanted in _OPTIONAL.items():
+        if key in data and not _TYPES[wanted](data[key]):
+            return f"{key!r} wants {wanted}, found {data[key]!r}"
+    unknown = [test for test in data["tests"] if test not in workloads.get(name).tests]
+    if unknown:
+        return f"unknown test {unknown[0]!r} (a {name} qualification)"
+    return None
+
+
