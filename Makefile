@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap libarchive-tools cpio z
                    gcc make libc6-dev xz-utils git \
                    flex bison bc libelf-dev libssl-dev
 
-.PHONY: setup system-packages test unit demo qualify qualify-32k lint bench clean
+.PHONY: setup system-packages test unit demo qualify qualify-32k qualify-dirty-log lint bench clean
 
 setup: system-packages $(STAMP)
 	@$(BIN)/kvmlab qemu fetch
@@ -74,6 +74,13 @@ qualify-32k: setup
 	  --patched debian:bookworm --append kvm.tdp_mmu=0 \
 	  --tests map,unmap,unmap-chunked,move-active,move-inactive --slots 8194,32764 --seconds 0.5 \
 	  --setup-budget 300 --reference scalable-memslots-v5 -o $(QUALIFY_DIR) $(QUALIFY_ARGS)
+
+# The second workload: upstream's dirty_log_perf_test (kselftest_py.dirty_log_perf), 5.10
+# against 6.1 under the same conditions (TDP MMU off on both sides), its test memory
+# split over 1 to 509 memslots (5.10's most).
+qualify-dirty-log: setup
+	$(BIN)/kvmlab qualify --workload dirty-log-perf --base debian:bullseye --patched debian:bookworm \
+	  --append kvm.tdp_mmu=0 --slots 1,64,256,509 -o $(QUALIFY_DIR) $(QUALIFY_ARGS)
 
 # Style, and the layering: imports run one way, guest-side code stays standard library only.
 lint: setup

@@ -53,7 +53,7 @@ def guest_job(args: argparse.Namespace, slots: int) -> str:
     for run in range(args.runs):
         for impl, command in (
             ("upstream", f"{protocol.ADDED}/dirty_log_perf_test"),
-            ("python", "python3 -m kselftest_py.dirty_log_perf"),
+            ("python", "python3 -m kselftest_py.dirty_log_perf" + (" --busy-wait" if args.busy_wait else "")),
         ):
             lines.append(f"echo '=== {impl} slots={slots} run={run}'")
             lines.append(f"with_deadline {args.deadline} {command} {test_args(args, slots)} 2>&1 || true")
@@ -165,6 +165,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("-g", dest="no_manual_protect", action="store_true",
                         help="both without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    parser.add_argument("--busy-wait", action="store_true",
+                        help="the Python test's threads spin while they wait, as upstream's do")
     parser.add_argument("--deadline", type=int, default=900, help="guest seconds a run may take (900)")
     parser.add_argument("--clock", default="icount", help="guest clock (icount: instruction counts)")
     parser.add_argument("--cpus", type=int, default=1, help="L1 vCPUs (1)")
@@ -178,7 +180,8 @@ def main() -> int:
     for hung in (r for r in records if r.get("hung")):
         print(f"HUNG: {hung['impl']} at {hung['slots']} slots, run {hung['run']}")
     print(f"kernel {args.kernel}, clock {args.clock}, {args.cpus} L1 vCPU(s); dirty_log_perf "
-          f"{test_args(args, 0).replace(' -x 0', '')}; {args.runs} interleaved runs a side; medians")
+          f"{test_args(args, 0).replace(' -x 0', '')}{' --busy-wait' if args.busy_wait else ''}; "
+          f"{args.runs} interleaved runs a side; medians")
     print("| slots | figure | upstream (C) | kselftest_py | Python / C | pair ratios | C spread | "
           "Python spread | n |")
     print("|---|---|---|---|---|---|---|---|---|")

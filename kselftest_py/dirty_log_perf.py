@@ -231,9 +231,15 @@ def guest_code() -> bytes:
 class Iterations:
     """Upstream's ``iteration`` and ``vcpu_last_completed_iteration``, behind one
     condition variable: the host moves the iteration on, each vCPU thread reports the
-    iteration it completed and waits for the next one."""
+    iteration it completed and waits for the next one.
 
-    def __init__(self, vcpus: int):
+    With ``busy_wait`` both sides spin before they take the lock, as upstream's threads
+    spin on those variables: on a machine with fewer CPUs than threads a spinning
+    thread takes CPU time from the one doing the work, and upstream's figures show it.
+    """
+
+    def __init__(self, vcpus: int, busy_wait: bool = False):
+        self.busy_wait = busy_wait
         self.condition = threading.Condition()
         self.iteration = 0
         self.completed = [-1] * vcpus
@@ -255,11 +261,24 @@ class Iterations:
             self.failure = self.failure or err
             self.condition.notify_all()
 
+    @staticmethod
+    def _spin(ready, timeout_s: float) -> float:
+        """Spin until ``ready()`` or the timeout; the time left, for the locked wait after."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                return 0
+        return deadline - time.monotonic()
+
     def wait_all(self, iteration: int, timeout_s: float) -> None:
         """Until every vCPU completed ``iteration`` (or one failed, or time ran out)."""
+        def ready() -> bool:
+            return self.failure is not None or all(c == iteration for c in self.completed)
+
+        if self.busy_wait:
+            timeout_s = max(0, self._spin(ready, timeout_s))
         with self.condition:
-            done = self.condition.wait_for(
-                lambda: self.failure is not None or all(c == iteration for c in self.completed), timeout_s)
+            done = self.condition.wait_for(ready, timeout_s)
             if self.failure is not None:
                 raise self.failure
             if not done:
@@ -270,9 +289,13 @@ class Iterations:
     def next_for(self, index: int) -> int | None:
         """For vCPU ``index``: the iteration to run now, once there is one; None: quit.
         A negative iteration (upstream's -e) means: keep running."""
+        def ready() -> bool:
+            return self.quit or self.iteration != self.completed[index] or self.iteration < 0
+
+        if self.busy_wait:
+            self._spin(ready, float("inf"))
         with self.condition:
-            self.condition.wait_for(lambda: self.quit or self.iteration != self.completed[index]
-                                    or self.iteration < 0)
+            self.condition.wait_for(ready)
             return None if self.quit else self.iteration
 
     def done(self, index: int, iteration: int) -> None:
@@ -382,7 +405,7 @@ def run_test(kvm: KvmSystem, options: argparse.Namespace, manual_caps: int, ktap
     result = Result()
     labels = {"vcpus": options.vcpus, "slots": options.slots}
     test_vm = DirtyLogVm(kvm, options, manual_caps)
-    iterations = Iterations(options.vcpus)
+    iterations = Iterations(options.vcpus, options.busy_wait)
     cpus = options.cpus or []
     threads = [VcpuThread(vcpu, i, iterations, cpus[i] if i < len(cpus) else None)
                for i, vcpu in enumerate(test_vm.vcpus)]
@@ -500,6 +523,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", dest="cpus", type=_cpu_list,
                         help="pin vCPU threads to these CPUs (one each, in order), then optionally the "
                              "main thread")
+    parser.add_argument("--busy-wait", action="store_true",
+                        help="threads spin while they wait, as upstream's do, instead of sleeping")
     parser.add_argument("--json", help="write the parameters and every figure as JSON to this file")
     parser.add_argument("--sync-timeout", type=float, default=300.0,
                         help="seconds to wait for the vCPUs to finish a pass (300)")
@@ -536,7 +561,8 @@ def parameters(options: argparse.Namespace) -> dict:
             "slots": options.slots, "bytes_per_vcpu": options.bytes_per_vcpu,
             "default_bytes_per_vcpu": options.bytes_per_vcpu == DEFAULT_BYTES_PER_VCPU,
             "iterations": options.iterations, "overlap": options.overlap,
-            "run_while_disabling": options.run_while_disabling, "gpa": options.gpa,
+            "run_while_disabling": options.run_while_disabling, "busy_wait": options.busy_wait,
+            "gpa": options.gpa,
             "pages": options.vcpus * options.bytes_per_vcpu // PAGE_SIZE}
 
 

@@ -153,7 +153,7 @@ def _is_number(value) -> bool:
 _TYPES = {
     "a positive number": lambda value: _is_number(value) and value > 0,
     "a fraction in [0, 1)": lambda value: _is_number(value) and 0 <= value < 1,
-    "an integer of at least 1": lambda value: _is_int(value) and value >= 1,
+    "an integer of at least 1 or null": lambda value: value is None or (_is_int(value) and value >= 1),
     "an integer of at least 2": lambda value: _is_int(value) and value >= 2,
     "a string or null": lambda value: value is None or isinstance(value, str),
     "an object or null": lambda value: value is None or isinstance(value, dict),
@@ -173,7 +173,7 @@ _TYPES = {
 }
 _REQUIRED = {"tests": "a list of test names", "runs": "an integer of at least 2",
              "seconds": "a positive number", "threshold": "a fraction in [0, 1)"}
-_OPTIONAL = {"cpus": "an integer of at least 1", "clock": "icount or wall", "method": "a string",
+_OPTIONAL = {"cpus": "an integer of at least 1 or null", "clock": "icount or wall", "method": "a string",
              "boot_per_round": "true or false", "emulator": "an object or null", "cpu": "a string or null",
              "check_invariants": "true or false", "append": "a string", "trace": "an object or null",
              "accel": "a string or null", "reference": "published figures",

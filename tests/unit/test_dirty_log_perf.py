@@ -245,3 +245,43 @@ def test_guest_program_disassembles_to_the_page_loop():
     assert "(bad)" not in text
     assert "mov    %rdx,(%rax)" in text and "add    $0x1000,%rax" in text and "cmp    %rsi,%rax" in text
     assert "out    %eax,(%dx)" in text
+
+
+# --- the iteration handshake, with threads standing in for vCPUs ------------------------
+@pytest.mark.parametrize("busy_wait", [False, True])
+def test_vcpus_run_each_iteration_once_and_quit(busy_wait):
+    import threading
+
+    iterations = dlp.Iterations(2, busy_wait)
+    ran: list[list[int]] = [[], []]
+
+    def vcpu(index: int) -> None:
+        while (iteration := iterations.next_for(index)) is not None:
+            ran[index].append(iteration)
+            iterations.done(index, iteration)
+
+    threads = [threading.Thread(target=vcpu, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    iterations.wait_all(0, 5)
+    for iteration in (1, 2, 3):
+        iterations.start(iteration)
+        iterations.wait_all(iteration, 5)
+    iterations.stop()
+    for thread in threads:
+        thread.join(5)
+    assert ran == [[0, 1, 2, 3]] * 2
+
+
+def test_a_vcpu_that_does_not_finish_is_reported_after_the_timeout():
+    iterations = dlp.Iterations(2)
+    iterations.done(0, 0)
+    with pytest.raises(dlp.GuestFailure, match=r"vCPU\(s\) \[1\] did not finish iteration 0 within 0.05 s"):
+        iterations.wait_all(0, 0.05)
+
+
+def test_a_vcpu_failure_reaches_the_waiting_host():
+    iterations = dlp.Iterations(1, busy_wait=True)
+    iterations.fail(dlp.GuestFailure("vCPU 0: invalid guest sync status"))
+    with pytest.raises(dlp.GuestFailure, match="invalid guest sync"):
+        iterations.wait_all(1, 5)

@@ -36,12 +36,14 @@ EXPECTED = {
 ELSEWHERE = [suite for suite in apt.KNOWN_SUITES if f"debian:{suite}" in KERNEL_LIMITS]
 HELD = 40
 PERF_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactive area", "RW"]
-#: Every kselftest_py test, briefly: 8 MiB areas keep unmap and RW to seconds when traced.
+#: Every kselftest_py test, briefly: 8 MiB areas keep unmap and RW to seconds when traced,
+#: dirty_log_perf dirties 4 MiB over 4 memslots.
 #: memslot_stress runs before memslot_perf: under icount its 6 s are enough lookups to
 #: fill the 128 MiB trace buffer (sid's 7.2 lost 358659 events on one CPU), and the
 #: buffer keeps the newest events, which must be memslot_perf's.
 JOB = " && ".join([
     'python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"',
+    'python3 -m kselftest_py.dirty_log_perf -x 4 -b 4M -i 2 --json "$KVMLAB_RESULTS/dirty.json"',
     'python3 -m kselftest_py.memslot_stress -v 1 -b 4 -s 40 -t 6 --json "$KVMLAB_RESULTS/stress.json"',
     "python3 -m kselftest_py.memslot_perf -s 10 -f 0 -e 5 -l 0.2 -r 1 -d --mem-size-mib 8 "
     '--map-size-mib 8 --unmap-size-mib 8 --json "$KVMLAB_RESULTS/perf.json"',
@@ -92,6 +94,10 @@ def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
     perf = json.loads((out / "perf.json").read_text())
     assert perf["verify"] and perf["exit_code"] == 0
     assert [(t["test"], t["result"]) for t in perf["tests"]] == [(name, "pass") for name in PERF_TESTS]
+    dirty = json.loads((out / "dirty.json").read_text())
+    assert [(t["test"], t["result"]) for t in dirty["tests"]] == [("dirty log", "pass")], dirty.get("reason")
+    assert dirty["manual_protect"] and len(dirty["get_dirty_log_ns"]) == 2
+    assert dirty["runs"][0]["populate_ns"] > 0 and dirty["runs"][0]["clear_dirty_log_ns"] > 0
     stress = json.loads((out / "stress.json").read_text())
     assert stress["exit_code"] == 0 and stress["modifications"] > 0 and stress["pages_checked"] > 0
 
