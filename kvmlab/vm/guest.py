@@ -413,16 +413,35 @@ class Guest:
             time.sleep(max(0.0, self._restored_at + SETTLE_S - time.monotonic()))
 
     def _send(self, message: dict) -> None:
-        """Send to the agent; a connection the guest's end dropped is a guest that went away."""
-        if self._held:
-            self._settle()
+        """Send to the agent; a connection the guest's end dropped is a guest that went away.
+
+        A restored guest held paused gets what the socket takes without it reading (all
+        of a command, unless it carries files: ``kvmlab run --add`` of a 1.5 MB binary
+        filled the buffers), then runs and reads the rest."""
+        data = (json.dumps(message) + "\n").encode()
+        sent = 0
         try:
-            self._socket.sendall((json.dumps(message) + "\n").encode())
+            if self._held:
+                self._settle()
+                sent = self._send_without_blocking(data)
+                self._held = False
+                self._monitor("cont")
+            self._socket.sendall(data[sent:])
         except OSError:
             self._fail()
-        if self._held:
-            self._held = False
-            self._monitor("cont")
+
+    def _send_without_blocking(self, data: bytes) -> int:
+        """As much of ``data`` as the socket's buffers take now; how much that was."""
+        sent = 0
+        self._socket.setblocking(False)
+        try:
+            while sent < len(data):
+                sent += self._socket.send(data[sent:])
+        except BlockingIOError:
+            pass
+        finally:
+            self._socket.setblocking(True)
+        return sent
 
 
     def _receive(self, deadline: float) -> dict:

@@ -6,7 +6,9 @@ them. Here: that two restores of one template measure the same, that a damaged
 template costs one line and a boot, and that ``--fresh-boot`` boots.
 """
 
+import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -122,3 +124,15 @@ def test_a_restored_run_records_its_template(tmp_path):
     assert record["restored"] is True and record["template"] == name
     assert record["template_boot_s"] > 1 and record["template_boot"]
     assert record["command"][:2] == ["sh", "-c"] and record["state"] == "failed"
+
+
+def test_a_restored_guest_takes_files_larger_than_the_socket_holds(tmp_path):
+    """``--add`` of a few MB goes inside the first command of a guest held paused: the part
+    the socket's buffers cannot hold must wait for the guest to run, not hang kvmlab."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    done = kvmlab("run", "debian:bookworm", "--timeout", "120", "--add", str(big), "--", "sh", "-c",
+                  "sha256sum /opt/kvmlab/add/big.bin", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert restored_from(done.stderr) and done.stdout.split()[0] == digest
