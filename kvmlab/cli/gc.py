@@ -62,14 +62,14 @@ def _why(reasons: Counter, older_than: str | None) -> str:
     return ", ".join(f"{reasons[reason]} {words[reason]}" for reason in gc.REASONS if reasons[reason])
 
 
-def _list_dry_run(plan: gc.Plan) -> int:
+def _list_dry_run(survey: gc.Survey) -> int:
     """Say what would go, and which damaged directories stay; returns the bytes that would go."""
     total = 0
-    for run in plan.removable:
+    for run in survey.removable:
         usage = gc.disk_usage(run.path)
         total += usage
         print(f"would remove {run.path.name} ({size(usage)}, {run.info.get('state', '?')})")
-    for run, reason in plan.kept:
+    for run, reason in survey.kept:
         if reason == gc.DAMAGED:
             print(f"keeping {run.path.name}: {run.damage}")
     return total
@@ -78,17 +78,17 @@ def _list_dry_run(plan: gc.Plan) -> int:
 def _gc(args: argparse.Namespace) -> int:
     keep, older_than_s = _keep_count(args.keep), _older_than_s(args.older_than)
     _older_than_s(args.templates_older_than, "--templates-older-than")  # refused before anything goes
-    plan = gc.plan(keep=keep, older_than_s=older_than_s)
-    total = len(plan.kept) + len(plan.removable)
-    kept = f"{len(plan.kept)}" + (f" ({_why(plan.reasons(), args.older_than)})" if plan.kept else "")
+    survey = gc.survey(keep=keep, older_than_s=older_than_s)
+    total = len(survey.kept) + len(survey.removable)
+    kept = f"{len(survey.kept)}" + (f" ({_why(survey.reasons(), args.older_than)})" if survey.kept else "")
     where = f"of {_directories(total)} in {gc.area()}"
     if args.dry_run:
-        freeing = _list_dry_run(plan)
-        print(f"kvmlab gc: would remove {len(plan.removable)} {where}, freeing {size(freeing)}; "
+        freeing = _list_dry_run(survey)
+        print(f"kvmlab gc: would remove {len(survey.removable)} {where}, freeing {size(freeing)}; "
               f"would keep {kept}")
         _gc_templates(args)
         return 0
-    removal = gc.remove(plan.removable)
+    removal = gc.remove(survey.removable)
     for run, error in removal.failed:
         print(f"kvmlab: gc: could not remove {run.path}: {error}", file=sys.stderr)
     failed = f"; {len(removal.failed)} could not be removed" if removal.failed else ""
@@ -100,21 +100,22 @@ def _gc(args: argparse.Namespace) -> int:
 
 def _gc_templates(args: argparse.Namespace) -> None:
     """Prune the saved guests (``kvmlab.vm.template``), and say what they hold."""
-    plan = gc.plan_templates(_older_than_s(args.templates_older_than, "--templates-older-than"))
-    doomed = [stored for stored, _ in plan.removable]
-    going = sum(stored.disk_bytes for stored in doomed) + sum(gc.disk_usage(path) for path in plan.leftovers)
-    staying = sum(stored.disk_bytes for stored in plan.kept)
+    survey = gc.survey_templates(_older_than_s(args.templates_older_than, "--templates-older-than"))
+    doomed = [stored for stored, _ in survey.removable]
+    going = sum(stored.disk_bytes for stored in doomed)
+    going += sum(gc.disk_usage(path) for path in survey.leftovers)
+    staying = sum(stored.disk_bytes for stored in survey.kept)
     verb = "would remove" if args.dry_run else "removed"
-    for stored, why in plan.removable:
+    for stored, why in survey.removable:
         print(f"{'would remove' if args.dry_run else 'removing'} template {stored.directory.name} "
               f"({size(stored.disk_bytes)}): {why}")
-    for path in plan.leftovers:
+    for path in survey.leftovers:
         print(f"{'would remove' if args.dry_run else 'removing'} {path}: left by a kvmlab that died "
               "saving a template")
     if not args.dry_run:
-        gc.remove_templates(doomed, plan.leftovers)
-    print(f"kvmlab gc: {verb} {len(doomed)} of {len(doomed) + len(plan.kept)} templates in "
-          f"{template.area()}, freeing {size(going)}; kept {len(plan.kept)} ({size(staying)} on disk)")
+        gc.remove_templates(doomed, survey.leftovers)
+    print(f"kvmlab gc: {verb} {len(doomed)} of {len(doomed) + len(survey.kept)} templates in "
+          f"{template.area()}, freeing {size(going)}; kept {len(survey.kept)} ({size(staying)} on disk)")
 
 
 def add_parsers(sub) -> None:

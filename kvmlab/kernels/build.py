@@ -70,7 +70,7 @@ def build(options: BuildOptions, log=sys.stderr) -> Path:
         started = time.monotonic()
         _make(tree, out, options.jobs, log)
         release = (out / "include" / "config" / "kernel.release").read_text().strip()
-    took = durations.clock(time.monotonic() - started)
+    took = durations.elapsed(time.monotonic() - started)
     print(f"kvmlab: built {release} in {took}; boot it as local:{out}", file=log)
     return out
 
@@ -177,7 +177,7 @@ def _make(tree: Path, out: Path, jobs: int, log) -> None:
                 compiled += line.lstrip().startswith("CC ")
                 if time.monotonic() - last >= PROGRESS_EVERY_S:
                     last = time.monotonic()
-                    progress = f"{compiled} files compiled, {durations.clock(last - started)}"
+                    progress = f"{compiled} files compiled, {durations.elapsed(last - started)}"
                     print(f"kvmlab: building: {progress}", file=log, flush=True)
         except BaseException:
             _stop(process)

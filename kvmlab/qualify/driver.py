@@ -74,7 +74,7 @@ class Driver:
     # -- the matrix -------------------------------------------------------------------
     def run(self) -> None:
         axis, config = self.workload.axis.name, self.config
-        items = plan.items_of(config, matrix.plan(config.tests, config.points, config.runs,
+        items = plan.items_of(config, matrix.run_order(config.tests, config.points, config.runs,
                                                   rounds_first=self.per_round))
         records = self.store.records()
         self._crashes = Counter(record_key(r, axis) for r in records if r["kind"] == CRASH)
@@ -197,10 +197,10 @@ class Driver:
             self._begun += 1
             position = self._before + self._begun
         elapsed = time.monotonic() - self._started
-        eta = f", ETA {durations.clock(elapsed / done_now * (self._todo - done_now))}" if done_now else ""
+        eta = f", ETA {durations.elapsed(elapsed / done_now * (self._todo - done_now))}" if done_now else ""
         who = f"lane {lane.number}: " if self.jobs > 1 else ""
         self.say(f"[{position}/{self._total}] {who}{item.describe(self.workload.axis.name)} "
-                 f"(elapsed {durations.clock(elapsed)}{eta})")
+                 f"(elapsed {durations.elapsed(elapsed)}{eta})")
 
     def say(self, text: str) -> None:
         with self._lock:

@@ -77,7 +77,7 @@ def parse_points(workload: Workload, text: str | None, option: str = "--slots") 
     return points
 
 
-def plan(tests: list[str], points: list[int], runs: int, rounds_first: bool = False) -> list[Item]:
+def run_order(tests: list[str], points: list[int], runs: int, rounds_first: bool = False) -> list[Item]:
     """Every item in the order they run, runs of the two kernels alternating.
 
     Cell by cell by default (the wall clock: a cell's runs close together in time, so

@@ -2,8 +2,8 @@
 
 Every boot leaves a run directory (``runs.new``) and nothing removed them. The boots of
 ``kvmlab qualify`` are there too, in the same ``runs`` area: a qualification's output
-directory keeps only their names (``boot`` in its runs.jsonl). ``plan`` sorts every run
-directory into kept, with the reason, or removable; ``remove`` carries a plan out. The
+directory keeps only their names (``boot`` in its runs.jsonl). ``survey`` sorts every run
+directory into kept, with the reason, or removable; ``remove`` carries a survey out. The
 two are apart so that ``kvmlab gc --dry-run`` shows exactly what a real gc would do.
 
 Kept whatever their age, besides the newest ``keep``:
@@ -73,7 +73,7 @@ class Run:
 
 
 @dataclass
-class Plan:
+class Survey:
     kept: list[tuple[Run, str]] = field(default_factory=list)
     removable: list[Run] = field(default_factory=list)
 
@@ -93,10 +93,10 @@ def area() -> Path:
     return cache.area("runs")
 
 
-def plan(keep: int = DEFAULT_KEEP, older_than_s: float | None = None) -> Plan:
+def survey(keep: int = DEFAULT_KEEP, older_than_s: float | None = None) -> Survey:
     """Which run directories stay (and why) and which may go; nothing is touched."""
     now = time.time()
-    result = Plan()
+    result = Survey()
     for rank, run in enumerate(scan(area())):
         reason = NEWEST if rank < keep else _reason_to_keep(run, now, older_than_s)
         if reason is None:
@@ -128,7 +128,7 @@ def _booting(run: Run, now: float) -> bool:
 
 
 def remove(doomed: list[Run]) -> Removal:
-    """Remove the run directories of a plan, measuring what each frees first."""
+    """Remove the run directories a survey found removable, measuring what each frees first."""
     removal = Removal()
     for run in doomed:
         size = disk_usage(run.path)
@@ -210,7 +210,7 @@ TEMPLATE_IDLE_DAYS = 14.0
 
 
 @dataclass
-class TemplatePlan:
+class TemplateSurvey:
     kept: list[StoredTemplate] = field(default_factory=list)
     removable: list[tuple[StoredTemplate, str]] = field(default_factory=list)
     """Each with why it may go."""
@@ -240,11 +240,11 @@ def scan_templates() -> list[StoredTemplate]:
     return sorted(found, key=lambda stored: stored.last_used)
 
 
-def plan_templates(idle_s: float) -> TemplatePlan:
+def survey_templates(idle_s: float) -> TemplateSurvey:
     """Which templates go: unused for ``idle_s``, or whose kernel has changed or gone
     (their key names the kernel file as it was), or without a readable record."""
     now = time.time()
-    result = TemplatePlan()
+    result = TemplateSurvey()
     for stored in scan_templates():
         why = template.unusable(stored.directory)
         if why is None and now - stored.last_used > idle_s:
@@ -258,7 +258,7 @@ def plan_templates(idle_s: float) -> TemplatePlan:
 
 
 def remove_templates(doomed: list[StoredTemplate], leftovers: list[Path] = ()) -> int:
-    """Remove the templates of a plan and the leftovers; returns the bytes freed. A guest
+    """Remove the templates a survey found and the leftovers; returns the bytes freed. A guest
     restored from a template keeps its memory mapped: the file goes when that guest ends."""
     freed = 0
     for stored in doomed:

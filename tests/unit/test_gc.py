@@ -95,7 +95,7 @@ def qemu_argv(run_dir: Path) -> list[str]:
             "-qmp", f"unix:{run_dir}/qmp.sock,server=on,wait=off"]
 
 
-def reasons(plan: gc.Plan) -> dict[str, str | None]:
+def reasons(plan: gc.Survey) -> dict[str, str | None]:
     """Run name → why it is kept (None: it would go)."""
     kept = {run.path.name: reason for run, reason in plan.kept}
     return {**kept, **{run.path.name: None for run in plan.removable}}
@@ -119,7 +119,7 @@ def test_gc_keeps_the_newest_and_removes_the_rest(private_cache):
 def test_default_keeps_the_newest_twenty():
     now = time.time()
     paths = [finished(now - minutes * 60) for minutes in range(22, 0, -1)]
-    plan = gc.plan()
+    plan = gc.survey()
     assert sorted(run.path for run in plan.removable) == paths[:2]
     assert plan.reasons() == {gc.NEWEST: 20}
 
@@ -139,7 +139,7 @@ def test_kept_and_running_vms_survive_whatever_their_age(processes):
     tail = processes(["tail", "-f", str(watched / "console.log")])
     booted(watched, tail.pid, long_ago, state="kept", exit_code=0)
 
-    plan = gc.plan(keep=0)
+    plan = gc.survey(keep=0)
     assert reasons(plan) == {kept_vm.name: gc.KEPT_VM, running.name: gc.RUNNING,
                              kept_dead.name: None, recycled.name: None, watched.name: None}
     gc.remove(plan.removable)
@@ -164,7 +164,7 @@ def test_guests_of_a_qualification_in_progress_survive(tmp_path, processes):
     damaged = booted(make_run(now - DAY, AGENT), 999_999_999, now - DAY, state="finished", qualify="yes")
     not_qualify = finished(now - DAY)
 
-    plan = gc.plan(keep=0)
+    plan = gc.survey(keep=0)
     assert reasons(plan) == {during.name: gc.QUALIFYING, after.name: None, reused.name: None,
                              damaged.name: None, not_qualify.name: None}
 
@@ -173,7 +173,7 @@ def test_a_boot_still_preparing_survives_for_an_hour():
     now = time.time()
     preparing = make_run(now)
     stale = make_run(now - 2 * 3600)  # refused while preparing: it stays "preparing" for ever
-    assert reasons(gc.plan(keep=0)) == {preparing.name: gc.BOOTING, stale.name: None}
+    assert reasons(gc.survey(keep=0)) == {preparing.name: gc.BOOTING, stale.name: None}
 
 
 def test_older_than_keeps_what_changed_recently():
@@ -182,7 +182,7 @@ def test_older_than_keeps_what_changed_recently():
     stopped_lately = finished(now - 3 * DAY)  # e.g. a kept VM stopped an hour ago
     changed(stopped_lately, now - 3600)
     young = finished(now - 3600)
-    plan = gc.plan(keep=0, older_than_s=DAY)
+    plan = gc.survey(keep=0, older_than_s=DAY)
     assert reasons(plan) == {old.name: None, stopped_lately.name: gc.RECENT, young.name: gc.RECENT}
 
 

@@ -154,7 +154,7 @@ def _runs(store: Store) -> Counter:
 
 def _everything() -> set:
     return {(i.side, i.test, i.point, i.run)
-            for i in matrix.plan(list(CONFIG.tests), list(CONFIG.points), CONFIG.runs)}
+            for i in matrix.run_order(list(CONFIG.tests), list(CONFIG.points), CONFIG.runs)}
 
 
 def test_every_run_once_each_in_a_guest_restored_from_its_rounds_template(tmp_path):

@@ -28,7 +28,7 @@ CONFIG = Config.from_json({
 
 
 def test_runs_alternate_between_kernels_and_swap_who_goes_first():
-    items = matrix.plan(["unmap"], [10, 509], 4)
+    items = matrix.run_order(["unmap"], [10, 509], 4)
     assert len(items) == 2 * 4 * 2
     first_cell = [(i.side, i.run) for i in items[:8]]
     assert first_cell == [
@@ -266,7 +266,7 @@ def test_a_run_length_or_threshold_that_is_not_a_number_is_refused(tmp_path):
 
 
 def test_under_icount_the_matrix_runs_round_by_round():
-    items = matrix.plan(["unmap", "move active area"], [10, 509], 3, rounds_first=True)
+    items = matrix.run_order(["unmap", "move active area"], [10, 509], 3, rounds_first=True)
     assert len(items) == 2 * 2 * 3 * 2
     rounds = [item.run for item in items]
     assert rounds == sorted(rounds)  # every cell once per round, each round in its own boots

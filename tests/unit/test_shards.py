@@ -36,7 +36,7 @@ def _run(side, test, slots, run, value):
 
 def _records(cells) -> list[dict]:
     """Runs of every item of ``cells``: the patched kernel 20 % faster at 509 slots."""
-    everything = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    everything = matrix.run_order(TESTS, SLOTS, 3, rounds_first=True)
     items = plan.items_of(CONFIG.with_(cells=cells), everything)
     return [_run(i.side, i.test, i.point, i.run,
                  1e6 * (1 + i.run / 200) * (0.8 if i.side == "patched" and i.point == 509 else 1.0))
@@ -74,7 +74,7 @@ def test_the_cells_are_dealt_once_each_and_evenly():
 
 
 def test_each_icount_unit_is_one_kernels_row_in_one_round_whatever_the_lanes():
-    items = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    items = matrix.run_order(TESTS, SLOTS, 3, rounds_first=True)
     units = matrix.units(items, by_cell=False)
     assert len(units) == 3 * 2 * len(SLOTS)
     for unit in units:
@@ -87,22 +87,22 @@ def test_each_icount_unit_is_one_kernels_row_in_one_round_whatever_the_lanes():
     shard = [i for i in items if i.point == 509]
     assert matrix.units(shard, by_cell=False) == [u for u in units if u[0].point == 509]
     # The wall clock keeps whole cells: both kernels of a cell on one pair of guests.
-    cells = matrix.units(matrix.plan(TESTS, SLOTS, 3), by_cell=True)
+    cells = matrix.units(matrix.run_order(TESTS, SLOTS, 3), by_cell=True)
     assert all({i.side for i in cell} == set(matrix.SIDES) and len(cell) == 6 for cell in cells)
 
 
 def test_a_restored_icount_guest_runs_one_run():
     """Every run in a guest of its own, restored from its template: none follows another
     run in its guest, whose timing the host's gap between requests would shift."""
-    items = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    items = matrix.run_order(TESTS, SLOTS, 3, rounds_first=True)
     assert matrix.units(items, by_cell=False, restored=True) == [[item] for item in items]
     # The wall clock keeps its cells even with templates: a cell's pair alternates on one pair.
-    wall = matrix.plan(TESTS, SLOTS, 3)
+    wall = matrix.run_order(TESTS, SLOTS, 3)
     assert matrix.units(wall, by_cell=True, restored=True) == matrix.units(wall, by_cell=True)
 
 
 def test_a_shard_runs_exactly_its_cells_in_the_plans_order(planned):
-    everything = matrix.plan(TESTS, SLOTS, 3, rounds_first=True)
+    everything = matrix.run_order(TESTS, SLOTS, 3, rounds_first=True)
     shards = [plan.items_of(plan.shard_config(planned, k, 2), everything) for k in (1, 2)]
     assert sorted(shards[0] + shards[1], key=everything.index) == everything
     assert not set(shards[0]) & set(shards[1])

@@ -57,7 +57,7 @@ def _run(item, rate: float, latency: float) -> dict:
 def test_a_registered_toy_goes_through_plan_store_analysis_and_reports(toy, tmp_path):
     assert matrix.parse_tests(toy, "yield,spin") == ["yield", "spin"]
     assert matrix.parse_points(toy, "4,1", "--slots") == [1, 4]
-    items = matrix.plan(CONFIG["tests"], CONFIG["vcpus"], CONFIG["runs"], rounds_first=True)
+    items = matrix.run_order(CONFIG["tests"], CONFIG["vcpus"], CONFIG["runs"], rounds_first=True)
     assert len(items) == 2 * 2 * 3 * 3
     # Dealt by the toy's own cost: the 4-vCPU row alone, against 1 and 2 together.
     assert plan.deal(toy, CONFIG["tests"], CONFIG["vcpus"], 2) == [
