@@ -23,7 +23,7 @@ from kselftest_py.workload import Measure, Workload
 from kvmlab import stats
 from kvmlab.qualify.conditions import Conditions, from_records
 from kvmlab.qualify.config import SIDES, Config
-from kvmlab.qualify.store import CONDITIONS, RUN
+from kvmlab.qualify.store import CONDITIONS, FAIL, INVARIANT, RUN, SKIP, SPLAT
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -75,12 +75,12 @@ class Analysis:
         axis = self.workload.axis.name
         lines = [
             f"{r['side']} {r['test']} @{r[axis]} run {r['run'] + 1}: test failed: {r['reason']}"
-            for r in self.problems.get("fail", [])
+            for r in self.problems.get(FAIL, [])
         ]
         lines += [
-            f"{r['side']}: guest kernel reported a {r['summary']}" for r in self.problems.get("splat", [])
+            f"{r['side']}: guest kernel reported a {r['summary']}" for r in self.problems.get(SPLAT, [])
         ]
-        lines += [f"{r['side']}: {r['summary']}" for r in self.problems.get("invariant", [])]
+        lines += [f"{r['side']}: {r['summary']}" for r in self.problems.get(INVARIANT, [])]
         return lines
 
     @property
@@ -101,8 +101,8 @@ def analyse(config: Config, records: list[dict]) -> Analysis:
     for record in records:
         if record["kind"] not in (RUN, CONDITIONS):
             problems.setdefault(record["kind"], []).append(record)
-    not_applicable = {(r["side"], r["test"], r[axis]): r["reason"] for r in problems.get("skip", [])}
-    failed = {(r["side"], r["test"], r[axis]) for r in problems.get("fail", [])}
+    not_applicable = {(r["side"], r["test"], r[axis]): r["reason"] for r in problems.get(SKIP, [])}
+    failed = {(r["side"], r["test"], r[axis]) for r in problems.get(FAIL, [])}
     measures = workload.measures(config.tests)
     cells = [_cell(runs, workload, measure, point, not_applicable, failed, config)
              for point in config.points for measure in measures]

@@ -17,7 +17,7 @@ from pathlib import Path
 from kselftest_py.ktap import KSFT_SKIP
 from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.qualify import conditions, matrix
-from kvmlab.qualify.store import CONDITIONS
+from kvmlab.qualify.store import CHECKS, CONDITIONS, CRASH, FAIL, INVARIANT, RUN, SKIP, SPLAT
 from kvmlab.vm import boot
 from kvmlab.vm.guest import Guest, GuestDown
 
@@ -81,7 +81,7 @@ class Lane:
                     return  # we killed it: the run was cut short, not crashed
                 tries = self.driver.count_crash(item)
                 result = down.result
-                self.driver.record({"kind": "crash", **self._fields(item), "outcome": result.outcome,
+                self.driver.record({"kind": CRASH, **self._fields(item), "outcome": result.outcome,
                                     "message": result.message, "boot": result.run_dir.name,
                                     "vmcore": result.vmcore})
                 first = result.message.splitlines()[0] if result.message else result.outcome
@@ -93,7 +93,7 @@ class Lane:
                 )
                 if not again:
                     self._boot_next.discard(item.side)  # the next run restores as its round's others do
-                    self.driver.record({"kind": "fail", **self._fields(item),
+                    self.driver.record({"kind": FAIL, **self._fields(item),
                                         "reason": f"guest {result.outcome} in {ATTEMPTS} boots"})
                     return
 
@@ -106,7 +106,7 @@ class Lane:
         tests = record.get("tests", []) if record else []
         if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
             if self.driver.claim_skip(item.key.share):
-                self.driver.record({"kind": "skip", **self._fields(item), "reason": tests[0]["reason"]})
+                self.driver.record({"kind": SKIP, **self._fields(item), "reason": tests[0]["reason"]})
                 self.driver.say(f"{item.side} {item.test} @{item.point}: n/a: {tests[0]['reason']}")
             return
         if reply.code != 0 or not record or not record.get("runs"):
@@ -123,7 +123,7 @@ class Lane:
         extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.trace else {}
         self.driver.record(
             {
-                "kind": "run",
+                "kind": RUN,
                 **self._fields(item),
                 **figures,
                 "release": record.get("kernel_release") or "?",
@@ -136,7 +136,7 @@ class Lane:
         )
 
     def _fail(self, item: matrix.Item, reason: str) -> None:
-        self.driver.record({"kind": "fail", **self._fields(item), "reason": reason})
+        self.driver.record({"kind": FAIL, **self._fields(item), "reason": reason})
         self.driver.say(f"{item.describe(self.axis)}: FAILED: {reason}")
 
     def _command(self, item: matrix.Item) -> tuple[list[str], tuple[str, ...]]:
@@ -236,7 +236,7 @@ class Lane:
         """Record a guest that went away between its runs; its next run boots afresh."""
         self._retire(side)
         result = down.result
-        self.driver.record({"kind": "crash", **self._about_guest(side),
+        self.driver.record({"kind": CRASH, **self._about_guest(side),
                             "outcome": result.outcome, "message": result.message,
                             "boot": result.run_dir.name})
         self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle "
@@ -255,20 +255,20 @@ class Lane:
             session.close()
         report = session.watch.report if session.watch else None
         if report is not None and report.checks:
-            self.driver.record({"kind": "checks", **self._about_guest(side),
+            self.driver.record({"kind": CHECKS, **self._about_guest(side),
                                 "checks": report.checks, "checks_with_vms": report.checks_with_vms,
                                 "max_slots": report.max_slots, "violations": len(report.violations),
                                 "boot": session.run_dir.name})
 
     def _note_kernel_reports(self, item: matrix.Item, session: Guest) -> None:
         for splat in session.new_splats():
-            self.driver.record({"kind": "splat", **self._fields(item), "summary": splat.summary(),
+            self.driver.record({"kind": SPLAT, **self._fields(item), "summary": splat.summary(),
                                 "excerpt": splat.excerpt, "boot": session.run_dir.name})
             self.driver.say(f"{self._name(item.side)}: guest kernel reported a {splat.summary()}")
         watch = session.watch
         if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
             self._reported_watch.add(session.run_dir.name)
-            self.driver.record({"kind": "invariant", **self._fields(item), "summary": watch.report.summary(),
+            self.driver.record({"kind": INVARIANT, **self._fields(item), "summary": watch.report.summary(),
                                 "violations": watch.report.violations, "error": watch.report.error,
                                 "boot": session.run_dir.name})
             self.driver.say(f"{self._name(item.side)}: {watch.report.summary()}")

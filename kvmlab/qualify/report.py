@@ -35,6 +35,7 @@ from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
 from kvmlab.qualify import reference, tables
 from kvmlab.qualify.analysis import Analysis, Cell
 from kvmlab.qualify.config import SIDES, Config, Side
+from kvmlab.qualify.store import FAIL
 from kvmlab.qualify.tables import FAILED, NOT_APPLICABLE, Section, Table, Text, measured_by, verdict_line
 
 REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv", "report.json")
@@ -420,7 +421,7 @@ def junit(analysis: Analysis) -> str:
                 ET.SubElement(properties, "property", name=f"conditions.{side}.{name}", value=value)
     workload = analysis.workload
     axis, suite_name = workload.axis, workload.suite or workload.name
-    failed_cells = {(r["test"], r[axis.name]): r for r in analysis.problems.get("fail", [])}
+    failed_cells = {(r["test"], r[axis.name]): r for r in analysis.problems.get(FAIL, [])}
     for cell in analysis.cells:
         case = ET.SubElement(
             suite,

@@ -15,7 +15,8 @@ import numpy as np
 from kvmlab import stats
 from kvmlab.qualify import reference
 from kvmlab.qualify.analysis import Analysis, Cell
-from kvmlab.qualify.config import SIDES, Config
+from kvmlab.qualify.config import ICOUNT, SIDES, Config
+from kvmlab.qualify.store import CHECKS, CRASH, SKIP
 
 FAILED, NOT_APPLICABLE = "failed", "n/a"
 CANNOT_TELL = "cannot tell"
@@ -220,11 +221,11 @@ def _condition(value: str | None) -> str:
 def problems(analysis: Analysis) -> list[str]:
     """Everything that went wrong besides the verdicts, one item each (none: an empty list)."""
     found, items, axis = analysis.problems, [], analysis.workload.axis.name
-    for record in found.get("skip", []):
+    for record in found.get(SKIP, []):
         items.append(f"n/a: {record['side']} {record['test']} @{record[axis]}: {record['reason']}")
     for line in analysis.failures:
         items.append(f"FAILED: {line}")
-    for record in found.get("crash", []):
+    for record in found.get(CRASH, []):
         first = record["message"].splitlines()[0] if record["message"] else ""
         when = ("while idle" if record["run"] is None else
                 f"during {record['side']} {record['test']} @{record[axis]} run {record['run'] + 1}")
@@ -232,7 +233,7 @@ def problems(analysis: Analysis) -> list[str]:
         core = f" (vmcore: {record['vmcore']})" if record.get("vmcore") else ""
         items.append(f"guest {record['outcome']}{idle} {when} (boot {record['boot']}): "
                      f"{first.split('; console tail')[0]}{core}")
-    checks = found.get("checks", [])
+    checks = found.get(CHECKS, [])
     if checks:
         total = {side: sum(r["checks"] for r in checks if r["side"] == side) for side in SIDES}
         seen = max(r["max_slots"] for r in checks)
@@ -267,7 +268,7 @@ def measured_by(config: Config) -> str:
     qemu = config.emulator or {}
     meaning = (
         "icount (guest time counts emulated instructions, 1 ns each; not cache or memory effects)"
-        if config.clock == "icount"
+        if config.clock == ICOUNT
         else "wall (guest time is host time)"
     )
     rounds = ""
