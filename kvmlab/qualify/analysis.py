@@ -23,7 +23,7 @@ from kselftest_py.workload import Measure, Workload
 from kvmlab import stats
 from kvmlab.qualify.conditions import Conditions, from_records
 from kvmlab.qualify.config import SIDES, Config
-from kvmlab.qualify.store import CONDITIONS, FAIL, INVARIANT, RUN, SKIP, SPLAT
+from kvmlab.qualify.records import CONDITIONS, FAIL, INVARIANT, RUN, SKIP, SPLAT
 
 EXIT_OK, EXIT_FAILED = 0, 1
 

@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 
 from kvmlab.kernels.model import Kernel
-from kvmlab.qualify.store import CONDITIONS, SIDES
+from kvmlab.qualify.config import SIDES
+from kvmlab.qualify.records import CONDITIONS
 
 GUEST_COMMAND = ["python3", "-m", "kvmlab_guest.conditions"]
 #: Kernel configuration that changes what KVM does or how fast: KVM's own options, and

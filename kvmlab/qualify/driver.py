@@ -27,7 +27,8 @@ from kvmlab import durations
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix, plan
 from kvmlab.qualify.lane import ATTEMPTS, CHECK_EVERY_S, Lane
-from kvmlab.qualify.store import CONDITIONS, CRASH, FAIL, RUN, SKIP, Share, Store, record_key
+from kvmlab.qualify.records import CONDITIONS, CRASH, FAIL, RUN, SKIP, Record
+from kvmlab.qualify.store import Share, Store, record_key
 from kvmlab.vm.boot import Machine
 from kvmlab.vm.guest import Guest
 
@@ -157,13 +158,13 @@ class Driver:
         """A guest of ``kernel`` for a lane, not started yet."""
         return self._guests(kernel, options, self.log, role=role, machine=self.machine)
 
-    def record(self, record: dict) -> None:
+    def record(self, record: Record) -> None:
         """Append to the store, stamped with the clock the run was measured by; nothing
         once the qualification is being stopped (those runs were cut short by us)."""
         with self._lock:
             if self.stopping.is_set():
                 return
-            self.store.append({**record, "clock": self.config.clock})
+            self.store.append({**record.to_json(self.workload.axis.name), "clock": self.config.clock})
 
     def count_crash(self, item: matrix.Item) -> int:
         """One more boot of ``item`` went down; how many have so far."""

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from kselftest_py.ktap import KSFT_SKIP
 from kvmlab.inspect.watch import InvariantWatch
-from kvmlab.qualify import conditions, matrix
-from kvmlab.qualify.store import CHECKS, CONDITIONS, CRASH, FAIL, INVARIANT, RUN, SKIP, SPLAT
+from kvmlab.qualify import conditions, matrix, records
 from kvmlab.vm import boot
 from kvmlab.vm.guest import Guest, GuestDown
 
@@ -81,9 +80,8 @@ class Lane:
                     return  # we killed it: the run was cut short, not crashed
                 tries = self.driver.count_crash(item)
                 result = down.result
-                self.driver.record({"kind": CRASH, **self._fields(item), "outcome": result.outcome,
-                                    "message": result.message, "boot": result.run_dir.name,
-                                    "vmcore": result.vmcore})
+                self.driver.record(records.Crash(*_key(item), outcome=result.outcome, message=result.message,
+                                                 boot=result.run_dir.name, vmcore=result.vmcore))
                 first = result.message.splitlines()[0] if result.message else result.outcome
                 again = tries < ATTEMPTS
                 self.driver.say(
@@ -93,8 +91,8 @@ class Lane:
                 )
                 if not again:
                     self._boot_next.discard(item.side)  # the next run restores as its round's others do
-                    self.driver.record({"kind": FAIL, **self._fields(item),
-                                        "reason": f"guest {result.outcome} in {ATTEMPTS} boots"})
+                    self.driver.record(records.Fail(*_key(item),
+                                                    reason=f"guest {result.outcome} in {ATTEMPTS} boots"))
                     return
 
     def _run_item(self, item: matrix.Item) -> None:
@@ -106,7 +104,7 @@ class Lane:
         tests = record.get("tests", []) if record else []
         if reply.code == KSFT_SKIP and tests and tests[0].get("result") == "skip":
             if self.driver.claim_skip(item.key.share):
-                self.driver.record({"kind": SKIP, **self._fields(item), "reason": tests[0]["reason"]})
+                self.driver.record(records.Skip(*_key(item), reason=tests[0]["reason"]))
                 self.driver.say(f"{item.side} {item.test} @{item.point}: n/a: {tests[0]['reason']}")
             return
         if reply.code != 0 or not record or not record.get("runs"):
@@ -120,23 +118,14 @@ class Lane:
         except (KeyError, IndexError, TypeError) as err:
             self._fail(item, f"its JSON result lacks {err} (what the workload declares it holds)")
             return
-        extra = {"trace_dir": self._save_trace(item, reply.files)} if self.config.trace else {}
-        self.driver.record(
-            {
-                "kind": RUN,
-                **self._fields(item),
-                **figures,
-                "release": record.get("kernel_release") or "?",
-                "boot": session.run_dir.name,
-                **_origin(session),
-                "elapsed_s": round(reply.elapsed_s, 3),
-                "lane": self.number,
-                **extra,
-            }
-        )
+        trace = {"trace_dir": self._save_trace(item, reply.files)} if self.config.trace else {}
+        release = record.get("kernel_release") or "?"
+        self.driver.record(records.Run(*_key(item), figures=figures, release=release,
+                                       boot=session.run_dir.name, origin=_origin(session),
+                                       elapsed_s=round(reply.elapsed_s, 3), lane=self.number, trace=trace))
 
     def _fail(self, item: matrix.Item, reason: str) -> None:
-        self.driver.record({"kind": FAIL, **self._fields(item), "reason": reason})
+        self.driver.record(records.Fail(*_key(item), reason=reason))
         self.driver.say(f"{item.describe(self.axis)}: FAILED: {reason}")
 
     def _command(self, item: matrix.Item) -> tuple[list[str], tuple[str, ...]]:
@@ -211,16 +200,8 @@ class Lane:
         except ValueError as err:
             self.driver.say(f"{self._name(side)}: warning: its conditions could not be read: {err}")
             return
-        self.driver.record({"kind": CONDITIONS, **self._about_guest(side),
-                            "conditions": found, "boot": session.run_dir.name, **_origin(session)})
-
-    def _fields(self, item: matrix.Item) -> dict:
-        """Which run a record is about, the point under the workload's axis name."""
-        return {"side": item.side, "test": item.test, self.axis: item.point, "run": item.run}
-
-    def _about_guest(self, side: str) -> dict:
-        """The key fields of a record about a guest, not a run."""
-        return {"side": side, "test": None, self.axis: None, "run": None}
+        self.driver.record(records.Conditions(side, conditions=found, boot=session.run_dir.name,
+                                              origin=_origin(session)))
 
     def _name(self, side: str) -> str:
         return f"lane {self.number} {side}" if self.driver.jobs > 1 else side
@@ -236,9 +217,8 @@ class Lane:
         """Record a guest that went away between its runs; its next run boots afresh."""
         self._retire(side)
         result = down.result
-        self.driver.record({"kind": CRASH, **self._about_guest(side),
-                            "outcome": result.outcome, "message": result.message,
-                            "boot": result.run_dir.name})
+        self.driver.record(records.Crash(side, outcome=result.outcome, message=result.message,
+                                         boot=result.run_dir.name))
         self.driver.say(f"{self._name(side)}: guest {result.outcome} while idle "
                         f"(console: {result.run_dir / 'console.log'})")
 
@@ -255,22 +235,21 @@ class Lane:
             session.close()
         report = session.watch.report if session.watch else None
         if report is not None and report.checks:
-            self.driver.record({"kind": CHECKS, **self._about_guest(side),
-                                "checks": report.checks, "checks_with_vms": report.checks_with_vms,
-                                "max_slots": report.max_slots, "violations": len(report.violations),
-                                "boot": session.run_dir.name})
+            self.driver.record(records.Checks(side, checks=report.checks, max_slots=report.max_slots,
+                                              checks_with_vms=report.checks_with_vms,
+                                              violations=len(report.violations), boot=session.run_dir.name))
 
     def _note_kernel_reports(self, item: matrix.Item, session: Guest) -> None:
         for splat in session.new_splats():
-            self.driver.record({"kind": SPLAT, **self._fields(item), "summary": splat.summary(),
-                                "excerpt": splat.excerpt, "boot": session.run_dir.name})
+            self.driver.record(records.Splat(*_key(item), summary=splat.summary(), excerpt=splat.excerpt,
+                                             boot=session.run_dir.name))
             self.driver.say(f"{self._name(item.side)}: guest kernel reported a {splat.summary()}")
         watch = session.watch
         if watch is not None and watch.report.failed and session.run_dir.name not in self._reported_watch:
             self._reported_watch.add(session.run_dir.name)
-            self.driver.record({"kind": INVARIANT, **self._fields(item), "summary": watch.report.summary(),
-                                "violations": watch.report.violations, "error": watch.report.error,
-                                "boot": session.run_dir.name})
+            self.driver.record(records.Invariant(*_key(item), summary=watch.report.summary(),
+                                                 violations=watch.report.violations, error=watch.report.error,
+                                                 boot=session.run_dir.name))
             self.driver.say(f"{self._name(item.side)}: {watch.report.summary()}")
 
     def _save_trace(self, item: matrix.Item, files: dict) -> str:
@@ -291,6 +270,11 @@ def _origin(session: Guest) -> dict:
     return {"restored": True, **session.template.describe()}
 
 
+
+
+def _key(item: matrix.Item) -> tuple:
+    """Which run a record is about."""
+    return item.side, item.test, item.point, item.run
 
 
 def _json_file(data: bytes | None) -> dict | None:

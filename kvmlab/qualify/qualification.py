@@ -22,7 +22,8 @@ from kvmlab.qualify import matrix, plan, reference, workloads
 from kvmlab.qualify import merge as merging
 from kvmlab.qualify.config import SIDES, Config, Side
 from kvmlab.qualify.driver import Driver, default_jobs
-from kvmlab.qualify.store import RUN, Store
+from kvmlab.qualify.records import RUN
+from kvmlab.qualify.store import Store
 from kvmlab.vm import boot, clock, runs
 from traces.errors import TraceError
 

@@ -35,7 +35,7 @@ from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
 from kvmlab.qualify import reference, tables
 from kvmlab.qualify.analysis import Analysis, Cell
 from kvmlab.qualify.config import SIDES, Config, Side
-from kvmlab.qualify.store import FAIL
+from kvmlab.qualify.records import FAIL
 from kvmlab.qualify.tables import FAILED, NOT_APPLICABLE, Section, Table, Text, measured_by, verdict_line
 
 REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv", "report.json")

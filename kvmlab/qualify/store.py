@@ -9,14 +9,7 @@ drops it. A last record that is whole but lacks only its newline is kept.
 
 Records name their cell by test and point, the point under the name of the workload's
 axis (``slots``: ``kselftest_py.workload``), and a run record holds each of the
-workload's metrics under its key. Record kinds: ``run`` (a measured run), ``skip`` (the
-kernel or the test cannot take this cell: n/a, with the reason; covers every run of that kernel in the cell),
-``fail`` (the test failed), ``crash`` (the guest hung, crashed or vanished during the
-run: outcome and console excerpt; the run is tried again in a fresh boot), ``splat`` (a
-kernel report on the console of a guest that went on), ``invariant`` (a memslot
-invariant violation or checks that could not run), ``checks`` (a guest's invariant-check
-summary when it shut down), ``conditions`` (what a guest's KVM ran with, once per boot:
-``qualify.conditions``).
+workload's metrics under its key. Their kinds and what each holds are ``records``.
 
 Reading validates every record, so a damaged or foreign line is named instead of
 crashing the analysis, and refuses a second ``run`` or ``fail`` for one run: only two
@@ -36,14 +29,18 @@ from kselftest_py.workload import Workload
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import workloads
 from kvmlab.qualify.config import SIDES, Config
+from kvmlab.qualify.records import (
+    FAIL,
+    KINDS,
+    POINT,
+    RUN,
+    SKIP,
+)
 
 CONFIG = "qualify.json"
 RUNS = "runs.jsonl"
 LOCK = ".lock"
 
-#: Record kinds (above); ``checks`` is a guest's invariant-check summary when it shut down.
-RUN, SKIP, FAIL, CRASH = "run", "skip", "fail", "crash"
-SPLAT, INVARIANT, CHECKS, CONDITIONS = "splat", "invariant", "checks", "conditions"
 
 
 class Share(NamedTuple):
@@ -96,22 +93,8 @@ _TYPES = {
     "an object of strings": lambda value: isinstance(value, dict)
     and all(isinstance(v, str) for v in value.values()),
 }
-#: Per kind, the fields beyond side/test/point/run that readers of the store rely on
-#: (the point's field is named by the workload's axis, ``POINT`` here).
-POINT = "<axis>"
-_KIND_FIELDS = {
-    RUN: {"test": "a string", POINT: "an integer", "run": "an integer of at least 0",
-          "release": "a string"},
-    SKIP: {"test": "a string", POINT: "an integer", "reason": "a string"},
-    FAIL: {"test": "a string", POINT: "an integer", "run": "an integer of at least 0",
-           "reason": "a string"},
-    CRASH: {"outcome": "a string", "message": "a string or null"},
-    SPLAT: {"summary": "a string"},
-    INVARIANT: {"summary": "a string"},
-    CHECKS: {"checks": "an integer of at least 0", "max_slots": "an integer of at least 0",
-             "violations": "an integer of at least 0"},
-    CONDITIONS: {"conditions": "an object of strings", "boot": "a string"},
-}
+#: Per kind, the fields beyond side/test/point/run that readers of the store rely on.
+_KIND_FIELDS = {kind: record.REQUIRED for kind, record in KINDS.items()}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
 

@@ -16,7 +16,7 @@ from kvmlab import stats
 from kvmlab.qualify import reference
 from kvmlab.qualify.analysis import Analysis, Cell
 from kvmlab.qualify.config import ICOUNT, SIDES, Config
-from kvmlab.qualify.store import CHECKS, CRASH, SKIP
+from kvmlab.qualify.records import CHECKS, CRASH, SKIP
 
 FAILED, NOT_APPLICABLE = "failed", "n/a"
 CANNOT_TELL = "cannot tell"
