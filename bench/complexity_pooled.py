@@ -31,22 +31,22 @@ def main() -> int:
     except KvmlabError as err:
         print(f"complexity_pooled: {err}", file=sys.stderr)
         return 2
-    first = stores[0].config
+    first = stores[0].config.to_json()
     for store in stores[1:]:
-        differing = [key for key in SAME if store.config.get(key) != first.get(key)]
+        differing = [key for key in SAME if store.config.to_json().get(key) != first.get(key)]
         if differing:
             print(f"complexity_pooled: {store.directory} was measured with another {', '.join(differing)}",
                   file=sys.stderr)
             return 2
-    config = {**first,
-              "tests": list(dict.fromkeys(t for store in stores for t in store.config["tests"])),
-              "slots": sorted({n for store in stores for n in store.config["slots"]})}
+    config = stores[0].config.with_(
+        tests=tuple(dict.fromkeys(t for store in stores for t in store.config.tests)),
+        points=tuple(sorted({n for store in stores for n in store.config.points})))
     result = analysis.analyse(config, records)
     runs = result.runs
     for side in ("base", "patched"):
         mine = runs[runs["side"] == side]
         print(f"{side}: {len(mine)} runs at {sorted(mine['slots'].unique().tolist())} slots, "
-              f"from {', '.join(sorted({store.config[side]['spec'] for store in stores}))}")
+              f"from {', '.join(sorted({store.config.side(side).spec for store in stores}))}")
     print()
     print("\n".join(report.complexity_markdown(result)))
     return 0

@@ -23,10 +23,12 @@ def _qualify(out, patch: str, tests: str, slots: str, expect_code: int):
                   "--slots", slots, "--seconds", "0.5", "-o", str(out), timeout=1500)
     assert done.returncode == expect_code, done.stdout + done.stderr[-3000:]
     store = Store(out)
-    assert store.config["base"]["release"] == store.config["patched"]["release"]
-    assert store.config["clock"] == "icount"
-    recorded, = store.config["patched"]["patches"]
-    assert recorded["name"] == patch and "patches" not in store.config["base"]
+    config = store.config
+    assert config.base.release == config.patched.release
+    assert config.clock == "icount"
+    recorded, = config.patched.patches
+    assert recorded["name"] == patch and config.base.patches is None
+    assert "patches" not in json.loads((out / "qualify.json").read_text())["base"]
     header = (out / "report.md").read_text()
     assert f"kvm-modules:debian:bookworm+{patch} (" in header and recorded["sha256"][:12] in header
     result = analysis.analyse(store.config, store.records())
@@ -144,7 +146,7 @@ def test_bullseye_rebuilt_modules_against_themselves_change_nothing(tmp_path, no
                   "--slots", "10", "--seconds", "0.5", "-o", str(out), timeout=1500)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     store = Store(out)
-    assert store.config["base"]["release"].startswith("5.10.")
+    assert store.config.base.release.startswith("5.10.")
     cells = analysis.analyse(store.config, store.records()).cells
     assert [cell.verdict for cell in cells] == [stats.NO_CHANGE] * 2, done.stdout
 

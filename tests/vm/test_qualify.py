@@ -71,9 +71,9 @@ def test_bullseye_against_bookworm_under_icount(tmp_path, no_leaked_qemu):
 
     store = Store(out)
     config = store.config
-    assert (config["clock"], config["cpus"], config["runs"], config["method"]) == (
+    assert (config.clock, config.cpus, config.runs, config.method) == (
         "icount", 1, 3, stats.WELCH_LOG)
-    assert config["emulator"]["version"].startswith("10.") and config["emulator"]["package"]
+    assert config.emulator["version"].startswith("10.") and config.emulator["package"]
     assert {r["clock"] for r in store.records()} == {"icount"}
     assert all(len(boots) == 3 for boots in _boots_per_run(out).values()), "a round shared a boot"
     runs = [r for r in store.records() if r["kind"] == "run"]
