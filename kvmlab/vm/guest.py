@@ -164,6 +164,9 @@ class Guest:
         finally:
             ram.unlink(missing_ok=True)  # the guest keeps its mapping; the file is the template's now
         runs.record(self.run_dir, state="saved", saved_as=made.name)
+        for old in template.superseded(key):
+            self._say(f"removing template {old.name}: {made.name} replaces it (newer guest code)")
+            template.discard(old)
         self._vm_made_template = True  # its boot said what the guest runs under
         self._forget()
         return made

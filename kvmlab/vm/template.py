@@ -135,6 +135,39 @@ def discard(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+#: A template unused this long whose guest code a newer one of the same role replaced
+#: goes when that one is saved (``superseded``).
+SUPERSEDED_IDLE_S = 3600.0
+
+
+def superseded(key: dict, idle_s: float = SUPERSEDED_IDLE_S) -> list[Path]:
+    """The templates that ``key``'s replaces: the same role and inputs but for the guest
+    code, unused for ``idle_s``. Every change to kselftest_py or the agent makes new
+    templates; without this a day of work on them left 49 GB of old ones (about 0.4 GB
+    each) until ``kvmlab gc``'s 14 days."""
+    found = []
+    now = time.time()
+    for directory in area().glob(f"{key['release']}-*"):
+        try:
+            record = json.loads((directory / RECORD).read_text())
+            other = record["inputs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(other, dict) or other == key or other.get("guest_code") == key["guest_code"]:
+            continue
+        if {k: v for k, v in other.items() if k != "guest_code"} != {k: v for k, v in key.items()
+                                                                       if k != "guest_code"}:
+            continue
+        try:
+            last_used = max(path.stat().st_mtime for path in (directory / USED, directory / RECORD)
+                            if path.exists())
+        except (OSError, ValueError):
+            continue
+        if now - last_used >= idle_s:
+            found.append(directory)
+    return found
+
+
 def live_ram(directory: Path, memory_mb: int) -> Path:
     """The file a template's memory is booted in before it moves to ``directory``: on
     tmpfs where it has room for the whole memory (a guest writing past a full tmpfs would
