@@ -20,6 +20,7 @@ Standard library only: the guest imports this module too.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
@@ -81,7 +82,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Workload:
+class Workload(ABC):
     """A test as ``kvmlab qualify`` runs it. Subclasses say how one run is invoked."""
 
     name: str
@@ -106,10 +107,10 @@ class Workload:
         return [Measure(test if len(self.metrics) == 1 else f"{test}: {metric.key}", metric.key, (test,))
                 for test in tests for metric in self.metrics]
 
+    @abstractmethod
     def argv(self, test: str, point: int, seconds: float, result_file: str,
              setup_budget: float | None = None) -> list[str]:
         """The guest command of one run of ``test`` at ``point``, writing its result to ``result_file``."""
-        raise NotImplementedError
 
     def figures(self, result: dict) -> dict:
         """What the store keeps of a passed run's JSON result: each metric, and ``kept``."""
