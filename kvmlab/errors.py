@@ -41,3 +41,10 @@ class UnknownSpec(KvmlabError):
 
 class MissingTool(KvmlabError):
     """A host program kvmlab needs (qemu-system-x86_64, mmdebstrap, bsdtar...) is absent."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a one-line error quotes what it found,
+    and what it found may be a 5,000-character spec or a 400-digit number."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -17,11 +17,18 @@ from dataclasses import dataclass, field, fields, replace
 
 from kselftest_py.workload import Workload
 from kvmlab import stats
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import KvmlabError, shown
 from kvmlab.qualify import workloads
 from kvmlab.vm.clock import ICOUNT, WALL
 
 SIDES = ("base", "patched")
+#: Upper bounds of what a qualification may ask for, each far beyond any use seen (a
+#: 32k-slot run takes minutes under TCG): a typo of 999999999 runs is refused, not run.
+MAX_RUNS = 1000
+MAX_SECONDS = 3600.0
+MAX_SETUP_BUDGET = 86400.0
+MAX_CPUS = 64
+MAX_POINT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -146,22 +153,47 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if _is_int(value):
+        return abs(value) < 2**63
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _is_patches(value) -> bool:
+    return value is None or (isinstance(value, list) and all(
+        isinstance(patch, dict) and all(isinstance(patch.get(key), str) for key in ("name", "sha256"))
+        for patch in value))
+
+
+def _is_plan(value) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+        return False
+    shard, shards = value.get("shard"), value.get("shards")
+    return _is_int(shard) and _is_int(shards) and 1 <= shard <= shards
 
 
 #: What a key may hold, by the words an error message uses for it.
 _TYPES = {
     "a positive number": lambda value: _is_number(value) and value > 0,
+    f"a positive number of seconds up to {MAX_SECONDS:g}": lambda value: _is_number(value)
+    and 0 < value <= MAX_SECONDS,
+    f"a positive number of seconds up to {MAX_SETUP_BUDGET:g}": lambda value: _is_number(value)
+    and 0 < value <= MAX_SETUP_BUDGET,
     "a fraction in [0, 1)": lambda value: _is_number(value) and 0 <= value < 1,
-    "an integer of at least 1 or null": lambda value: value is None or (_is_int(value) and value >= 1),
-    "an integer of at least 2": lambda value: _is_int(value) and value >= 2,
+    f"an integer from 1 to {MAX_CPUS} or null": lambda value: value is None or (
+        _is_int(value) and 1 <= value <= MAX_CPUS),
+    f"an integer from 2 to {MAX_RUNS}": lambda value: _is_int(value) and 2 <= value <= MAX_RUNS,
+    "a statistical method (" + " or ".join(stats.METHODS) + ")": lambda value: value in stats.METHODS,
+    "a shard of a plan (id, shard, shards) or null": _is_plan,
+    "a list of patches (name, sha256) or null": _is_patches,
     "a string or null": lambda value: value is None or isinstance(value, str),
     "an object or null": lambda value: value is None or isinstance(value, dict),
     "true or false": lambda value: isinstance(value, bool),
     "icount or wall": lambda value: value in (ICOUNT, WALL),
     "a string": lambda value: isinstance(value, str),
-    "a list of test names": lambda value: isinstance(value, list) and bool(value)
-    and all(isinstance(v, str) for v in value),
+    "a list of test names, each once": lambda value: isinstance(value, list) and bool(value)
+    and all(isinstance(v, str) for v in value) and len(set(value)) == len(value),
     "published figures": lambda value: value is None or (
         isinstance(value, dict) and isinstance(value.get("rows"), list)
         and all(isinstance(row, dict) and isinstance(row.get("test"), str)
@@ -171,14 +203,17 @@ _TYPES = {
         isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], str) and _is_int(cell[1])
         for cell in value)),
 }
-_REQUIRED = {"tests": "a list of test names", "runs": "an integer of at least 2",
-             "seconds": "a positive number", "threshold": "a fraction in [0, 1)"}
-_OPTIONAL = {"cpus": "an integer of at least 1 or null", "clock": "icount or wall", "method": "a string",
+_REQUIRED = {"tests": "a list of test names, each once", "runs": f"an integer from 2 to {MAX_RUNS}",
+             "seconds": f"a positive number of seconds up to {MAX_SECONDS:g}",
+             "threshold": "a fraction in [0, 1)"}
+_OPTIONAL = {"cpus": f"an integer from 1 to {MAX_CPUS} or null", "clock": "icount or wall",
+             "method": "a statistical method (" + " or ".join(stats.METHODS) + ")",
              "boot_per_round": "true or false", "emulator": "an object or null", "cpu": "a string or null",
              "check_invariants": "true or false", "append": "a string", "trace": "an object or null",
              "accel": "a string or null", "reference": "published figures",
-             "setup_budget": "a positive number",
-             "fresh_boot": "true or false", "created": "a string or null", "plan": "an object or null",
+             "setup_budget": f"a positive number of seconds up to {MAX_SETUP_BUDGET:g}",
+             "fresh_boot": "true or false", "created": "a string or null",
+             "plan": "a shard of a plan (id, shard, shards) or null",
              "cells": "a list of cells", "merged": "an object or null", "workload": "a string"}
 
 
@@ -187,30 +222,49 @@ def _problem(data) -> str | None:
     if not isinstance(data, dict):
         return f"a JSON object is expected, found {type(data).__name__}"
     for side in SIDES:
-        kernel = data.get(side)
-        if not isinstance(kernel, dict) or not all(isinstance(kernel.get(k), str) for k in ("spec", "exact")):
-            return f"{side!r} wants the kernel's spec and exact spec, found {kernel!r}"
+        problem = _side_problem(data.get(side))
+        if problem:
+            return f"{side!r} {problem}"
     name = data.get("workload", workloads.DEFAULT)
-    if name not in workloads.names():
-        return f"unknown workload {name!r} (known: {', '.join(workloads.names())})"
+    if not isinstance(name, str) or name not in workloads.names():
+        return f"unknown workload {shown(name)} (known: {', '.join(workloads.names())})"
     axis = workloads.get(name).axis
     for key, wanted in _REQUIRED.items():
         if key not in data:
             return f"no {key!r}"
         if not _TYPES[wanted](data[key]):
-            return f"{key!r} wants {wanted}, found {data[key]!r}"
+            return f"{key!r} wants {wanted}, found {shown(data[key])}"
     points = data.get(axis.name)
     if points is None:
         return f"no {axis.name!r}"
-    if not (isinstance(points, list) and points and all(_is_int(p) and p >= axis.minimum for p in points)):
-        wanted = f"a list of {axis.noun} counts of at least {axis.minimum}"
-        return f"{axis.name!r} wants {wanted}, found {points!r}"
+    if not (isinstance(points, list) and points and len(set(map(repr, points))) == len(points)
+            and all(_is_int(p) and axis.minimum <= p <= MAX_POINT for p in points)):
+        wanted = f"a list of {axis.noun} counts from {axis.minimum} to {MAX_POINT}, each once"
+        return f"{axis.name!r} wants {wanted}, found {shown(points)}"
     for key, wanted in _OPTIONAL.items():
         if key in data and not _TYPES[wanted](data[key]):
-            return f"{key!r} wants {wanted}, found {data[key]!r}"
+            return f"{key!r} wants {wanted}, found {shown(data[key])}"
     unknown = [test for test in data["tests"] if test not in workloads.get(name).tests]
     if unknown:
-        return f"unknown test {unknown[0]!r} (a {name} qualification)"
+        return f"unknown test {shown(unknown[0])} (a {name} qualification)"
+    matrix = {(test, point) for test in data["tests"] for point in points}
+    cells = data.get("cells")
+    if cells is not None and not (len({tuple(c) for c in cells}) == len(cells) and {tuple(c) for c in cells} <= matrix):
+        return "'cells' wants cells of its own matrix, each once"
+    return None
+
+
+def _side_problem(kernel) -> str | None:
+    """What is wrong with one side's kernel record, or None."""
+    if not isinstance(kernel, dict) or not all(isinstance(kernel.get(k), str) for k in ("spec", "exact")):
+        return f"wants the kernel's spec and exact spec, found {shown(kernel)}"
+    for key in ("release", "version"):
+        if kernel.get(key) is not None and not isinstance(kernel[key], str):
+            return f"{key!r} wants a string or null, found {shown(kernel[key])}"
+    if not _is_patches(kernel.get("patches")):
+        return f"'patches' wants a list of patches (name, sha256) or null, found {shown(kernel['patches'])}"
+    if not isinstance(kernel.get("append", ""), str):
+        return f"'append' wants a string, found {shown(kernel['append'])}"
     return None
 
 

@@ -25,10 +25,10 @@ from collections import Counter
 
 from kvmlab import durations
 from kvmlab.kernels.model import Kernel
-from kvmlab.qualify import matrix, plan
-from kvmlab.qualify.lane import ATTEMPTS, CHECK_EVERY_S, Lane
-from kvmlab.qualify.records import CONDITIONS, CRASH, FAIL, RUN, SKIP, Record
-from kvmlab.qualify.store import Share, Store, record_key
+from kvmlab.qualify import completion, matrix
+from kvmlab.qualify.lane import CHECK_EVERY_S, Lane
+from kvmlab.qualify.records import CONDITIONS, Record
+from kvmlab.qualify.store import Share, Store
 from kvmlab.vm.boot import Machine
 from kvmlab.vm.guest import Guest
 
@@ -74,15 +74,14 @@ class Driver:
 
     # -- the matrix -------------------------------------------------------------------
     def run(self) -> None:
-        axis, config = self.workload.axis.name, self.config
-        items = plan.items_of(config, matrix.run_order(config.tests, config.points, config.runs,
-                                                  rounds_first=self.per_round))
+        config = self.config
+        items = completion.items(config, rounds_first=self.per_round)
         records = self.store.records()
-        self._crashes = Counter(record_key(r, axis) for r in records if r["kind"] == CRASH)
-        self._not_applicable = {record_key(r, axis).share for r in records if r["kind"] == SKIP}
+        done = completion.Completion.of(records, self.workload.axis.name)
+        self._crashes, self._not_applicable = done.crashes, done.not_applicable
         self._conditions_known = {r["template"] for r in records
                                   if r["kind"] == CONDITIONS and r.get("template")}
-        todo = [item for item in items if not _finished(item, records, self._crashes, axis)]
+        todo = [item for item in items if not done.is_done(item)]
         self._total, self._before, self._todo = len(items), len(items) - len(todo), len(todo)
         if self._before:
             self.say(f"resuming: {self._before} of {len(items)} runs already in {self.store.runs_path}")
@@ -207,12 +206,3 @@ class Driver:
         with self._lock:
             print(f"kvmlab qualify: {text}", file=self.log, flush=True)
 
-
-def _finished(item: matrix.Item, records: list[dict], crashes: Counter, axis: str) -> bool:
-    """Measured, failed or n/a already; or tried in as many boots as a run gets."""
-    for record in records:
-        if record["kind"] == SKIP and record_key(record, axis).share == item.key.share:
-            return True
-        if record["kind"] in (RUN, FAIL) and record_key(record, axis) == item.key:
-            return True
-    return crashes[item.key] >= ATTEMPTS

@@ -17,14 +17,13 @@ from pathlib import Path
 from kselftest_py.ktap import KSFT_SKIP
 from kvmlab.inspect.watch import InvariantWatch
 from kvmlab.qualify import conditions, matrix, records
+from kvmlab.qualify.completion import ATTEMPTS
 from kvmlab.vm import boot
 from kvmlab.vm.guest import Guest, GuestDown
 
 RESULT_JSON = "/tmp/kvmlab-qualify-run.json"
 TRACE_OUT = "/tmp/kvmlab-qualify-trace"
 TRACE_FILES = ("trace.dat", "capture.json", "latency_hist.json")
-ATTEMPTS = 2
-"""Tries of one run before it counts as failed: one fresh boot after a guest went down."""
 CHECK_EVERY_S = 5.0
 
 

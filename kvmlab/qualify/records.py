@@ -27,6 +27,8 @@ class Record:
 
     KIND: ClassVar[str] = ""
     REQUIRED: ClassVar[dict[str, str]] = {}
+    OPTIONAL: ClassVar[dict[str, str]] = {"boot": "a string"}
+    """What a field holds when a record has it (an older kvmlab may not have written it)."""
     side: str
     test: str | None = None
     point: int | None = None
@@ -53,6 +55,7 @@ class Run(Record):
     KIND: ClassVar[str] = "run"
     REQUIRED: ClassVar[dict[str, str]] = {"test": "a string", POINT: "an integer",
                                           "run": "an integer of at least 0", "release": "a string"}
+    OPTIONAL: ClassVar[dict[str, str]] = {"boot": "a string", "trace_dir": "a path inside the store or null"}
     figures: dict = _flat()
     """The workload's metrics and kept fields (``Workload.figures``)."""
     release: str = "?"
@@ -84,6 +87,7 @@ class Fail(Record):
 class Crash(Record):
     KIND: ClassVar[str] = "crash"
     REQUIRED: ClassVar[dict[str, str]] = {"outcome": "a string", "message": "a string or null"}
+    OPTIONAL: ClassVar[dict[str, str]] = {"boot": "a string", "vmcore": "a string or null"}
     outcome: str = ""
     message: str | None = None
     boot: str = ""

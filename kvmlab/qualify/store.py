@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from kselftest_py.workload import Workload
-from kvmlab.errors import KvmlabError
+from kvmlab import files
+from kvmlab.errors import KvmlabError, shown
 from kvmlab.qualify import workloads
 from kvmlab.qualify.config import SIDES, Config
 from kvmlab.qualify.records import (
@@ -40,8 +41,12 @@ from kvmlab.qualify.records import (
 CONFIG = "qualify.json"
 RUNS = "runs.jsonl"
 LOCK = ".lock"
-
-
+#: What a qualify.json and one record can reach (a reference table and long messages
+#: included) many times over; past it, the file is not one kvmlab wrote.
+CONFIG_LIMIT = 4 * files.MiB
+RECORD_LIMIT = 1 * files.MiB
+#: The largest time a record may hold, in ns: 11.6 days, beyond any run's budget.
+MAX_TIME_NS = 1e15
 
 class Share(NamedTuple):
     """One kernel's share of one cell of the matrix: what an n/a record covers."""
@@ -74,17 +79,30 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    """A number the analysis can take: a 400-digit integer is not one (no float holds it)."""
+    if _is_int(value):
+        return abs(value) < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _is_time(value) -> bool:
-    """A measured time: positive, or null for a run that finished no iteration."""
-    return value is None or (_is_number(value) and value > 0)
+    """A measured time: positive and below ``MAX_TIME_NS``, or null for a run that
+    finished no iteration."""
+    return value is None or (_is_number(value) and 0 < value <= MAX_TIME_NS)
+
+
+def _is_inside(value) -> bool:
+    """A path relative to the store that stays inside it (no "..", not absolute)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    path = Path(value)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 #: What a field may hold, by the words an error message uses for it.
 _TYPES = {
     "a time in ns or null": _is_time,
+    "a path inside the store or null": lambda value: value is None or _is_inside(value),
     "an integer": _is_int,
     "an integer of at least 0": lambda value: _is_int(value) and value >= 0,
     "a string or null": lambda value: value is None or isinstance(value, str),
@@ -95,6 +113,8 @@ _TYPES = {
 }
 #: Per kind, the fields beyond side/test/point/run that readers of the store rely on.
 _KIND_FIELDS = {kind: record.REQUIRED for kind, record in KINDS.items()}
+#: Per kind, fields a record may lack, checked when it has them.
+_OPTIONAL_FIELDS = {kind: record.OPTIONAL for kind, record in KINDS.items()}
 #: The store locks this process holds, open for as long as it lives.
 _HELD: dict[Path, IO] = {}
 
@@ -106,12 +126,12 @@ def record_problem(record, workload: Workload | None = None) -> str | None:
     if not isinstance(record, dict):
         return f"a record is a JSON object, found {type(record).__name__}"
     kind = record.get("kind")
-    if kind not in _KIND_FIELDS:
+    if not isinstance(kind, str) or kind not in _KIND_FIELDS:
         if "kind" not in record:
             return "a record without 'kind'"
-        return f"unknown record kind {kind!r} (known: {', '.join(_KIND_FIELDS)})"
-    if record.get("side") not in SIDES:
-        return f"{kind} record: 'side' is {record.get('side')!r}, not base or patched"
+        return f"unknown record kind {shown(kind)} (known: {', '.join(_KIND_FIELDS)})"
+    if not isinstance(record.get("side"), str) or record["side"] not in SIDES:
+        return f"{kind} record: 'side' is {shown(record.get('side'))}, not base or patched"
     axis = workload.axis.name
     fields = {"test": "a string or null", axis: "an integer or null", "run": "an integer or null"}
     fields |= {axis if name == POINT else name: wanted for name, wanted in _KIND_FIELDS[kind].items()}
@@ -121,7 +141,10 @@ def record_problem(record, workload: Workload | None = None) -> str | None:
         if name not in record:
             return f"{kind} record without {name!r}"
         if not _TYPES[wanted](record[name]):
-            return f"{kind} record: {name!r} wants {wanted}, found {record[name]!r}"
+            return f"{kind} record: {name!r} wants {wanted}, found {shown(record[name])}"
+    for name, wanted in _OPTIONAL_FIELDS[kind].items():
+        if name in record and not _TYPES[wanted](record[name]):
+            return f"{kind} record: {name!r} wants {wanted}, found {shown(record[name])}"
     return None
 
 
@@ -151,20 +174,42 @@ class Store:
         return store
 
     @classmethod
-    def read(cls, directory: Path) -> Store:
-        """The store in ``directory``, as it is: for checks that must change nothing."""
+    def read(cls, directory: Path, purpose: str = "to resume") -> Store:
+        """The store in ``directory``, as it is: for checks that must change nothing.
+        ``purpose`` finishes the refusal when there is none ("to merge", "to report")."""
         store = cls(directory)
-        if not store.config_path.exists():
-            raise KvmlabError(f"{directory} holds no qualification to resume ({CONFIG} missing)")
+        if not os.path.lexists(store.config_path):
+            what = "is not a directory" if os.path.lexists(directory) and not directory.is_dir() else \
+                f"holds no qualification {purpose} ({CONFIG} missing)"
+            raise KvmlabError(f"{directory} {what}")
         return store
 
     @classmethod
     def open(cls, directory: Path) -> Store:
-        """The store in ``directory``, ready to append to (a torn last line dropped)."""
+        """The store in ``directory``, ready to append to (a torn last line dropped; a
+        runs.jsonl that a kill kept from being made, made)."""
         store = cls.read(directory)
         store.claim()
+        if not os.path.lexists(store.runs_path):
+            store.runs_path.touch()
         store._mend_tail()
         return store
+
+    def writer(self) -> str | None:
+        """The pid of a live process writing this store (it holds ``DIR/.lock``), else None.
+        Asked without taking the lock: a read-only store can be asked too."""
+        try:
+            fd = os.open(self.directory / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None  # no lock file: no writer ever held it, or it was made elsewhere
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read(20).decode(errors="replace").strip() or "?"
+            except OSError:
+                return None
+            return None
 
     def claim(self) -> None:
         """Be the directory's one writer while this process lives: two processes appending
@@ -199,12 +244,11 @@ class Store:
 
     @property
     def config(self) -> Config:
+        text = files.read_text(self.config_path, CONFIG_LIMIT, CONFIG)
         try:
-            data = json.loads(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError) as err:
-            raise KvmlabError(f"{self.config_path}: cannot read it: {_reason(err)}") from None
-        except ValueError as err:
-            raise KvmlabError(f"{self.config_path} is damaged: {err}") from None
+            data = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise KvmlabError(f"{self.config_path} is damaged: {_json_reason(err)}") from None
         try:
             return Config.from_json(data)
         except KvmlabError as err:
@@ -215,22 +259,21 @@ class Store:
         return self.config.workload
 
     def records(self) -> list[dict]:
-        """Every record, checked: a damaged, foreign or doubled one is named by its line."""
-        if not self.runs_path.exists():
-            return []
+        """Every record, checked: a damaged, foreign or doubled one is named by its line.
+
+        A store always has its runs.jsonl (``create`` makes it): one that is missing, or
+        that is not a plain file (``/dev/null`` reads as no runs at all), is damaged."""
+        if not os.path.lexists(self.runs_path):
+            raise KvmlabError(f"{self.runs_path} is missing: the store is damaged "
+                              "(every qualification has one, empty or not)")
         workload = self.workload
-        try:
-            text = self.runs_path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise KvmlabError(f"{self.runs_path}: cannot read it: {_reason(err)}") from None
-        lines = text.splitlines()
-        if lines and not text.endswith("\n") and not _whole(lines[-1]):
-            lines.pop()  # cut short by a kill mid-write: never a record (open() drops it)
         records, final_at = [], {}
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(files.lines(self.runs_path, RECORD_LIMIT, RUNS), 1):
+            if not line.endswith(b"\n") and not _whole(line):
+                break  # cut short by a kill mid-write: never a record (open() drops it)
             try:
                 record = json.loads(line)
-            except ValueError:  # not JSON, or a number too long for Python to read
+            except (ValueError, RecursionError):  # not JSON, too deep, or a number too long
                 raise KvmlabError(f"{self.runs_path}:{number}: not a JSON record") from None
             problem = record_problem(record, workload)
             if problem is None and record["kind"] in (RUN, FAIL, SKIP):
@@ -246,26 +289,31 @@ class Store:
         return records
 
     def append(self, record: dict) -> None:
+        """One record, on disk before this returns: a run is never measured twice."""
+        self.append_all([record])
+
+    def append_all(self, records: list[dict]) -> None:
+        """Many records in one write and one fsync (merge writes a whole store at once)."""
+        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
         with open(self.runs_path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
 
     def _mend_tail(self) -> None:
         """A last line without its newline: a whole record gets its newline, a torn one goes."""
-        if not self.runs_path.exists():
-            return
-        data = self.runs_path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        start = data.rfind(b"\n") + 1
-        whole = _whole(data[start:])
         with open(self.runs_path, "r+b") as handle:
-            if whole:
-                handle.seek(0, os.SEEK_END)
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - RECORD_LIMIT - 1)
+            handle.seek(start)
+            tail = handle.read()
+            if not tail or tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n") + 1
+            if _whole(tail[cut:]):
                 handle.write(b"\n")
             else:
-                handle.truncate(start)
+                handle.truncate(start + cut)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -279,8 +327,12 @@ def _whole(line: str | bytes) -> bool:
     """Whether a last line that lacks its newline is a whole record all the same."""
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
+
+
+def _json_reason(err: Exception) -> str:
+    return "nested too deeply" if isinstance(err, RecursionError) else shown(str(err), 120)[1:-1]
 
 
 def _reason(err: Exception) -> str:

@@ -231,7 +231,7 @@ def problems(analysis: Analysis) -> list[str]:
                 f"during {record['side']} {record['test']} @{record[axis]} run {record['run'] + 1}")
         idle = f" ({record['side']})" if record["run"] is None else ""
         core = f" (vmcore: {record['vmcore']})" if record.get("vmcore") else ""
-        items.append(f"guest {record['outcome']}{idle} {when} (boot {record['boot']}): "
+        items.append(f"guest {record['outcome']}{idle} {when} (boot {record.get('boot') or '?'}): "
                      f"{first.split('; console tail')[0]}{core}")
     checks = found.get(CHECKS, [])
     if checks:
