@@ -6,12 +6,14 @@ made: every other kvmlab command parses this verb's options and should not pay f
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from kvmlab import kernels
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import KvmlabError, shown
 from kvmlab.qualify import matrix, qualification, workloads
+from kvmlab.qualify.config import MAX_CPUS, MAX_RUNS, MAX_SECONDS, MAX_SETUP_BUDGET
 from kvmlab.qualify.driver import CHECK_EVERY_S
 from kvmlab.vm import clock
 
@@ -107,36 +109,84 @@ def add_parsers(sub) -> None:
     )
     parser.add_argument("--plan", action="store_true",
                         help="write the plan of this qualification to -o PLAN instead of running it")
-    parser.add_argument("--shards", type=int, default=1, metavar="N",
-                        help="with --plan: deal the matrix's cells into N shards")
+    parser.add_argument("--shards", type=int, metavar="N",
+                        help=f"with --plan: deal the matrix's cells into N shards (at most {MAX_SHARDS})")
     parser.add_argument("--shard", metavar="K/N",
                         help="run shard K of the plan file given as the argument (1-based K)")
-    parser.add_argument("operands", nargs="*", metavar="PLAN | merge DIR...",
-                        help="the plan file of --shard; or 'merge' and the shard directories to "
-                        "merge into -o")
     parser.add_argument(
-        "-o", "--out", type=Path, required=True, metavar="DIR",
+        "--partial", action="store_true",
+        help="with merge or report: accept runs never measured; the verdict counts them and the exit "
+        "code is 3 (never 0)",
+    )
+    parser.add_argument("operands", nargs="*", metavar="PLAN | merge DIR... | report DIR",
+                        help="the plan file of --shard; 'merge' and the shard directories to merge into -o; "
+                        "or 'report' and a finished qualification to write the reports of anew (into -o, "
+                        "default DIR), without measuring")
+    parser.add_argument(
+        "-o", "--out", type=Path, metavar="DIR",
         help="where the raw store and the reports go (with --plan: the plan file)"
     )
-    parser.set_defaults(func=qualify)
+    parser.set_defaults(func=qualify, usage=usage)
+
+
+#: Upper bounds of the count options (``config`` has those a qualify.json records).
+MAX_JOBS = 64
+MAX_SHARDS = 1000
+#: Each option's name and its value when not given.
+_OPTIONS = {"base": None, "patched": None, "workload": None, "tests": None, "slots": None, "runs": None,
+            "seconds": None, "setup_budget": None, "threshold": None, "clock": None, "cpus": None,
+            "trace": None, "check_invariants": False, "append": "", "base_append": None,
+            "patched_append": None, "reference": None, "accel": None, "fresh_boot": False, "jobs": None,
+            "resume": False, "plan": False, "shards": None, "shard": None, "partial": False}
+#: What only judges the runs: merge and report take these, and nothing that measures.
+_JUDGING = {"threshold", "reference", "partial"}
+
+
+def usage(args: argparse.Namespace) -> str:
+    """Which of qualify's forms ``args`` asks for, once every option is seen to do
+    something there and every count is in bounds; refused in one line otherwise. Reads
+    no file: the README's commands are checked with it (tests/unit/test_docs_commands.py)."""
+    _check_bounds(args)
+    form = args.operands[0] if args.operands[:1] in (["merge"], ["report"]) else \
+        "plan" if args.plan else "shard" if args.shard else "resume" if args.resume else "new"
+    if args.out is None and form != "report":
+        raise KvmlabError("qualify needs -o DIR (where the store and reports go; with --plan, the plan file)")
+    if form in ("merge", "report"):
+        _refuse_options(args, _JUDGING, f"qualify {form} measures nothing")
+        if form == "report" and len(args.operands) != 2:
+            raise KvmlabError("qualify report wants one qualification directory: kvmlab qualify report DIR [-o OUT]")
+        return form
+    if args.partial:
+        raise KvmlabError("--partial goes with merge or report: a qualification that runs measures every run")
+    if form == "plan":
+        if args.resume or args.shard or args.jobs is not None:
+            raise KvmlabError("--plan writes a new plan: it takes neither --resume, --shard nor --jobs")
+    elif args.shards is not None:
+        raise KvmlabError("--shards N goes with --plan: kvmlab qualify --plan ... --shards N -o PLAN")
+    if form == "shard":
+        _refuse_options(args, {"shard", "jobs"}, "--shard takes the whole qualification from its plan")
+        if len(args.operands) != 1:
+            raise KvmlabError("--shard K/N wants one plan file: kvmlab qualify --shard K/N PLAN -o DIR")
+    elif args.operands:
+        raise KvmlabError(f"qualify: unexpected {shown(args.operands[0])} (a plan file goes with --shard K/N; "
+                          "or: merge DIR..., report DIR)")
+    return form
 
 
 def qualify(args: argparse.Namespace) -> int:
-    if args.jobs is not None and args.jobs < 1:
-        raise KvmlabError("--jobs wants at least 1 lane")
-    if args.operands[:1] == ["merge"]:
-        if args.plan or args.shard or args.resume:
-            raise KvmlabError("qualify merge takes only shard directories and -o OUT")
-        outcome = qualification.merge([Path(d) for d in args.operands[1:]], args.out, args.reference, _say)
+    form = usage(args)
+    if form == "merge":
+        outcome = qualification.merge([Path(d) for d in args.operands[1:]], args.out, _judging(args), _say)
         return _print(outcome, args.out)
-    if args.plan:
+    if form == "report":
+        directory = Path(args.operands[1])
+        outcome = qualification.rereport(directory, args.out, _judging(args), _say)
+        return _print(outcome, args.out or directory)
+    if form == "plan":
         return _write_plan(args)
-    if args.shard:
-        _refuse_shard_options(args)
+    if form == "shard":
         prepared = qualification.start_shard(args.out, Path(args.operands[0]), args.shard, _say)
-    elif args.operands:
-        raise KvmlabError(f"qualify: unexpected {args.operands[0]!r} (a plan file goes with --shard K/N)")
-    elif args.resume:
+    elif form == "resume":
         prepared = qualification.resume(args.out, _request(args), _say)
     else:
         prepared = qualification.create(args.out, _request(args), _say)
@@ -161,31 +211,38 @@ def _request(args: argparse.Namespace) -> qualification.Request:
 
 
 def _write_plan(args: argparse.Namespace) -> int:
-    if args.resume or args.shard:
-        raise KvmlabError("--plan writes a new plan: it takes neither --resume nor --shard")
-    record = qualification.write_plan(args.out, _request(args), args.shards, _say)
+    record = qualification.write_plan(args.out, _request(args), args.shards or 1, _say)
     sizes = ", ".join(str(len(cells)) for cells in record["cells"])
     _say(f"plan {record['id']}: {record['shards']} shards of {sizes} cells in {args.out}; "
          f"run each with: kvmlab qualify --shard K/{record['shards']} {args.out} -o DIR")
     return 0
 
 
-def _refuse_shard_options(args: argparse.Namespace) -> None:
-    """A shard takes the whole qualification from its plan."""
-    given = [name for name, value in (("--base", args.base), ("--patched", args.patched),
-                                      ("--workload", args.workload),
-                                      ("--tests", args.tests), ("--slots", args.slots),
-                                      ("--runs", args.runs), ("--seconds", args.seconds),
-                                      ("--setup-budget", args.setup_budget),
-                                      ("--clock", args.clock), ("--cpus", args.cpus), ("--trace", args.trace),
-                                      ("--append", args.append), ("--base-append", args.base_append),
-                                      ("--patched-append", args.patched_append), ("--resume", args.resume),
-                                      ("--reference", args.reference),
-                                      ("--check-invariants", args.check_invariants)) if value]
+def _judging(args: argparse.Namespace) -> qualification.Judging:
+    return qualification.Judging(args.threshold, args.reference, args.partial)
+
+
+def _refuse_options(args: argparse.Namespace, allowed, context: str) -> None:
+    """Refuse, in one line, every option given that would do nothing here."""
+    given = [name for name, default in _OPTIONS.items()
+             if name not in allowed and getattr(args, name) != default]
     if given:
-        raise KvmlabError(f"--shard takes the whole qualification from its plan: drop {', '.join(given)}")
-    if len(args.operands) != 1:
-        raise KvmlabError("--shard K/N wants one plan file: kvmlab qualify --shard K/N PLAN -o DIR")
+        names = ", ".join("--" + name.replace("_", "-") for name in given)
+        takes = ", ".join("--" + name.replace("_", "-") for name in sorted(allowed))
+        raise KvmlabError(f"{context} (it takes {takes}, beside its operands and -o): drop {names}")
+
+
+def _check_bounds(args: argparse.Namespace) -> None:
+    """Every count option within its stated bounds, before anything is read or fetched."""
+    bounds = (("--runs", args.runs, 2, MAX_RUNS), ("--jobs", args.jobs, 1, MAX_JOBS),
+              ("--cpus", args.cpus, 1, MAX_CPUS), ("--shards", args.shards, 1, MAX_SHARDS))
+    for option, value, least, most in bounds:
+        if value is not None and not least <= value <= most:
+            raise KvmlabError(f"{option} wants {least} to {most}, got {value}")
+    for option, value, most in (("--seconds", args.seconds, MAX_SECONDS),
+                                ("--setup-budget", args.setup_budget, MAX_SETUP_BUDGET)):
+        if value is not None and not (math.isfinite(value) and 0 < value <= most):
+            raise KvmlabError(f"{option} wants a positive time of at most {most:g} s, got {value:g}")
 
 
 def _print(outcome: qualification.Outcome, directory: Path) -> int:

@@ -21,11 +21,14 @@ import pandas as pd
 
 from kselftest_py.workload import Measure, Workload
 from kvmlab import stats
+from kvmlab.qualify import completion
 from kvmlab.qualify.conditions import Conditions, from_records
 from kvmlab.qualify.config import SIDES, Config
 from kvmlab.qualify.records import CONDITIONS, FAIL, INVARIANT, RUN, SKIP, SPLAT
 
-EXIT_OK, EXIT_FAILED = 0, 1
+#: 3: runs of the matrix were never measured (a partial merge or report, asked for on
+#: purpose); never 0, so that a CI job cannot pass on cells nobody measured.
+EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 3
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Analysis:
     """Record kind → records: fail, crash, splat, invariant, skip."""
     conditions: Conditions | None = None
     """What each side ran with (None: made by hand, without records)."""
+    missing: int = 0
+    """Runs of the matrix not done: neither measured, failed, n/a nor given up."""
+    planned: int = 0
+    """Runs the matrix asks for."""
 
     @property
     def regressions(self) -> list[Cell]:
@@ -85,7 +92,9 @@ class Analysis:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FAILED if self.regressions or self.failures else EXIT_OK
+        if self.regressions or self.failures:
+            return EXIT_FAILED
+        return EXIT_INCOMPLETE if self.missing else EXIT_OK
 
 
 def analyse(config: Config, records: list[dict]) -> Analysis:
@@ -107,7 +116,8 @@ def analyse(config: Config, records: list[dict]) -> Analysis:
     cells = [_cell(runs, workload, measure, point, not_applicable, failed, config)
              for point in config.points for measure in measures]
     return Analysis(config, workload, cells, _fits(runs, workload, measures), runs, problems,
-                    from_records(records))
+                    from_records(records), len(completion.missing(config, records)),
+                    len(completion.items(config)))
 
 
 def _values(runs: pd.DataFrame, side: str, measure: Measure, point: int, axis: str) -> list[float]:

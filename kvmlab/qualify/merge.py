@@ -1,52 +1,141 @@
 """Putting a sharded qualification back together: ``kvmlab qualify merge DIR... -o OUT``.
 
-Every shard directory is read and checked before anything is written: each must be a
-shard of one plan (the same id and shard count), every shard must be there exactly
-once, and each may only hold runs of its own cells. OUT then becomes an ordinary
-qualification directory: qualify.json is the plan's, with ``merged`` naming the plan
-and the shards; runs.jsonl holds every shard's records; the traces are copied. The
-reports, the exit code and ``--resume`` work on it as on a run made in one piece.
+A CI pipeline trusts this step to publish a verdict, so every shard is read and checked
+before anything is written, and a shard that would make the verdict say less than it
+seems to is refused, naming the shard and what is wrong:
+
+- each is a shard of one plan (the same id and shard count), there exactly once, whose
+  qualify.json still hashes to that id and agrees with every other shard's;
+- none is still being written (a live ``kvmlab qualify`` holds its lock);
+- each holds only runs of its own cells, and every one of them is done (measured,
+  failed, n/a or given up: ``completion``), unless ``partial`` asks on purpose for a
+  merge with runs missing, which the verdict then says (``analysis.Analysis.missing``);
+- each record's trace directory lies inside its shard.
+
+OUT is then built whole in a scratch directory beside it (the store, the traces, the
+reports) and renamed into place: a kill or a full disk leaves no OUT, never half of one.
+OUT is an ordinary qualification directory: qualify.json is the plan's, with ``merged``
+naming the plan and the shards; the reports, the exit code and ``--resume`` work on it
+as on a run made in one piece.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from kvmlab.errors import KvmlabError
+from kvmlab.qualify import completion, plan
 from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 
+T = TypeVar("T")
+SCRATCH = ".merge-"
 
-def read_shards(directories: list[Path]) -> tuple[Config, list[tuple[Path, list[dict]]]]:
-    """The plan's config and each shard's records, or a one-line refusal naming the first problem."""
+
+@dataclass(frozen=True)
+class Shard:
+    directory: Path
+    config: Config
+    records: list[dict]
+    missing: int
+    """Runs of its cells not done (only with ``partial``)."""
+
+    @property
+    def name(self) -> str:
+        return f"shard {self.config.plan['shard']}/{self.config.plan['shards']} ({self.directory})"
+
+
+@dataclass(frozen=True)
+class Shards:
+    config: Config
+    """The merged qualification's: the plan's, with ``merged`` naming plan and shards."""
+    shards: list[Shard]
+
+    @property
+    def missing(self) -> int:
+        return sum(shard.missing for shard in self.shards)
+
+
+def read_shards(directories: list[Path], partial: bool = False) -> Shards:
+    """Every shard, checked, or a one-line refusal naming the first problem and its shard."""
     if not directories:
         raise KvmlabError("qualify merge needs the shard directories to merge")
-    shards: dict[int, tuple[Path, Config, list[dict]]] = {}
-    first: Config | None = None
-    for directory in directories:
-        store = Store.read(directory)
-        config = store.config
-        plan = config.plan
-        if not isinstance(plan, dict) or not {"id", "shard", "shards"} <= plan.keys() or config.cells is None:
-            raise KvmlabError(f"{directory} is not a shard of a plan (made without --shard K/N PLAN)")
-        if first is None:
-            first = config
-        elif plan["id"] != first.plan["id"] or plan["shards"] != first.plan["shards"]:
-            raise KvmlabError(f"{directory} is shard {plan['shard']}/{plan['shards']} of plan {plan['id']}, "
-                              f"not of plan {first.plan['id']}: shards of two plans do not merge")
-        if plan["shard"] in shards:
-            raise KvmlabError(f"{directory} and {shards[plan['shard']][0]} are both shard "
-                              f"{plan['shard']}/{plan['shards']}")
-        shards[plan["shard"]] = (directory, config, _own_records(store, config))
-    total = first.plan["shards"]
+    read = [_read_shard(directory, partial) for directory in directories]
+    for shard in read:
+        _refuse_edited(shard, read)
+    shards: dict[int, Shard] = {}
+    first = read[0]
+    for shard in read:
+        _refuse_other_plan(shard, first)
+        number = shard.config.plan["shard"]
+        if number in shards:
+            raise KvmlabError(f"{shard.directory} and {shards[number].directory} are both shard "
+                              f"{number}/{shard.config.plan['shards']}")
+        shards[number] = shard
+    total, plan_id = first.config.plan["shards"], first.config.plan["id"]
     missing = sorted(set(range(1, total + 1)) - shards.keys())
     if missing:
         raise KvmlabError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {total} "
-                          f"missing: merge needs every shard of plan {first.plan['id']}")
-    config = first.common().with_(merged={"plan": first.plan["id"],
-                                          "shards": [str(shards[k][0]) for k in sorted(shards)]})
-    return config, [(shards[k][0], shards[k][2]) for k in sorted(shards)]
+                          f"missing: merge needs every shard of plan {plan_id} ({total} shards)")
+    ordered = [shards[k] for k in sorted(shards)]
+    merged = {"plan": plan_id, "shards": [str(shard.directory) for shard in ordered]}
+    return Shards(first.config.common().with_(merged=merged), ordered)
+
+
+def _read_shard(directory: Path, partial: bool) -> Shard:
+    store = Store.read(directory, "to merge")
+    writer = store.writer()
+    if writer is not None:
+        raise KvmlabError(f"{directory} is still being written by kvmlab qualify (pid {writer}): "
+                          "merge it once that has finished")
+    config = store.config
+    if config.plan is None or config.cells is None:
+        raise KvmlabError(f"{directory} is not a shard of a plan (made without --shard K/N PLAN)")
+    records = _own_records(store, config)
+    left = completion.missing(config, records)
+    shard = Shard(directory, config, records, len(left))
+    if left and not partial:
+        first = left[0].describe(config.workload.axis.name)
+        raise KvmlabError(f"{shard.name} is unfinished: {len(left)} of {len(completion.items(config))} runs "
+                          f"not done (first: {first}); finish it with kvmlab qualify --resume -o "
+                          f"{directory}, or merge with --partial")
+    for record in records:
+        _trace_source(directory, record)  # refused now, before OUT is made
+    return shard
+
+
+def _refuse_edited(shard: Shard, shards: list[Shard]) -> None:
+    """A shard's qualify.json must still hash to its plan's id: one edited afterwards
+    (``runs: 9``, another kernel) does not describe the runs it holds. The difference
+    from a sound shard of the same plan is named when there is one."""
+    plan_id = shard.config.plan["id"]
+    if plan.plan_id(shard.config) == plan_id:
+        return
+    sound = [other for other in shards if other.config.plan["id"] == plan_id
+             and plan.plan_id(other.config) == plan_id]
+    differ = f" ({', '.join(_differences(shard.config, sound[0].config))} differ from {sound[0].name})" \
+        if sound else ""
+    raise KvmlabError(f"{shard.name}: its qualify.json no longer matches plan {plan_id}{differ}: "
+                      "edited after the shard was made, so its runs are not that plan's")
+
+
+def _refuse_other_plan(shard: Shard, first: Shard) -> None:
+    ours, theirs = shard.config.plan, first.config.plan
+    if ours["id"] != theirs["id"] or ours["shards"] != theirs["shards"]:
+        raise KvmlabError(f"{shard.directory} is shard {ours['shard']}/{ours['shards']} of plan {ours['id']} "
+                          f"({ours['shards']} shards), not of plan {theirs['id']} ({theirs['shards']} shards) "
+                          f"as {first.directory} is: shards of two plans do not merge")
+
+
+def _differences(one: Config, other: Config) -> list[str]:
+    """The keys of two shards' configs that differ beyond what each shard has of its own."""
+    mine, theirs = one.common().to_json(), other.common().to_json()
+    return sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
 
 
 def _own_records(store: Store, config: Config) -> list[dict]:
@@ -60,18 +149,81 @@ def _own_records(store: Store, config: Config) -> list[dict]:
     return records
 
 
-def merge(directories: list[Path], out: Path) -> Store:
-    """Merge the shards into ``out``; nothing is written unless every shard is sound."""
-    if out.exists() and not out.is_dir():
+def _trace_source(directory: Path, record: dict) -> Path | None:
+    """The trace directory a record names, which must lie inside its shard (links
+    followed): a store's paths never reach outside it."""
+    name = record.get("trace_dir")
+    if not name:
+        return None
+    source = directory / name
+    if not source.resolve().is_relative_to(directory.resolve()):
+        raise KvmlabError(f"{directory}: a record's trace_dir {name!r} leads outside the shard: damaged")
+    return source if source.is_dir() else None
+
+
+def merge(shards: Shards, out: Path, finish: Callable[[Store], T]) -> T:
+    """Write the merged store into ``out``, call ``finish`` on it (the reports), then
+    rename it into place; nothing is left at ``out`` if any of it fails."""
+    _refuse_out(out)
+    _remove_stale_scratch(out)
+    scratch = out.parent / f".{out.name}{SCRATCH}{os.getpid()}"
+    try:
+        store = Store.create(scratch, shards.config)
+        records = []
+        for shard in shards.shards:
+            for record in shard.records:
+                source = _trace_source(shard.directory, record)
+                if source is not None:
+                    shutil.copytree(source, scratch / record["trace_dir"], symlinks=True, dirs_exist_ok=True)
+                records.append(record)
+        store.append_all(records)
+        result = finish(store)
+        store.release()
+        _sync_directory(scratch)
+        _refuse_out(out)
+        if out.is_dir():
+            out.rmdir()  # an empty directory made for us; a rename cannot replace it otherwise
+        os.rename(scratch, out)
+        _sync_directory(out.parent)
+    except OSError as err:
+        raise KvmlabError(f"-o {out}: the merge could not be written ({_where(err, scratch, out)}"
+                          f"{err.strerror or err}); nothing was left there") from None
+    finally:
+        Store(scratch).release()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _refuse_out(out: Path) -> None:
+    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink()):
         raise KvmlabError(f"-o {out}: not a directory")
     Store.refuse_existing(out)
-    config, shards = read_shards(directories)
-    merged = Store.create(out, config)
-    for directory, records in shards:
-        for record in records:
-            if record.get("trace_dir"):
-                source = directory / record["trace_dir"]
-                if source.is_dir():
-                    shutil.copytree(source, out / record["trace_dir"], dirs_exist_ok=True)
-            merged.append(record)
-    return merged
+    if out.is_dir() and any(out.iterdir()):
+        raise KvmlabError(f"-o {out}: not empty; merge writes a new qualification directory")
+
+
+def _remove_stale_scratch(out: Path) -> None:
+    """Scratch directories of merges into ``out`` that a kill ended (their process is gone)."""
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}{SCRATCH}"
+    for path in out.parent.iterdir():
+        pid = path.name[len(prefix):]
+        if path.name.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _where(err: OSError, scratch: Path, out: Path) -> str:
+    """The file that failed, named as it would be in OUT."""
+    if not err.filename:
+        return ""
+    name = str(err.filename).replace(str(scratch), str(out), 1)
+    return f"{name}: "

@@ -10,6 +10,7 @@ and says what it is doing through ``say``; the command line parses and prints.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from kvmlab import kernels, stats
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
-from kvmlab.qualify import matrix, plan, reference, workloads
+from kvmlab.qualify import completion, matrix, plan, reference, workloads
 from kvmlab.qualify import merge as merging
 from kvmlab.qualify.config import SIDES, Config, Side
 from kvmlab.qualify.driver import Driver, default_jobs
@@ -229,14 +230,14 @@ def run(prepared: Prepared, jobs: int | None, log) -> None:
            log=log, machine=prepared.machine).run()
 
 
-def report(store: Store, config: Config, say: Say) -> Outcome:
-    """Analyse the store and write every report beside it."""
+def report(store: Store, config: Config, say: Say, directory: Path | None = None) -> Outcome:
+    """Analyse the store and write every report beside it (or into ``directory``)."""
     from kvmlab.qualify import analysis
     from kvmlab.qualify import report as reports
 
     result = analysis.analyse(config, store.records())
     traced = traced_runs(store, config, say) if config.trace else None
-    written = reports.write_all(result, store.directory, traced)
+    written = reports.write_all(result, directory or store.directory, traced)
     return Outcome(result, reports.markdown(result, traced), written)
 
 
@@ -244,14 +245,56 @@ def shard_runs(store: Store) -> int:
     return sum(1 for record in store.records() if record["kind"] == RUN)
 
 
-def merge(directories: list[Path], out: Path, reference_file: Path | None, say: Say) -> Outcome:
-    """The shards of one plan merged into ``out``, and its reports."""
-    published = None
-    if reference_file is not None and directories:  # read first: a bad table refuses before OUT is made
-        published = reference.read(reference_file, Store.read(directories[0]).workload)
-    store = merging.merge(directories, out)
-    config = store.config
-    return report(store, config.with_(reference=published) if published else config, say)
+@dataclass(frozen=True)
+class Judging:
+    """What a report may change without measuring anything: how the runs are judged,
+    the figures shown beside them, and whether runs may be missing."""
+
+    threshold: float | None = None
+    reference: Path | None = None
+    partial: bool = False
+
+    def apply(self, config: Config, say: Say, what: str) -> Config:
+        """``config`` judged as asked, each change said once (``what``: where it came from)."""
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+            if self.threshold != config.threshold:
+                say(f"judging with --threshold {self.threshold:g} ({what} was made with {config.threshold:g})")
+                config = config.with_(threshold=self.threshold)
+        if self.reference is not None:
+            config = config.with_(reference=reference.read(self.reference, config.workload))
+        return config
+
+
+def merge(directories: list[Path], out: Path, judging: Judging, say: Say) -> Outcome:
+    """The shards of one plan merged into ``out`` with its reports, all or nothing.
+    OUT's qualify.json keeps the threshold and reference it was judged with."""
+    shards = merging.read_shards(directories, judging.partial)
+    config = judging.apply(shards.config, say, f"plan {shards.config.merged['plan']}")
+    shards = merging.Shards(config, shards.shards)
+    if shards.missing:
+        say(f"warning: --partial: {shards.missing} runs of the plan were never measured; "
+            "the verdict says so and the exit code is 3")
+    return merging.merge(shards, out, lambda store: report(store, config, say))
+
+
+def rereport(directory: Path, out: Path | None, judging: Judging, say: Say) -> Outcome:
+    """The reports of the finished qualification in ``directory``, written anew into
+    ``out`` (default: ``directory``) without measuring, and without its writer's lock:
+    a read-only store can be reported elsewhere."""
+    store = Store.read(directory, "to report")
+    config = judging.apply(store.config, say, str(directory))
+    if not judging.partial:
+        left = completion.describe_missing(config, store.records())
+        if left:
+            raise KvmlabError(f"{directory} is unfinished: {left}; finish it with kvmlab qualify --resume "
+                              f"-o {directory}, or report it with --partial")
+    target = out or directory
+    if out is not None:
+        if os.path.lexists(out) and not out.is_dir():
+            raise KvmlabError(f"-o {out}: not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+    return report(store, config, say, target)
 
 
 def traced_runs(store: Store, config: Config, say: Say) -> list:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from kvmlab.qualify.config import SIDES, Config, Side
 from kvmlab.qualify.records import FAIL
 from kvmlab.qualify.tables import FAILED, NOT_APPLICABLE, Section, Table, Text, measured_by, verdict_line
 
+SCRATCH = ".reports-"
 REPORTS = ("report.md", "report.html", "junit.xml", "report.ktap", "runs.csv", "report.json")
 PLOTS = "plots"
 
@@ -127,13 +129,29 @@ def _write_durably(path: Path, text: str) -> None:
 
 @contextmanager
 def _scratch(directory: Path) -> Iterator[Path]:
-    """A private directory beside the reports (same file system: renames, no copies), removed after."""
+    """A private directory beside the reports (same file system: renames, no copies),
+    removed after; those a kill left behind are removed first (``_remove_stale``)."""
+    _remove_stale(directory)
     with _reporting_errors(directory):
-        scratch = Path(tempfile.mkdtemp(prefix=".reports-", dir=directory))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir=directory))
     try:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_stale(directory: Path) -> None:
+    """Scratch directories whose process is gone (named ``.reports-PID-…``), and those of
+    a kvmlab that did not name its pid, once an hour old."""
+    for path in directory.glob(f"{SCRATCH}*"):
+        pid = path.name[len(SCRATCH):].partition("-")[0]
+        try:
+            stale = (not os.path.exists(f"/proc/{pid}") if pid.isdigit()
+                     else time.time() - path.lstat().st_mtime > 3600)
+        except OSError:
+            continue
+        if stale and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -501,6 +519,8 @@ def json_report(analysis: Analysis) -> str:
     document = {
         "verdict": verdict_line(analysis),
         "exit_code": analysis.exit_code,
+        "runs_planned": analysis.planned,
+        "runs_missing": analysis.missing,
         "before": kernel_label(analysis.config, "base"),
         "after": kernel_label(analysis.config, "patched"),
         "measured_by": measured_by(analysis.config),

@@ -256,9 +256,14 @@ def verdict_line(analysis: Analysis) -> str:
     warning = f"; {note}" if note else ""
     if analysis.exit_code == 0:
         return f"Verdict: PASS ({summary}){warning}."
+    missing = (f"{analysis.missing} of {analysis.planned} runs never measured (a partial result, "
+               "asked for on purpose)" if analysis.missing else "")
+    if not (analysis.regressions or analysis.failures):
+        return f"Verdict: INCOMPLETE: {missing} ({summary}){warning}."
     reasons = [
         f"{len(analysis.regressions)} regressed" if analysis.regressions else "",
         f"{len(analysis.failures)} failures" if analysis.failures else "",
+        missing,
     ]
     return f"Verdict: FAIL: {', '.join(filter(None, reasons))} ({summary}){warning}."
 

@@ -233,7 +233,9 @@ def test_shards_merge_into_the_one_piece_verdicts_and_figures(tmp_path):
     record = plan.write(tmp_path / "plan.json", CONFIG, 2)
     for k in (1, 2):
         _qualify(tmp_path / f"shard{k}", Script(), plan.shard_config(record, k, 2))
-    merged = merge.merge([tmp_path / "shard1", tmp_path / "shard2"], tmp_path / "merged")
+    merge.merge(merge.read_shards([tmp_path / "shard1", tmp_path / "shard2"]), tmp_path / "merged",
+                lambda store: None)
+    merged = Store.read(tmp_path / "merged")
     one = analysis.analyse(whole.config, whole.records())
     two = analysis.analyse(merged.config, merged.records())
     assert [(c.measure, c.point, c.verdict, c.base, c.patched) for c in two.cells] == \

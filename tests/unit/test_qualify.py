@@ -11,7 +11,7 @@ from kvmlab import stats
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, matrix, report, workloads
 from kvmlab.qualify.config import Config
-from kvmlab.qualify.driver import _finished
+from kvmlab.qualify.completion import Completion
 from kvmlab.qualify.store import Store
 
 CONFIG = Config.from_json({
@@ -112,13 +112,17 @@ def test_finished_runs_are_not_run_again():
     run = {"kind": "run", "side": "base", "test": "unmap", "slots": 10, "run": 2}
     skip = {"kind": "skip", "side": "base", "test": "unmap", "slots": 10, "run": 0, "reason": "too many"}
     crash = {**run, "kind": "crash"}
-    from collections import Counter
 
-    assert _finished(item, [run], Counter(), "slots")
-    assert _finished(item, [skip], Counter(), "slots")
-    assert not _finished(item, [{**run, "run": 1}], Counter(), "slots")
-    assert not _finished(item, [crash], Counter([item.key]), "slots")  # one crash: tried again
-    assert _finished(item, [crash, crash], Counter([item.key, item.key]), "slots")
+    def done(records):
+        return Completion.of(records, "slots").is_done(item)
+
+    assert done([run])
+    assert done([skip])
+    assert done([{**run, "kind": "fail"}])
+    assert not done([{**run, "run": 1}])
+    assert not done([{**skip, "side": "patched"}])
+    assert not done([crash])  # one crash: tried again
+    assert done([crash, crash])
 
 
 def _records(values: dict) -> list[dict]:

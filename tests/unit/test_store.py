@@ -131,7 +131,7 @@ def _with(path, fields: dict) -> None:
     (lambda path: path.write_text(json.dumps({**CONFIG, "base": "debian:bullseye"})),
      "'base' wants the kernel's spec and exact spec"),
     (lambda path: (path.unlink(), path.mkdir()), "not a regular file (a directory)"),
-    (lambda path: _with(path, {"runs": 0}), "'runs' wants an integer of at least 2"),
+    (lambda path: _with(path, {"runs": 0}), "'runs' wants an integer from 2 to 1000"),
     (lambda path: _with(path, {"slots": [-5, 0]}), "'slots' wants a list of slot counts"),
     (lambda path: path.write_text(json.dumps({**CONFIG, "threshold": -1})), "'threshold' wants a fraction"),
     (lambda path: _with(path, {"seconds": -1}), "'seconds' wants a positive number"),
