@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import KvmlabError, WriteFailed
 from kvmlab.qualify import completion, plan
 from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
@@ -47,7 +47,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"shard {self.config.plan['shard']}/{self.config.plan['shards']} ({self.directory})"
+        return _name(self.config, self.directory)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,11 @@ def read_shards(directories: list[Path], partial: bool = False) -> Shards:
     """Every shard, checked, or a one-line refusal naming the first problem and its shard."""
     if not directories:
         raise KvmlabError("qualify merge needs the shard directories to merge")
-    read = [_read_shard(directory, partial) for directory in directories]
-    for shard in read:
-        _refuse_edited(shard, read)
+    stores = [_shard_store(directory) for directory in directories]
+    configs = {store.directory: store.config for store in stores}
+    for store in stores:
+        _refuse_edited(store.directory, configs)
+    read = [_read_shard(store, configs[store.directory], partial) for store in stores]
     shards: dict[int, Shard] = {}
     first = read[0]
     for shard in read:
@@ -87,7 +89,8 @@ def read_shards(directories: list[Path], partial: bool = False) -> Shards:
     return Shards(first.config.common().with_(merged=merged), ordered)
 
 
-def _read_shard(directory: Path, partial: bool) -> Shard:
+def _shard_store(directory: Path) -> Store:
+    """A shard's store, which no live process writes and whose config is a shard's."""
     store = Store.read(directory, "to merge")
     writer = store.writer()
     if writer is not None:
@@ -96,6 +99,12 @@ def _read_shard(directory: Path, partial: bool) -> Shard:
     config = store.config
     if config.plan is None or config.cells is None:
         raise KvmlabError(f"{directory} is not a shard of a plan (made without --shard K/N PLAN)")
+    return store
+
+
+def _read_shard(store: Store, config: Config, partial: bool) -> Shard:
+    """A shard's records, every one of its runs done unless ``partial``."""
+    directory = store.directory
     records = _own_records(store, config)
     left = completion.missing(config, records)
     shard = Shard(directory, config, records, len(left))
@@ -109,19 +118,26 @@ def _read_shard(directory: Path, partial: bool) -> Shard:
     return shard
 
 
-def _refuse_edited(shard: Shard, shards: list[Shard]) -> None:
+def _refuse_edited(directory: Path, configs: dict[Path, Config]) -> None:
     """A shard's qualify.json must still hash to its plan's id: one edited afterwards
     (``runs: 9``, another kernel) does not describe the runs it holds. The difference
     from a sound shard of the same plan is named when there is one."""
-    plan_id = shard.config.plan["id"]
-    if plan.plan_id(shard.config) == plan_id:
+    config = configs[directory]
+    plan_id = config.plan["id"]
+    if plan.plan_id(config) == plan_id:
         return
-    sound = [other for other in shards if other.config.plan["id"] == plan_id
-             and plan.plan_id(other.config) == plan_id]
-    differ = f" ({', '.join(_differences(shard.config, sound[0].config))} differ from {sound[0].name})" \
-        if sound else ""
-    raise KvmlabError(f"{shard.name}: its qualify.json no longer matches plan {plan_id}{differ}: "
-                      "edited after the shard was made, so its runs are not that plan's")
+    sound = [(where, other) for where, other in configs.items()
+             if other.plan["id"] == plan_id and plan.plan_id(other) == plan_id]
+    differ = ""
+    if sound:
+        where, other = sound[0]
+        differ = f" ({', '.join(_differences(config, other))} differ from {_name(other, where)})"
+    raise KvmlabError(f"{_name(config, directory)}: its qualify.json no longer matches plan {plan_id}"
+                      f"{differ}: edited after the shard was made, so its runs are not that plan's")
+
+
+def _name(config: Config, directory: Path) -> str:
+    return f"shard {config.plan['shard']}/{config.plan['shards']} ({directory})"
 
 
 def _refuse_other_plan(shard: Shard, first: Shard) -> None:
@@ -186,8 +202,11 @@ def merge(shards: Shards, out: Path, finish: Callable[[Store], T]) -> T:
         os.rename(scratch, out)
         _sync_directory(out.parent)
     except OSError as err:
-        raise KvmlabError(f"-o {out}: the merge could not be written ({_where(err, scratch, out)}"
+        raise KvmlabError(f"-o {out}: the merge could not be written ({_where(err.filename, scratch, out)}"
                           f"{err.strerror or err}); nothing was left there") from None
+    except WriteFailed as err:
+        raise KvmlabError(f"-o {out}: the merge could not be written ({_where(err.path, scratch, out)}"
+                          f"{err.reason}); nothing was left there") from None
     finally:
         Store(scratch).release()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -221,9 +240,8 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _where(err: OSError, scratch: Path, out: Path) -> str:
+def _where(filename, scratch: Path, out: Path) -> str:
     """The file that failed, named as it would be in OUT."""
-    if not err.filename:
+    if not filename:
         return ""
-    name = str(err.filename).replace(str(scratch), str(out), 1)
-    return f"{name}: "
+    return f"{str(filename).replace(str(scratch), str(out), 1)}: "

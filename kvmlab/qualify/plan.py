@@ -20,12 +20,17 @@ import json
 from pathlib import Path
 
 from kselftest_py.workload import Workload
+from kvmlab import files
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.qualify import matrix
 from kvmlab.qualify.config import Config
 
 FORMAT = "kvmlab-qualify-plan-1"
+#: A plan of the largest matrix is a few hundred KiB; past this, it is not a plan.
+LIMIT = 16 * files.MiB
+#: What every plan's config records: the choices a shard must not default.
+RECORDED = ("workload", "clock", "method", "emulator", "cpus", "boot_per_round")
 
 
 def plan_id(config: Config) -> str:
@@ -73,12 +78,12 @@ def write(path: Path, config: Config, shards: int) -> dict:
 
 def read(path: Path) -> dict:
     """A plan file, checked, or a one-line KvmlabError."""
+    text = files.read_text(path, LIMIT, "plan")
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KvmlabError(f"{path}: no such plan") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise KvmlabError(f"{path} is not a kvmlab plan: {getattr(err, 'strerror', None) or err}") from None
+        record = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:120]
+        raise KvmlabError(f"{path} is not a kvmlab plan: {reason}") from None
     problem = _plan_problem(record)
     if problem:
         raise KvmlabError(f"{path} is not a kvmlab plan: {problem}")
@@ -89,14 +94,25 @@ def _plan_problem(record) -> str | None:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         return f"no \"format\": \"{FORMAT}\""
     shards, cells = record.get("shards"), record.get("cells")
+    if not isinstance(record.get("config"), dict):
+        return "no config"
+    unrecorded = [key for key in RECORDED if key not in record["config"]]
+    if unrecorded:  # a config an older kvmlab wrote may lack them; a plan never does
+        return f"its config does not record {', '.join(map(repr, unrecorded))}"
     try:
         config = Config.from_json(record.get("config"))
     except KvmlabError as err:
         return f"its config: {err}"
     if not isinstance(shards, int) or not isinstance(cells, list) or len(cells) != shards or shards < 1:
         return "its shards and cells disagree"
+    if config.plan is not None or config.cells is not None or config.merged is not None:
+        return "its config is a shard's or a merge's, not a plan's"
     if record.get("id") != plan_id(config):
         return "its id does not match its config (edited by hand?)"
+    if not all(isinstance(shard, list) and shard and all(
+            isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], str)
+            and isinstance(cell[1], int) and not isinstance(cell[1], bool) for cell in shard) for shard in cells):
+        return "its cells are not lists of [test, point]"
     wanted = sorted([test, point] for point in config.points for test in config.tests)
     if sorted(cell for shard in cells for cell in shard) != wanted:
         return "its shards do not cover the matrix once"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlab import stats
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import KvmlabError, WriteFailed
 from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
 from kvmlab.qualify import reference, tables
 from kvmlab.qualify.analysis import Analysis, Cell
@@ -160,9 +160,8 @@ def _reporting_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise KvmlabError(f"cannot write {path}: {reason} (the runs are kept; "
-                          "--resume writes the reports again)") from None
+        raise WriteFailed(path, err.strerror or str(err), " (the runs are kept; kvmlab qualify report "
+                          "DIR writes the reports again)") from None
 
 
 # -- Markdown --------------------------------------------------------------------------

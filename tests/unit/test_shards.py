@@ -194,3 +194,197 @@ def test_shard_refuses_options_the_plan_decides(tmp_path, planned):
     done = kvmlab("qualify", "--shard", "1/2", "-o", str(tmp_path / "s"))
     assert_one_line_error(done, "wants one plan file")
     assert not (tmp_path / "s").exists()
+
+
+# -- what a CI job may trust a merge with (issue 26) -------------------------------------------
+def _merge(tmp_path, dirs, *options, out="out"):
+    return kvmlab("qualify", "merge", *map(str, dirs), "-o", str(tmp_path / out), *options)
+
+
+@pytest.mark.parametrize("damage, complaint", [
+    ("seven runs", "7 of"),  # only some of its runs
+    ("no runs", "runs not done (first: base"),
+    ("no runs.jsonl", "runs.jsonl is missing"),
+])
+def test_an_unfinished_shard_is_refused_and_partial_is_never_a_pass(tmp_path, planned, damage, complaint):
+    one = _shard(tmp_path, planned, 1)
+    cells = plan.shard_config(planned, 2, 2).cells
+    two = _shard(tmp_path, planned, 2, _records(cells)[:7] if damage == "seven runs" else [])
+    if damage == "no runs.jsonl":
+        two.runs_path.unlink()
+    done = _merge(tmp_path, [one.directory, two.directory])
+    assert_one_line_error(done, str(two.directory), complaint)
+    if damage != "no runs.jsonl":
+        assert "shard 2/2" in done.stderr and "--resume -o" in done.stderr
+    assert not (tmp_path / "out").exists()
+    if damage == "no runs.jsonl":
+        return
+    done = _merge(tmp_path, [one.directory, two.directory], "--partial")
+    assert done.returncode == 3, done.stderr  # asked for on purpose: still never a pass
+    assert "Verdict: INCOMPLETE" in done.stdout or "Verdict: FAIL" in done.stdout
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    total = len(_records(None))
+    assert written["runs_planned"] == total
+    assert written["runs_missing"] == total - len(_records(plan.shard_config(planned, 1, 2).cells)) - \
+        (7 if damage == "seven runs" else 0)
+    assert written["exit_code"] == 3
+
+
+def test_a_shard_still_being_written_is_refused(tmp_path, planned):
+    import subprocess
+    import sys
+    one, two = _shard(tmp_path, planned, 1), _shard(tmp_path, planned, 2)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(two.directory / '.lock')!r}, 'r+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write(f'{os.getpid()}\\n'); f.flush()\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = _merge(tmp_path, [one.directory, two.directory])
+        assert_one_line_error(done, str(two.directory), f"still being written by kvmlab qualify (pid {holder.pid})")
+        assert not (tmp_path / "out").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _merge(tmp_path, [one.directory, two.directory]).returncode == 0
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda data: data.update(runs=9), "runs"),
+    (lambda data: data["patched"].update(exact="debian:linux-image-6.1.0-99-cloud-amd64"), "patched"),
+])
+def test_a_shard_edited_after_it_was_made_is_refused_naming_the_difference(tmp_path, planned, edit, named):
+    one, two = _shard(tmp_path, planned, 1), _shard(tmp_path, planned, 2)
+    data = json.loads(two.config_path.read_text())
+    edit(data)
+    two.config_path.write_text(json.dumps(data))
+    done = _merge(tmp_path, [one.directory, two.directory])
+    assert_one_line_error(done, "shard 2/2", f"no longer matches plan {planned['id']}",
+                          f"({named} differ from shard 1/2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_of_another_shard_count_say_so(tmp_path, planned):
+    one = _shard(tmp_path, planned, 1)
+    three = plan.write(tmp_path / "three.json", CONFIG, 3)
+    (tmp_path / "other").mkdir()
+    other = _shard(tmp_path / "other", three, 2)
+    done = _merge(tmp_path, [one.directory, other.directory])
+    assert_one_line_error(done, f"of plan {three['id']} (3 shards)", f"not of plan {planned['id']} (2 shards)")
+
+
+def test_a_trace_dir_outside_its_store_is_refused(tmp_path, planned):
+    one, two = _shard(tmp_path, planned, 1), _shard(tmp_path, planned, 2)
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "secret").write_text("x")
+    lines = two.runs_path.read_text().splitlines()
+    record = json.loads(lines[0])
+    two.runs_path.write_text("\n".join([json.dumps({**record, "trace_dir": "../evil"}), *lines[1:]]) + "\n")
+    done = _merge(tmp_path, [one.directory, two.directory])
+    assert_one_line_error(done, "runs.jsonl:1", "'trace_dir' wants a path inside the store")
+    # A link inside the shard that leads out of it is refused as well.
+    (two.directory / "traces").symlink_to(tmp_path / "evil")
+    two.runs_path.write_text("\n".join([json.dumps({**record, "trace_dir": "traces"}), *lines[1:]]) + "\n")
+    done = _merge(tmp_path, [one.directory, two.directory])
+    assert_one_line_error(done, "trace_dir 'traces' leads outside the shard")
+    assert not (tmp_path / "out").exists()
+    # A trace directory inside its shard is copied.
+    (two.directory / "traces").unlink()
+    (two.directory / "traces" / "t1").mkdir(parents=True)
+    (two.directory / "traces" / "t1" / "trace.dat").write_bytes(b"data")
+    two.runs_path.write_text("\n".join([json.dumps({**record, "trace_dir": "traces/t1"}), *lines[1:]]) + "\n")
+    assert _merge(tmp_path, [one.directory, two.directory]).returncode == 0
+    assert (tmp_path / "out" / "traces" / "t1" / "trace.dat").read_bytes() == b"data"
+
+
+def test_merge_threshold_is_honoured_and_recorded(tmp_path, planned):
+    dirs = [_shard(tmp_path, planned, k).directory for k in (1, 2)]
+    done = _merge(tmp_path, dirs, "--threshold", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert "judging with --threshold 0.5" in done.stderr
+    assert "a 50% practical threshold" in done.stdout
+    verdicts = {c["verdict"] for c in json.loads((tmp_path / "out" / "report.json").read_text())["cells"]}
+    assert verdicts == {stats.NO_CHANGE}  # the 20 % change at 509 slots is under 50 %
+    assert json.loads((tmp_path / "out" / "qualify.json").read_text())["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["merge", "a", "b", "--base", "debian:bullseye", "-o", "out"], "drop --base"),
+    (["merge", "a", "b", "--resume", "-o", "out"], "drop --resume"),
+    (["--shard", "1/3", "plan.json", "--threshold", "0.5", "-o", "out"], "drop --threshold"),
+    (["--shard", "1/3", "plan.json", "--accel", "tcg", "-o", "out"], "drop --accel"),
+    (["--shard", "1/3", "plan.json", "--fresh-boot", "-o", "out"], "drop --fresh-boot"),
+    (["--base", "a", "--patched", "b", "--shards", "3", "-o", "out"], "--shards N goes with --plan"),
+    (["--base", "a", "--patched", "b", "--partial", "-o", "out"], "--partial goes with merge or report"),
+    (["--plan", "--base", "a", "--patched", "b", "--jobs", "2", "-o", "out"], "--plan writes a new plan"),
+    (["--base", "a", "--patched", "b", "--runs", "999999999", "-o", "out"], "--runs wants 2 to 1000"),
+    (["--base", "a", "--patched", "b", "--jobs", "100000", "-o", "out"], "--jobs wants 1 to 64"),
+    (["--plan", "--base", "a", "--patched", "b", "--shards", "5000", "-o", "out"], "--shards wants 1 to 1000"),
+    (["--base", "a", "--patched", "b", "--seconds", "1e9", "-o", "out"], "--seconds wants a positive time"),
+    (["report"], "wants one qualification directory"),
+    (["--base", "a", "--patched", "b"], "qualify needs -o DIR"),
+])
+def test_options_that_would_do_nothing_are_refused(tmp_path, argv, complaint):
+    done = kvmlab("qualify", *argv)
+    assert_one_line_error(done, complaint)
+    assert not (tmp_path / "out").exists()
+
+
+def _big_shards(tmp_path, runs: int) -> list:
+    """Two finished shards of a plan of ``runs`` runs a cell (12 records per run)."""
+    config = CONFIG.with_(runs=runs)
+    record = plan.write(tmp_path / "big-plan.json", config, 2)
+    everything = matrix.run_order(TESTS, SLOTS, runs, rounds_first=True)
+    stores = []
+    for k in (1, 2):
+        shard = plan.shard_config(record, k, 2)
+        store = Store.create(tmp_path / f"big{k}", shard)
+        store.append_all([_run(i.side, i.test, i.point, i.run, 1e6 * (1 + (i.run % 7) / 200))
+                          for i in plan.items_of(shard, everything)])
+        store.release()
+        stores.append(store.directory)
+    return stores
+
+
+def test_a_killed_merge_leaves_no_out_or_a_whole_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    dirs = _big_shards(tmp_path, 500)
+    total = 6 * 2 * 500
+    for attempt, delay in enumerate((0.5, 1.0, 1.5, 2.0, 3.0)):
+        out = tmp_path / f"out{attempt}"
+        merging = subprocess.Popen([sys.executable, "-m", "kvmlab.cli", "qualify", "merge", *map(str, dirs),
+                                    "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        merging.send_signal(signal.SIGKILL)
+        merging.wait()
+        if out.exists():  # finished before the kill: whole
+            assert len((out / "runs.jsonl").read_text().splitlines()) == total
+            assert (out / "report.md").stat().st_size and (out / "report.json").stat().st_size
+        done = _merge(tmp_path, dirs, out=f"out{attempt}")
+        if out.exists() and done.returncode == 2:
+            assert "already holds a qualification" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr  # the kill left nothing in the way
+        assert len((out / "runs.jsonl").read_text().splitlines()) == total
+        assert not list(tmp_path.glob(f".out{attempt}.merge-*"))  # the killed one's scratch is gone
+
+
+def test_a_full_disk_leaves_no_out_and_names_the_path(tmp_path, planned):
+    import subprocess
+    dirs = [_shard(tmp_path, planned, k).directory for k in (1, 2)]
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(small)],
+                             capture_output=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        done = kvmlab("qualify", "merge", *map(str, dirs), "-o", str(small / "out"))
+        assert_one_line_error(done, f"-o {small / 'out'}", "No space left on device", "nothing was left there")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
