@@ -13,6 +13,7 @@ The points of the matrix are kept under the name of the workload's axis (``slots
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 
 from kselftest_py.workload import Workload
@@ -29,6 +30,8 @@ MAX_SECONDS = 3600.0
 MAX_SETUP_BUDGET = 86400.0
 MAX_CPUS = 64
 MAX_POINT = 1 << 20
+#: A plan's id: hex digits of a sha256 (``plan.plan_id``).
+PLAN_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _is_patches(value) -> bool:
 def _is_plan(value) -> bool:
     if value is None:
         return True
-    if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str) or not PLAN_ID.fullmatch(value["id"]):
         return False
     shard, shards = value.get("shard"), value.get("shards")
     return _is_int(shard) and _is_int(shards) and 1 <= shard <= shards

@@ -186,8 +186,8 @@ def resume(out: Path, request: Request, say: Say) -> Prepared:
             f"--resume: {out} records no clock or QEMU (made by an older kvmlab); "
             "its runs cannot be combined with new ones: start a new qualification"
         )
+    _refuse_foreign_records(store, config)  # every file read and checked before the host is asked
     machine = _same_machine(config, str(out), "--resume")
-    _refuse_foreign_records(store, config)  # before anything boots
     if request.threshold is not None and request.threshold != config.threshold:
         say(f"judging with --threshold {request.threshold:g} (the qualification was started with "
             f"{config.threshold:g}; {store.config_path} keeps that)")
