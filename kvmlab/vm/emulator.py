@@ -4,7 +4,10 @@ Instruction counts (``--clock icount``) are comparable only under the same emula
 and CPU model, so kvmlab pins its QEMU like it pins a kernel: QEMU 10.0 from Debian's
 bookworm-backports, downloaded through kvmlab's private apt configuration (signatures
 checked, the system's apt sources untouched) and unpacked with ``dpkg -x`` into the
-cache; it runs with ``-L`` pointing at its own firmware. Bookworm's own QEMU 7.2 hangs
+cache; it runs with ``-L`` pointing at its own firmware. On a newer host (Debian 13) a
+few of the bookworm libraries it links are gone or renamed (libcapstone4, libfuse3-3,
+libaio1): those are fetched from bookworm too, unpacked beside it and found through
+``LD_LIBRARY_PATH``, so the pin holds there as well. Bookworm's own QEMU 7.2 hangs
 in early boot with icount and two vCPUs and double-faults Debian's 6.12, which is why
 it is not the default. ``$KVMLAB_QEMU`` names another binary; its version is read from
 ``--version`` and recorded like the pinned one's.
@@ -21,9 +24,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from kvmlab import apt, cache
-from kvmlab.errors import KvmlabError, MissingTool
+from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
 
 SUITE = "bookworm-backports"
+#: Where a library the host lacks is looked for: the backport's own suite, then the one it is built for.
+LIBRARY_SUITES = (SUITE, "bookworm")
+LIBRARIES = "libs"
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
 BINARY = "usr/bin/qemu-system-x86_64"
 DATA = "usr/share/qemu"
@@ -49,10 +55,19 @@ class Emulator:
     """The Debian package and version it came from, when kvmlab fetched it."""
     data_dir: str | None = None
     """Its firmware directory (``-L``), for a QEMU unpacked outside /usr."""
+    library_path: str | None = None
+    """``LD_LIBRARY_PATH`` for libraries the host lacked, unpacked beside it (None: none)."""
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
+
+    def command(self) -> list[str]:
+        """The start of its command line: the binary, through ``env`` when it needs its
+        own libraries, so a printed command runs as printed and the process is QEMU."""
+        if self.library_path:
+            return ["env", f"LD_LIBRARY_PATH={self.library_path}", self.binary]
+        return [self.binary]
 
     def firmware_args(self) -> list[str]:
         data = Path(self.data_dir) if self.data_dir else SYSTEM_DATA
@@ -122,7 +137,7 @@ def _record_problem(record: object) -> str | None:
         return f"binary {binary!r} is not an executable file"
     if not isinstance(version, str) or not VERSION.fullmatch(version):
         return f"version {version!r} is not a QEMU version"
-    for name in ("package", "data_dir"):
+    for name in ("package", "data_dir", "library_path"):
         if not isinstance(record.get(name), str | None):
             return f"{name} {record[name]!r} is not text"
     return None
@@ -136,29 +151,74 @@ def _unpack(root: apt.AptRoot, packages: list[apt.Package], scratch: Path, final
         _checked(["dpkg-deb", "-x", str(deb), str(scratch)], f"unpacking {deb.name}")
     shutil.rmtree(downloads)
     binary = scratch / BINARY
-    missing = _missing_libraries(binary)
+    libraries: list[Path] = []
+    missing = _missing_libraries([str(binary)])
+    if missing:
+        libraries = _unpack_libraries(packages[0], missing, scratch / LIBRARIES)
+        missing = _missing_libraries([*_with_libraries(libraries), str(binary)])
     if missing:
         raise KvmlabError(
-            f"{packages[0].name} {packages[0].version} needs libraries this host lacks: "
-            f"{', '.join(missing)} (apt-get install qemu-system-x86 brings most of them)"
+            f"{packages[0].name} {packages[0].version} needs libraries neither this host nor Debian "
+            f"{' or '.join(LIBRARY_SUITES)} provides: {', '.join(missing)} "
+            "(apt-get install qemu-system-x86 brings most of them)"
         )
     record = Emulator(
         binary=str(final / BINARY),
-        version=probe_version(str(binary)),
+        version=probe_version(*_with_libraries(libraries), str(binary)),
         package=f"{packages[0].name} {packages[0].version}",
         data_dir=str(final / DATA),
+        library_path=":".join(str(final / d.relative_to(scratch)) for d in libraries) or None,
     )
     (scratch / RECORD).write_text(json.dumps(record.to_json(), indent=2) + "\n")
 
 
-def _missing_libraries(binary: Path) -> list[str]:
-    done = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+def _with_libraries(libraries: list[Path]) -> list[str]:
+    return ["env", f"LD_LIBRARY_PATH={':'.join(map(str, libraries))}"] if libraries else []
+
+
+def _unpack_libraries(qemu: apt.Package, missing: list[str], into: Path) -> list[Path]:
+    """Unpack the packages of ``missing`` libraries that ``qemu`` depends on into ``into``;
+    the library directories they filled. A library no dependency names, or that no suite
+    of ``LIBRARY_SUITES`` has, is left missing, for the caller to refuse."""
+    fields = apt.AptRoot(qemu.suite).show(qemu.name) or {}
+    depends = set(apt.depends_names(fields.get("Depends", "")))
+    names = [name for name in map(library_package, missing) if name in depends]
+    downloads = into / "debs"
+    for name in names:
+        try:
+            package = apt.find_package(name, LIBRARY_SUITES)
+        except UnknownSpec:
+            continue
+        deb = apt.AptRoot(package.suite).download(package, downloads)
+        _checked(["dpkg-deb", "-x", str(deb), str(into)], f"unpacking {deb.name}")
+    shutil.rmtree(downloads, ignore_errors=True)
+    dirs = [into / "usr/lib/x86_64-linux-gnu", into / "lib/x86_64-linux-gnu"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def library_package(soname: str) -> str | None:
+    """The Debian package that ships a shared library, by Debian's naming rule (policy
+    8.1): ``libcapstone.so.4`` → libcapstone4, ``libfuse3.so.3`` → libfuse3-3 (a name
+    ending in a digit takes a hyphen)."""
+    match = re.fullmatch(r"(lib[A-Za-z0-9_+.-]+?)\.so\.([0-9][0-9.]*)", soname)
+    if match is None:
+        return None
+    name, version = match.group(1).lower().replace("_", "-"), match.group(2)
+    return f"{name}-{version}" if name[-1].isdigit() else f"{name}{version}"
+
+
+def _missing_libraries(command: list[str]) -> list[str]:
+    """The libraries ``command`` (a binary, perhaps after ``env VAR=...``) cannot find."""
+    *prefix, binary = command
+    done = subprocess.run([*prefix, "ldd", binary], capture_output=True, text=True, check=False)
     return [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
 
 
-def probe_version(binary: str) -> str:
-    """QEMU's version from ``BINARY --version`` (``QEMU emulator version 10.0.2 (...)``)."""
-    done = _checked([binary, "--version"], f"{binary} --version")
+def probe_version(*command: str) -> str:
+    """QEMU's version from ``BINARY --version`` (``QEMU emulator version 10.0.2 (...)``);
+    ``command`` is the binary, perhaps after ``env VAR=...``."""
+    binary = command[-1]
+    done = _checked([*command, "--version"], f"{binary} --version")
     match = re.search(rf"version ({VERSION.pattern})", done.stdout)
     if match is None:
         raise KvmlabError(f"{binary} --version printed no QEMU version: {done.stdout.strip()[:200]!r}")

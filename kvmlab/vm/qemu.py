@@ -80,7 +80,7 @@ def command(machine: Machine) -> list[str]:
     """The full argv that boots ``machine``."""
     run = machine.run_dir
     argv = [
-        machine.emulator.binary, "-name", f"kvmlab-{run.name}",
+        *machine.emulator.command(), "-name", f"kvmlab-{run.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", machine.accel.name, "-cpu", machine.accel.cpu, *machine.clock.qemu_args(),
         "-smp", str(machine.cpus), "-m", f"{machine.memory_mb}M", *_memory_args(machine),

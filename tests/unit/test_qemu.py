@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 from kvmlab_guest import protocol
@@ -52,3 +53,12 @@ def test_every_port_is_a_named_virtserialport_writing_a_file(tmp_path):
     for port, filename in PORT_FILES.items():
         assert f"name={port}" in devices
         assert f"path={tmp_path / filename}" in chardevs
+
+
+def test_command_gives_an_emulator_its_own_libraries(tmp_path):
+    """A QEMU that brought libraries the host lacks starts through ``env``, which execs it:
+    the process is still QEMU (runs.is_qemu_of reads its own command line)."""
+    base = machine(tmp_path)
+    bundled = Emulator("/x/qemu", "10.0.2", "p", base.emulator.data_dir, library_path="/x/libs")
+    argv = command(replace(base, emulator=bundled))
+    assert argv[:3] == ["env", "LD_LIBRARY_PATH=/x/libs", "/x/qemu"]
