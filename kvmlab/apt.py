@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlab import cache
-from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec
+from kvmlab.errors import KvmlabError, MissingTool, UnknownSpec, shown
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 APT_SOURCES = [Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d")]
@@ -83,8 +83,8 @@ class AptRoot:
     """A private apt configuration serving exactly one suite of the Debian mirror."""
 
     def __init__(self, suite: str):
-        if not re.fullmatch(r"[a-z][a-z0-9-]*", suite):
-            raise UnknownSpec(f"not a Debian suite name: {suite!r}")
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,63}", suite):
+            raise UnknownSpec(f"not a Debian suite name: {shown(suite)}")
         self.suite = suite
         self.dir = cache.area("apt") / suite
         self._stamp = self.dir / "updated"

@@ -7,10 +7,12 @@ import tempfile
 import traceback
 
 from kvmlab.cli import gc, inspect, kernel, qualify, run, trace
-from kvmlab.errors import EXIT_INTERNAL, EXIT_USAGE, KvmlabError
+from kvmlab.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, KvmlabError
 from traces.errors import TraceError
 
-EXIT_INTERRUPTED = 130
+
+#: The longest error line kvmlab prints.
+MAX_ERROR = 500
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,23 +43,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KvmlabError as err:
-        print(f"kvmlab: error: {err}", file=sys.stderr)
+        print(f"kvmlab: error: {_short(str(err))}", file=sys.stderr)
         return err.exit_code
     except TraceError as err:
-        print(f"kvmlab: error: {err}", file=sys.stderr)
+        print(f"kvmlab: error: {_short(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("kvmlab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:  # the host said no: a full disk, a read-only or missing path
         where = f"{err.filename}: " if err.filename else ""
-        print(f"kvmlab: error: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"kvmlab: error: {_short(where + str(err.strerror or err))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
         saved = _save_traceback()
         print(f"kvmlab: internal error: {type(err).__name__}: {err} (a bug in kvmlab; "
               f"traceback in {saved})", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _short(message: str) -> str:
+    """An error as one line a terminal can show: what it quotes may be a 5,000-character
+    spec, so the middle of a long line goes (its start names the problem, its end the
+    way out)."""
+    message = " ".join(message.splitlines())
+    if len(message) <= MAX_ERROR:
+        return message
+    half = (MAX_ERROR - 5) // 2
+    return f"{message[:half]} […] {message[-half:]}"
 
 
 def _save_traceback() -> str:

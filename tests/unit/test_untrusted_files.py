@@ -361,3 +361,15 @@ def test_fuzz_damaged_stores_plans_and_shards(main, tmp_path, seed):
             assert len([line for line in done.stderr.splitlines() if line.startswith("kvmlab: error:")]) == 1
         outcomes.append(done.returncode)
     assert 2 in outcomes  # the fuzz did damage something
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "debian:" + "x" * 5000, "--", "true"],
+    ["kernel", "fetch", "debian:" + "x" * 5000],
+    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--tests", "y" * 5000, "-o", "q"],
+    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--slots", "9" * 5000, "-o", "q"],
+])
+def test_a_5000_character_value_gives_a_short_error_line(tmp_path, argv):
+    done = kvmlab(*argv, env={"KVMLAB_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(done)
+    assert len(done.stderr.strip()) <= 600
