@@ -169,8 +169,8 @@ class Store:
         directory.mkdir(parents=True, exist_ok=True)
         store.claim()
         cls.refuse_existing(directory)  # another process may have made it meanwhile
+        store.runs_path.touch()  # first: a store with a qualify.json always has its runs.jsonl
         store.config_path.write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        store.runs_path.touch()
         return store
 
     @classmethod
@@ -186,12 +186,9 @@ class Store:
 
     @classmethod
     def open(cls, directory: Path) -> Store:
-        """The store in ``directory``, ready to append to (a torn last line dropped; a
-        runs.jsonl that a kill kept from being made, made)."""
+        """The store in ``directory``, ready to append to (a torn last line dropped)."""
         store = cls.read(directory)
         store.claim()
-        if not os.path.lexists(store.runs_path):
-            store.runs_path.touch()
         store._mend_tail()
         return store
 
