@@ -67,7 +67,8 @@ def fill_shards(record: dict, where: Path) -> list[Path]:
 
 def timed(*argv: str) -> float:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "kvmlab.cli", *argv], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "kvmlab.cli", *argv], cwd=REPO, capture_output=True,
+                          text=True)
     took = time.monotonic() - started
     if done.returncode not in (0, 1):
         sys.exit(f"kvmlab {' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()[-500:]}")

@@ -34,7 +34,8 @@ def open_regular(path: Path, what: str = "file") -> Iterator[BinaryIO]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         dangling = os.path.islink(path)
-        raise KvmlabError(f"{path}: {'a dangling symbolic link' if dangling else 'no such ' + what}") from None
+        what = "a dangling symbolic link" if dangling else f"no such {what}"
+        raise KvmlabError(f"{path}: {what}") from None
     except OSError as err:
         reason = "a symbolic link loop" if err.errno == errno.ELOOP else (err.strerror or str(err))
         raise KvmlabError(f"{path}: cannot read it: {reason}") from None

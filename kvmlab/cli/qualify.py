@@ -154,7 +154,8 @@ def usage(args: argparse.Namespace) -> str:
     if form in ("merge", "report"):
         _refuse_options(args, _JUDGING, f"qualify {form} measures nothing")
         if form == "report" and len(args.operands) != 2:
-            raise KvmlabError("qualify report wants one qualification directory: kvmlab qualify report DIR [-o OUT]")
+            raise KvmlabError("qualify report wants one qualification directory: "
+                              "kvmlab qualify report DIR [-o OUT]")
         return form
     if args.partial:
         raise KvmlabError("--partial goes with merge or report: a qualification that runs measures every run")
@@ -168,8 +169,8 @@ def usage(args: argparse.Namespace) -> str:
         if len(args.operands) != 1:
             raise KvmlabError("--shard K/N wants one plan file: kvmlab qualify --shard K/N PLAN -o DIR")
     elif args.operands:
-        raise KvmlabError(f"qualify: unexpected {shown(args.operands[0])} (a plan file goes with --shard K/N; "
-                          "or: merge DIR..., report DIR)")
+        raise KvmlabError(f"qualify: unexpected {shown(args.operands[0])} (a plan file goes with "
+                          "--shard K/N; or: merge DIR..., report DIR)")
     return form
 
 

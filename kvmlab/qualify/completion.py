@@ -51,7 +51,8 @@ class Completion:
 def items(config: Config, rounds_first: bool | None = None) -> list[matrix.Item]:
     """Every run this qualification (or shard) asks for, in the order they run."""
     first = config.boot_per_round if rounds_first is None else rounds_first
-    return plan.items_of(config, matrix.run_order(config.tests, config.points, config.runs, rounds_first=first))
+    order = matrix.run_order(config.tests, config.points, config.runs, rounds_first=first)
+    return plan.items_of(config, order)
 
 
 def missing(config: Config, records: list[dict]) -> list[matrix.Item]:

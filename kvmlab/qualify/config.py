@@ -170,7 +170,9 @@ def _is_patches(value) -> bool:
 def _is_plan(value) -> bool:
     if value is None:
         return True
-    if not isinstance(value, dict) or not isinstance(value.get("id"), str) or not PLAN_ID.fullmatch(value["id"]):
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+        return False
+    if not PLAN_ID.fullmatch(value["id"]):
         return False
     shard, shards = value.get("shard"), value.get("shards")
     return _is_int(shard) and _is_int(shards) and 1 <= shard <= shards
@@ -252,7 +254,8 @@ def _problem(data) -> str | None:
         return f"unknown test {shown(unknown[0])} (a {name} qualification)"
     matrix = {(test, point) for test in data["tests"] for point in points}
     cells = data.get("cells")
-    if cells is not None and not (len({tuple(c) for c in cells}) == len(cells) and {tuple(c) for c in cells} <= matrix):
+    chosen = {tuple(cell) for cell in cells} if cells is not None else set()
+    if cells is not None and not (len(chosen) == len(cells) and chosen <= matrix):
         return "'cells' wants cells of its own matrix, each once"
     return None
 

@@ -143,9 +143,10 @@ def _name(config: Config, directory: Path) -> str:
 def _refuse_other_plan(shard: Shard, first: Shard) -> None:
     ours, theirs = shard.config.plan, first.config.plan
     if ours["id"] != theirs["id"] or ours["shards"] != theirs["shards"]:
-        raise KvmlabError(f"{shard.directory} is shard {ours['shard']}/{ours['shards']} of plan {ours['id']} "
-                          f"({ours['shards']} shards), not of plan {theirs['id']} ({theirs['shards']} shards) "
-                          f"as {first.directory} is: shards of two plans do not merge")
+        raise KvmlabError(f"{shard.directory} is shard {ours['shard']}/{ours['shards']} of plan "
+                          f"{ours['id']} ({ours['shards']} shards), not of plan {theirs['id']} "
+                          f"({theirs['shards']} shards) as {first.directory} is: "
+                          "shards of two plans do not merge")
 
 
 def _differences(one: Config, other: Config) -> list[str]:

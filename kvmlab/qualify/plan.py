@@ -109,14 +109,17 @@ def _plan_problem(record) -> str | None:
         return "its config is a shard's or a merge's, not a plan's"
     if record.get("id") != plan_id(config):
         return "its id does not match its config (edited by hand?)"
-    if not all(isinstance(shard, list) and shard and all(
-            isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], str)
-            and isinstance(cell[1], int) and not isinstance(cell[1], bool) for cell in shard) for shard in cells):
+    if not all(isinstance(shard, list) and shard and all(map(_is_cell, shard)) for shard in cells):
         return "its cells are not lists of [test, point]"
     wanted = sorted([test, point] for point in config.points for test in config.tests)
     if sorted(cell for shard in cells for cell in shard) != wanted:
         return "its shards do not cover the matrix once"
     return None
+
+
+def _is_cell(cell) -> bool:
+    return (isinstance(cell, list) and len(cell) == 2 and isinstance(cell[0], str)
+            and isinstance(cell[1], int) and not isinstance(cell[1], bool))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

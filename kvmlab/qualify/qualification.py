@@ -259,7 +259,8 @@ class Judging:
         if self.threshold is not None:
             check_threshold(self.threshold)
             if self.threshold != config.threshold:
-                say(f"judging with --threshold {self.threshold:g} ({what} was made with {config.threshold:g})")
+                say(f"judging with --threshold {self.threshold:g} ({what} was made with "
+                    f"{config.threshold:g})")
                 config = config.with_(threshold=self.threshold)
         if self.reference is not None:
             config = config.with_(reference=reference.read(self.reference, config.workload))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmlab import stats
-from kvmlab.errors import KvmlabError, WriteFailed
+from kvmlab.errors import WriteFailed
 from kvmlab.kernels.kvm_modules import SCHEME as KVM_MODULES
 from kvmlab.qualify import reference, tables
 from kvmlab.qualify.analysis import Analysis, Cell

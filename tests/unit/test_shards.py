@@ -242,7 +242,8 @@ def test_a_shard_still_being_written_is_refused(tmp_path, planned):
     try:
         assert holder.stdout.readline().strip() == "held"
         done = _merge(tmp_path, [one.directory, two.directory])
-        assert_one_line_error(done, str(two.directory), f"still being written by kvmlab qualify (pid {holder.pid})")
+        assert_one_line_error(done, str(two.directory),
+                              f"still being written by kvmlab qualify (pid {holder.pid})")
         assert not (tmp_path / "out").exists()
     finally:
         holder.kill()
@@ -271,7 +272,8 @@ def test_shards_of_another_shard_count_say_so(tmp_path, planned):
     (tmp_path / "other").mkdir()
     other = _shard(tmp_path / "other", three, 2)
     done = _merge(tmp_path, [one.directory, other.directory])
-    assert_one_line_error(done, f"of plan {three['id']} (3 shards)", f"not of plan {planned['id']} (2 shards)")
+    assert_one_line_error(done, f"of plan {three['id']} (3 shards)",
+                          f"not of plan {planned['id']} (2 shards)")
 
 
 def test_a_trace_dir_outside_its_store_is_refused(tmp_path, planned):
@@ -320,7 +322,8 @@ def test_merge_threshold_is_honoured_and_recorded(tmp_path, planned):
     (["--plan", "--base", "a", "--patched", "b", "--jobs", "2", "-o", "out"], "--plan writes a new plan"),
     (["--base", "a", "--patched", "b", "--runs", "999999999", "-o", "out"], "--runs wants 2 to 1000"),
     (["--base", "a", "--patched", "b", "--jobs", "100000", "-o", "out"], "--jobs wants 1 to 64"),
-    (["--plan", "--base", "a", "--patched", "b", "--shards", "5000", "-o", "out"], "--shards wants 1 to 1000"),
+    (["--plan", "--base", "a", "--patched", "b", "--shards", "5000", "-o", "out"],
+     "--shards wants 1 to 1000"),
     (["--base", "a", "--patched", "b", "--seconds", "1e9", "-o", "out"], "--seconds wants a positive time"),
     (["report"], "wants one qualification directory"),
     (["--base", "a", "--patched", "b"], "qualify needs -o DIR"),
@@ -384,7 +387,8 @@ def test_a_full_disk_leaves_no_out_and_names_the_path(tmp_path, planned):
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         done = kvmlab("qualify", "merge", *map(str, dirs), "-o", str(small / "out"))
-        assert_one_line_error(done, f"-o {small / 'out'}", "No space left on device", "nothing was left there")
+        assert_one_line_error(done, f"-o {small / 'out'}", "No space left on device",
+                              "nothing was left there")
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -114,7 +113,8 @@ def test_a_store_file_that_is_not_a_plain_file_is_refused(main, tmp_path, make, 
     """A FIFO blocked for ever; /dev/null, a dangling link or a loop read as an empty store."""
     store = _store(tmp_path / "q")
     make(store.directory / name)
-    for argv in (["qualify", "--resume", "-o", str(store.directory)], ["qualify", "report", str(store.directory)]):
+    for argv in (["qualify", "--resume", "-o", str(store.directory)],
+                 ["qualify", "report", str(store.directory)]):
         refused(main(*argv), name, said)
 
 
@@ -181,7 +181,8 @@ def _edit_store(store: Store, config=None, record=None) -> None:
 def test_a_damaged_value_is_refused_in_one_short_line(main, tmp_path, config, record, said):
     store = _store(tmp_path / "q")
     _edit_store(store, config, record)
-    for argv in (["qualify", "--resume", "-o", str(store.directory)], ["qualify", "report", str(store.directory)]):
+    for argv in (["qualify", "--resume", "-o", str(store.directory)],
+                 ["qualify", "report", str(store.directory)]):
         refused(main(*argv), said)
 
 
@@ -366,8 +367,10 @@ def test_fuzz_damaged_stores_plans_and_shards(main, tmp_path, seed):
 @pytest.mark.parametrize("argv", [
     ["run", "debian:" + "x" * 5000, "--", "true"],
     ["kernel", "fetch", "debian:" + "x" * 5000],
-    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--tests", "y" * 5000, "-o", "q"],
-    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--slots", "9" * 5000, "-o", "q"],
+    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--tests", "y" * 5000,
+     "-o", "q"],
+    ["qualify", "--base", "debian:bullseye", "--patched", "debian:bookworm", "--slots", "9" * 5000,
+     "-o", "q"],
 ])
 def test_a_5000_character_value_gives_a_short_error_line(tmp_path, argv):
     done = kvmlab(*argv, env={"KVMLAB_CACHE": str(tmp_path / "cache")})
