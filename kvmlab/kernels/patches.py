@@ -40,6 +40,8 @@ def series(path: Path) -> list[Path]:
         if not found:
             raise KvmlabError(f"{path}: no patches ({', '.join(SUFFIXES)} files) in this directory")
         return found
+    if path.exists():  # a FIFO or a device: git and hashing would block on it, or read for ever
+        raise KvmlabError(f"patch {path}: not a regular file or a directory of patches")
     raise KvmlabError(f"patch {path} does not exist")
 
 

@@ -376,3 +376,10 @@ def test_a_5000_character_value_gives_a_short_error_line(tmp_path, argv):
     done = kvmlab(*argv, env={"KVMLAB_CACHE": str(tmp_path / "cache")})
     assert_one_line_error(done)
     assert len(done.stderr.strip()) <= 600
+
+
+def test_a_patch_that_is_a_fifo_is_refused_unread(tmp_path):
+    patch = _fifo(tmp_path / "series.patch")
+    done = kvmlab("kernel", "fetch", f"kvm-modules:debian:bookworm+{patch}",
+                  env={"KVMLAB_CACHE": str(tmp_path / "cache")}, timeout=60)
+    assert_one_line_error(done, "not a regular file or a directory of patches")
