@@ -10,7 +10,6 @@ from kvmlab.cli import gc, inspect, kernel, qualify, run, trace
 from kvmlab.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, KvmlabError
 from traces.errors import TraceError
 
-
 #: The longest error line kvmlab prints.
 MAX_ERROR = 500
 

@@ -5,7 +5,7 @@ import math
 import sys
 from collections import Counter
 
-from kvmlab.errors import KvmlabError
+from kvmlab.errors import EXIT_USAGE, KvmlabError, shown
 from kvmlab.vm import gc, template
 
 SECONDS_PER_DAY = 86400.0
@@ -17,7 +17,7 @@ def _keep_count(text: str) -> int:
     # holds, and int() refuses 4300.
     if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 18:
         return int(text)
-    raise KvmlabError(f"--keep wants a whole number of run directories (0 or more), got {text!r}")
+    raise KvmlabError(f"--keep wants a whole number of run directories (0 or more), got {shown(text, 80)}")
 
 
 def _older_than_s(text: str | None, option: str = "--older-than") -> float | None:
@@ -95,7 +95,9 @@ def _gc(args: argparse.Namespace) -> int:
     print(f"kvmlab gc: removed {len(removal.removed)} {where}, freed {size(removal.freed)}; "
           f"kept {kept}{failed}")
     _gc_templates(args)
-    return 1 if removal.failed else 0
+    # The host refused a removal (an immutable file, a read-only disk, a mount point): the
+    # README's 2, as for a full or read-only disk elsewhere. 1 means a regression.
+    return EXIT_USAGE if removal.failed else 0
 
 
 def _gc_templates(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import sys
 from drgn_scripts import memslot_invariants, memslots
 from kvmlab import kernels
 from kvmlab.errors import KvmlabError
-from kvmlab.inspect import attach, interactive
+from kvmlab.inspect import attach, interactive, reader
 from kvmlab.vm import boot, runner, runs
 
 
@@ -22,7 +22,7 @@ def _inspect(args: argparse.Namespace) -> int:
         where = attach.target(args.target, args.kernel)
         return interactive.run(where, args.timeout)
     where = attach.target(args.target, args.kernel)
-    snapshot = attach.Inspector(where, args.timeout).snapshot(check=args.check, pid=args.pid)
+    snapshot = reader.snapshot(where, args.timeout, check=args.check, pid=args.pid)
     paused = ("paused" if where.control_socket else
               f"as it panicked (from {where.vmcore})" if where.vmcore else
               "NOT paused (not a kvmlab run): may be inconsistent")
@@ -76,8 +76,9 @@ def add_parsers(sub) -> None:
     attach_parser.add_argument("--json", action="store_true", help="one JSON record instead of tables")
     attach_parser.add_argument("--pid", type=int, help="only the VMs of this guest process")
     attach_parser.add_argument("--kernel", help="the kernel spec, for a QMP socket kvmlab did not start")
-    attach_parser.add_argument("--timeout", type=float, default=attach.GREETING_TIMEOUT_S, metavar="S",
-                               help="how long QEMU may take to let drgn in "
-                                    "(default %(default)g s; inf: no limit)")
+    attach_parser.add_argument("--timeout", type=float, default=attach.TIMEOUT_S, metavar="S",
+                               help="how long QEMU may take to answer: to let drgn in, and each "
+                                    "command and read after that (default %(default)g s; inf: no "
+                                    "limit); exceeded: one line, exit 2")
     attach_parser.set_defaults(func=_inspect)
 

@@ -9,9 +9,18 @@ A snapshot pauses the guest (QMP ``stop``) while it reads: a running guest chang
 memslots under the reader, and the invariants only hold for a structure read whole.
 The time spent paused is returned, so that callers that watch the guest's heartbeat do
 not count it as a stall.
+
+Every wait on QEMU is bounded by the inspector's timeout: the greeting and drgn's
+handshake on the debug socket, each answer to drgn's commands and memory reads (the
+socket's own timeout, ``qmp.limit_waits``, which holds inside drgn's C code) and
+kvmlab's ``stop``/``cont``. Signals are another matter: drgn's C code holds the GIL and
+retries a read that a signal interrupts, so ``kvmlab inspect`` runs the inspector in a
+process of its own (``kvmlab.inspect.reader``), which it tells what it is doing.
 """
 
+import errno
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +29,19 @@ from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.vm import qmp, runs, vmcore
 
-#: How long QEMU may take to greet drgn on the debug QMP socket (it greets at once when free).
-GREETING_TIMEOUT_S = 10.0
+#: How long QEMU may take to answer: to greet drgn on the debug QMP socket (it greets at
+#: once when free), and each command and read after that.
+TIMEOUT_S = 10.0
+
+# What an inspector tells its ``tell`` callback, as it happens (``kvmlab.inspect.reader``):
+HANDSHAKE = "handshake"
+"""drgn's QMP handshake begins (on a socket that greeted): QEMU must answer within the timeout."""
+LOADING = "loading"
+"""The handshake is over; loading the DWARF is local work, of no fixed length."""
+PAUSED = "paused"
+"""kvmlab is about to pause the guest (said before ``stop`` is sent, so never too late)."""
+RUNNING = "running"
+"""The guest runs again (said once ``cont`` was answered)."""
 
 
 @dataclass
@@ -101,35 +121,82 @@ def debug_files(kernel: Kernel) -> list[Path]:
     return [kernel.vmlinux] + ([kernel.kvm_debug] if kernel.kvm_debug is not None else [])
 
 
+def no_answer(socket: Path | None, timeout_s: float) -> str:
+    """What to say when QEMU left a wait on ``socket`` unanswered for ``timeout_s``."""
+    return (f"QEMU did not answer on {socket} within {timeout_s:g} s: it is wedged, or it is not "
+            "QEMU (--timeout S allows longer)")
+
+
+def _hung_up(err: BaseException) -> bool:
+    """Whether ``err`` says the peer closed the QMP connection under drgn."""
+    if isinstance(err, OSError) and err.errno in (errno.EPIPE, errno.ECONNRESET):
+        return True
+    return "connection closed unexpectedly" in str(err)
+
+
+def _unanswered(err: BaseException) -> bool:
+    """Whether ``err`` is a socket timeout (``qmp.limit_waits``) raised through drgn."""
+    if isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return True
+    return "Resource temporarily unavailable" in str(err)  # drgn's FaultError keeps only the text
+
+
 class Inspector:
     """One drgn Program on one VM, attached once and read as often as asked."""
 
-    def __init__(self, where: Target, greeting_timeout_s: float = GREETING_TIMEOUT_S):
+    def __init__(self, where: Target, timeout_s: float = TIMEOUT_S,
+                 tell: Callable[[str], None] | None = None):
         self.where = where
-        self.greeting_timeout_s = greeting_timeout_s
+        self.timeout_s = timeout_s
+        self.tell = tell or (lambda event: None)
+        """Told ``HANDSHAKE``, ``LOADING``, ``PAUSED`` and ``RUNNING`` as they happen."""
         self.prog = None
         self.kernel: Kernel | None = None
+        self.conn = None
+        """The greeted connection drgn is to be given (``prepare``), until ``attach`` gives it."""
+
+    @property
+    def who(self) -> str:
+        return f"drgn cannot attach to {self.where.name}"
+
+    def prepare(self) -> None:
+        """The steps before drgn, in Python that Ctrl-C interrupts: QEMU's greeting on the
+        connection drgn will use, then the kernel's debuginfo (fetching the -dbg package
+        if needed). The socket comes first, so that a VM drgn cannot reach is said before a
+        debuginfo download, and drgn, whose wait for a greeting has no deadline, is given
+        a connection that was greeted."""
+        if self.where.vmcore is None and self.conn is None:
+            self.conn = qmp.connect_greeted(self.where.debug_socket, self.timeout_s, self.who)
+        if self.kernel is None:
+            try:
+                self.kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
+            except BaseException:
+                if self.conn is not None:
+                    qmp.hang_up(self.conn)
+                    self.conn = None
+                raise
 
     def attach(self) -> None:
-        """Load the kernel's debuginfo (fetching the -dbg package if needed) and connect.
-
-        The socket is tried first, so that a VM drgn cannot reach is said before a
-        debuginfo download, and drgn, whose wait has no deadline, meets a free socket."""
+        """Prepare (if not done), then give drgn the greeted connection and the DWARF."""
         import drgn  # host side only; imported here so the rest of kvmlab runs without it
 
-        who = f"drgn cannot attach to {self.where.name}"
-        if self.where.vmcore is None:
-            qmp.await_greeting(self.where.debug_socket, self.greeting_timeout_s, who)
-        kernel = self.kernel = kernels.fetch(self.where.kernel_spec, debuginfo=True)
-        files = debug_files(kernel)
+        self.prepare()
+        files = debug_files(self.kernel)
         prog = drgn.Program()
         try:
             if self.where.vmcore is not None:
                 prog.set_core_dump(str(self.where.vmcore))
             else:
-                prog.set_qemu_qmp(str(self.where.debug_socket))
+                self.tell(HANDSHAKE)
+                conn, self.conn = self.conn, None
+                prog.set_qemu_qmp(conn.detach())  # drgn owns the descriptor now, and closes it
+                self.tell(LOADING)
         except Exception as err:  # drgn raises OSError, ValueError or its own errors
-            raise KvmlabError(f"{who}: {err}") from None
+            socket = self.where.debug_socket
+            reason = (no_answer(socket, self.timeout_s) if _unanswered(err) else
+                      f"{socket} hung up in drgn's QMP handshake: QEMU ended, or it is not QEMU"
+                      if _hung_up(err) else err)
+            raise KvmlabError(f"{self.who}: {reason}") from None
         try:
             prog.load_debug_info([str(f) for f in files])
         except drgn.MissingDebugInfoError:
@@ -150,26 +217,31 @@ class Inspector:
             self.attach()
         result = Snapshot()
         paused_at = time.monotonic()
-        self._pause()
+        self.pause()
         try:
             started = time.monotonic()
             try:
                 result.vms = memslots.read_vms(self.prog, pid)
             except Exception as err:  # drgn's FaultError, LookupError...: one line for the user
-                raise KvmlabError(f"drgn could not read {self.where.name}'s memslots: "
-                                  f"{type(err).__name__}: {err}") from None
+                reason = (no_answer(self.where.debug_socket, self.timeout_s) if _unanswered(err)
+                          else f"{type(err).__name__}: {err}")
+                raise KvmlabError(f"drgn could not read {self.where.name}'s memslots: {reason}") from None
             result.read_s = time.monotonic() - started
         finally:
-            self._resume()
+            self.resume()
             result.paused_s = time.monotonic() - paused_at
         if check:
             result.violations = [v for vm in result.vms for v in memslot_invariants.check_vm(vm)]
         return result
 
-    def _pause(self) -> None:
+    def pause(self) -> None:
+        """Pause the guest (QMP ``stop``), where kvmlab started it (it has a control socket)."""
         if self.where.control_socket is not None:
-            qmp.execute(self.where.control_socket, "stop")
+            self.tell(PAUSED)
+            qmp.execute(self.where.control_socket, "stop", timeout_s=self.timeout_s)
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Let the guest run again (QMP ``cont``)."""
         if self.where.control_socket is not None:
-            qmp.execute(self.where.control_socket, "cont")
+            qmp.execute(self.where.control_socket, "cont", timeout_s=self.timeout_s)
+            self.tell(RUNNING)

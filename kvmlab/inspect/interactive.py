@@ -9,18 +9,26 @@ The guest keeps running between calls. Each helper that reads memslots pauses it
 the read, as ``kvmlab inspect`` does, unless ``pause()`` already holds it paused. A
 helper never raises into the shell: an error is one line, and a VM that went away is
 said once, plainly, while the session stays open on what was read before.
+
+The session runs in drgn's reader process (``kvmlab.inspect.reader``): kvmlab's process
+keeps the deadline on the attach and ends everything on SIGTERM, resuming the guest if a
+helper had paused it; in the shell, Ctrl-C is the shell's. A guest that ``pause()`` still
+holds when the session ends is resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmlab.errors import KvmlabError
+from kvmlab.inspect import reader
 from kvmlab.inspect.attach import Inspector, Target
-from kvmlab.vm import qmp, runs
+from kvmlab.vm import runs
 
 
 def _helper(method):
@@ -120,7 +128,7 @@ class Helpers:
     def pause(self) -> None:
         """Pause the guest (QMP stop) until resume(); reads then see one frozen state."""
         self._require_control("pause")
-        qmp.execute(self.where.control_socket, "stop")
+        self.inspector.pause()
         self.held = True
         print(f"{self.where.name}: paused")
 
@@ -128,7 +136,7 @@ class Helpers:
     def resume(self) -> None:
         """Let the guest run again (QMP cont)."""
         self._require_control("resume")
-        qmp.execute(self.where.control_socket, "cont")
+        self.inspector.resume()
         self.held = False
         print(f"{self.where.name}: running")
 
@@ -169,12 +177,12 @@ class Helpers:
         """Pause the guest around a read, unless the user holds it paused already."""
         pausing = self.where.control_socket is not None and not self.held
         if pausing:
-            qmp.execute(self.where.control_socket, "stop")
+            self.inspector.pause()
         try:
             yield
         finally:
             if pausing:
-                qmp.execute(self.where.control_socket, "cont")
+                self.inspector.resume()
 
     def _require_control(self, what: str) -> None:
         if self.where.control_socket is None:
@@ -205,17 +213,28 @@ def _signature(method) -> str:
                            for p in parameters) + ")"
 
 
-def run(where: Target, greeting_timeout_s: float) -> int:
-    """Attach to ``where`` and hand the terminal to drgn's shell until it ends."""
+def run(where: Target, timeout_s: float) -> int:
+    """Attach to ``where`` and hand the terminal to drgn's shell until it ends; returns the
+    session's exit code. Both happen in a reader process (``kvmlab.inspect.reader``)."""
+    return reader.Reader(where, timeout_s).run(shell)
+
+
+def shell(inspector: Inspector, send: Callable[[tuple], None]) -> int:
+    """(In the reader process) attach, then drgn's shell with the helpers until it ends."""
     import drgn.cli
 
-    inspector = Inspector(where, greeting_timeout_s)
     inspector.attach()
     helpers = Helpers(inspector)
 
     def add_helpers(namespace: dict) -> dict:
         return {**namespace, **{name: getattr(helpers, name) for name in Helpers.NAMES}}
 
-    drgn.cli.run_interactive(inspector.prog, banner_func=lambda default: f"{default}\n{banner(helpers)}",
-                             globals_func=add_helpers)
+    send((reader.SHELL,))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is the shell's now
+    try:
+        drgn.cli.run_interactive(inspector.prog, banner_func=lambda default: f"{default}\n{banner(helpers)}",
+                                 globals_func=add_helpers)
+    finally:
+        if helpers.held and not helpers.gone:
+            helpers.resume()
     return 0

@@ -232,6 +232,38 @@ def test_damaged_run_json_is_kept_and_does_not_block_gc():
     assert done.stdout.splitlines()[0].endswith("kept 5 (5 with a damaged run.json)")
 
 
+@pytest.fixture
+def immutable():
+    """Make files immutable (chattr +i: root cannot remove them either); undone afterwards."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make {path} immutable here: {done.stderr.strip()}")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_a_directory_gc_cannot_remove_is_said_and_exits_2(immutable):
+    """An I/O failure is exit 2 (the README's "a full or read-only disk"), never 1, which
+    means a regression; the others still go, and the summary counts the failure."""
+    now = time.time()
+    stuck, gone = finished(now - 3 * DAY), finished(now - 2 * DAY)
+    immutable(stuck / "console.log")
+    done = kvmlab("gc", "--keep", "0")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [said] = done.stderr.splitlines()
+    assert said.startswith(f"kvmlab: gc: could not remove {stuck}: ") and "Operation not permitted" in said
+    assert stuck.exists() and not gone.exists()
+    assert done.stdout.splitlines()[0].endswith("; 1 could not be removed")
+
+
 @pytest.mark.parametrize("option, value", [
     ("--keep", "-1"), ("--keep", "many"), ("--keep", "²"), ("--keep", "9" * 5000), ("--keep", ""),
     ("--older-than", "-2"), ("--older-than", "nan"),
@@ -240,7 +272,7 @@ def test_damaged_run_json_is_kept_and_does_not_block_gc():
 def test_bad_options_are_one_line_and_exit_2(option, value):
     old = finished(time.time() - 10 * DAY)
     done = kvmlab("gc", "--keep", "0", option, value)
-    assert_one_line_error(done, option, repr(value))
+    assert_one_line_error(done, option, repr(value)[:60])  # a long value is cut short in the line
     assert old.exists()
 
 

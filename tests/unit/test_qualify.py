@@ -10,8 +10,8 @@ from kselftest_py.memslot_perf import SLOT_SETUP
 from kvmlab import stats
 from kvmlab.errors import KvmlabError
 from kvmlab.qualify import analysis, matrix, report, workloads
-from kvmlab.qualify.config import Config
 from kvmlab.qualify.completion import Completion
+from kvmlab.qualify.config import Config
 from kvmlab.qualify.store import Store
 
 CONFIG = Config.from_json({
