@@ -85,6 +85,28 @@ class Outcome:
         return self.analysis.exit_code
 
 
+@dataclass(frozen=True)
+class Judging:
+    """What a report may change without measuring anything: how the runs are judged,
+    the figures shown beside them, and whether runs may be missing."""
+
+    threshold: float | None = None
+    reference: Path | None = None
+    partial: bool = False
+
+    def apply(self, config: Config, say: Say, what: str) -> Config:
+        """``config`` judged as asked, each change said once (``what``: where it came from)."""
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+            if self.threshold != config.threshold:
+                say(f"judging with --threshold {self.threshold:g} ({what} was made with "
+                    f"{config.threshold:g})")
+                config = config.with_(threshold=self.threshold)
+        if self.reference is not None:
+            config = config.with_(reference=reference.read(self.reference, config.workload))
+        return config
+
+
 # -- starting ---------------------------------------------------------------------------
 def create(out: Path, request: Request, say: Say) -> Prepared:
     """A new qualification in ``out``; refused before anything is fetched if ``out`` holds one."""
@@ -188,12 +210,8 @@ def resume(out: Path, request: Request, say: Say) -> Prepared:
         )
     _refuse_foreign_records(store, config)  # every file read and checked before the host is asked
     machine = _same_machine(config, str(out), "--resume")
-    if request.threshold is not None and request.threshold != config.threshold:
-        say(f"judging with --threshold {request.threshold:g} (the qualification was started with "
-            f"{config.threshold:g}; {store.config_path} keeps that)")
-        config = config.with_(threshold=request.threshold)
-    if request.reference is not None:
-        config = config.with_(reference=reference.read(request.reference, workload))
+    config = Judging(request.threshold, request.reference).apply(
+        config, say, f"{out}, whose {store.config_path.name} keeps it,")
     store = Store.open(out)
     return Prepared(store, config, _kernels(config), machine)
 
@@ -243,28 +261,6 @@ def report(store: Store, config: Config, say: Say, directory: Path | None = None
 
 def shard_runs(store: Store) -> int:
     return sum(1 for record in store.records() if record["kind"] == RUN)
-
-
-@dataclass(frozen=True)
-class Judging:
-    """What a report may change without measuring anything: how the runs are judged,
-    the figures shown beside them, and whether runs may be missing."""
-
-    threshold: float | None = None
-    reference: Path | None = None
-    partial: bool = False
-
-    def apply(self, config: Config, say: Say, what: str) -> Config:
-        """``config`` judged as asked, each change said once (``what``: where it came from)."""
-        if self.threshold is not None:
-            check_threshold(self.threshold)
-            if self.threshold != config.threshold:
-                say(f"judging with --threshold {self.threshold:g} ({what} was made with "
-                    f"{config.threshold:g})")
-                config = config.with_(threshold=self.threshold)
-        if self.reference is not None:
-            config = config.with_(reference=reference.read(self.reference, config.workload))
-        return config
 
 
 def merge(directories: list[Path], out: Path, judging: Judging, say: Say) -> Outcome:
