@@ -61,11 +61,7 @@ def missing(config: Config, records: list[dict]) -> list[matrix.Item]:
     return [item for item in items(config) if not done.is_done(item)]
 
 
-def describe_missing(config: Config, records: list[dict]) -> str | None:
-    """"13 of 20 runs not done (first: base map @10 slots run 2)", or None when all are."""
-    left = missing(config, records)
-    if not left:
-        return None
-    total = len(items(config))
-    return (f"{len(left)} of {total} runs not done (first: "
+def describe(config: Config, left: list[matrix.Item]) -> str:
+    """"13 of 20 runs not done (first: base map @10 slots run 2)": what ``missing`` found."""
+    return (f"{len(left)} of {len(items(config))} runs not done (first: "
             f"{left[0].describe(config.workload.axis.name)})")

@@ -65,11 +65,11 @@ def read_shards(directories: list[Path], partial: bool = False) -> Shards:
     """Every shard, checked, or a one-line refusal naming the first problem and its shard."""
     if not directories:
         raise KvmlabError("qualify merge needs the shard directories to merge")
-    stores = [_shard_store(directory) for directory in directories]
-    configs = {store.directory: store.config for store in stores}
-    for store in stores:
-        _refuse_edited(store.directory, configs)
-    read = [_read_shard(store, configs[store.directory], partial) for store in stores]
+    stores = dict(_shard_store(directory) for directory in directories)
+    configs = {store.directory: config for store, config in stores.items()}
+    for directory in configs:
+        _refuse_edited(directory, configs)
+    read = [_read_shard(store, config, partial) for store, config in stores.items()]
     shards: dict[int, Shard] = {}
     first = read[0]
     for shard in read:
@@ -89,8 +89,8 @@ def read_shards(directories: list[Path], partial: bool = False) -> Shards:
     return Shards(first.config.common().with_(merged=merged), ordered)
 
 
-def _shard_store(directory: Path) -> Store:
-    """A shard's store, which no live process writes and whose config is a shard's."""
+def _shard_store(directory: Path) -> tuple[Store, Config]:
+    """A shard's store and config: no live process writes it, and its config is a shard's."""
     store = Store.read(directory, "to merge")
     writer = store.writer()
     if writer is not None:
@@ -99,7 +99,7 @@ def _shard_store(directory: Path) -> Store:
     config = store.config
     if config.plan is None or config.cells is None:
         raise KvmlabError(f"{directory} is not a shard of a plan (made without --shard K/N PLAN)")
-    return store
+    return store, config
 
 
 def _read_shard(store: Store, config: Config, partial: bool) -> Shard:
@@ -109,10 +109,8 @@ def _read_shard(store: Store, config: Config, partial: bool) -> Shard:
     left = completion.missing(config, records)
     shard = Shard(directory, config, records, len(left))
     if left and not partial:
-        first = left[0].describe(config.workload.axis.name)
-        raise KvmlabError(f"{shard.name} is unfinished: {len(left)} of {len(completion.items(config))} runs "
-                          f"not done (first: {first}); finish it with kvmlab qualify --resume -o "
-                          f"{directory}, or merge with --partial")
+        raise KvmlabError(f"{shard.name} is unfinished: {completion.describe(config, left)}; finish it "
+                          f"with kvmlab qualify --resume -o {directory}, or merge with --partial")
     for record in records:
         _trace_source(directory, record)  # refused now, before OUT is made
     return shard
@@ -178,9 +176,9 @@ def _trace_source(directory: Path, record: dict) -> Path | None:
     return source if source.is_dir() else None
 
 
-def merge(shards: Shards, out: Path, finish: Callable[[Store], T]) -> T:
-    """Write the merged store into ``out``, call ``finish`` on it (the reports), then
-    rename it into place; nothing is left at ``out`` if any of it fails."""
+def merge(shards: Shards, out: Path, finish: Callable[[Store, list[dict]], T]) -> T:
+    """Write the merged store into ``out``, call ``finish`` on it and its records (the
+    reports), then rename it into place; nothing is left at ``out`` if any of it fails."""
     _refuse_out(out)
     _remove_stale_scratch(out)
     scratch = out.parent / f".{out.name}{SCRATCH}{os.getpid()}"
@@ -194,7 +192,7 @@ def merge(shards: Shards, out: Path, finish: Callable[[Store], T]) -> T:
                     shutil.copytree(source, scratch / record["trace_dir"], symlinks=True, dirs_exist_ok=True)
                 records.append(record)
         store.append_all(records)
-        result = finish(store)
+        result = finish(store, records)
         store.release()
         _sync_directory(scratch)
         _refuse_out(out)

@@ -248,12 +248,14 @@ def run(prepared: Prepared, jobs: int | None, log) -> None:
            log=log, machine=prepared.machine).run()
 
 
-def report(store: Store, config: Config, say: Say, directory: Path | None = None) -> Outcome:
-    """Analyse the store and write every report beside it (or into ``directory``)."""
+def report(store: Store, config: Config, say: Say, directory: Path | None = None,
+           records: list[dict] | None = None) -> Outcome:
+    """Analyse the store and write every report beside it (or into ``directory``);
+    ``records``: the store's, when the caller has read them already."""
     from kvmlab.qualify import analysis
     from kvmlab.qualify import report as reports
 
-    result = analysis.analyse(config, store.records())
+    result = analysis.analyse(config, store.records() if records is None else records)
     traced = traced_runs(store, config, say) if config.trace else None
     written = reports.write_all(result, directory or store.directory, traced)
     return Outcome(result, reports.markdown(result, traced), written)
@@ -272,7 +274,7 @@ def merge(directories: list[Path], out: Path, judging: Judging, say: Say) -> Out
     if shards.missing:
         say(f"warning: --partial: {shards.missing} runs of the plan were never measured; "
             "the verdict says so and the exit code is 3")
-    return merging.merge(shards, out, lambda store: report(store, config, say))
+    return merging.merge(shards, out, lambda store, records: report(store, config, say, records=records))
 
 
 def rereport(directory: Path, out: Path | None, judging: Judging, say: Say) -> Outcome:
@@ -281,17 +283,17 @@ def rereport(directory: Path, out: Path | None, judging: Judging, say: Say) -> O
     a read-only store can be reported elsewhere."""
     store = Store.read(directory, "to report")
     config = judging.apply(store.config, say, str(directory))
-    if not judging.partial:
-        left = completion.describe_missing(config, store.records())
-        if left:
-            raise KvmlabError(f"{directory} is unfinished: {left}; finish it with kvmlab qualify --resume "
-                              f"-o {directory}, or report it with --partial")
+    records = store.records()
+    left = completion.missing(config, records)
+    if left and not judging.partial:
+        raise KvmlabError(f"{directory} is unfinished: {completion.describe(config, left)}; finish it with "
+                          f"kvmlab qualify --resume -o {directory}, or report it with --partial")
     target = out or directory
     if out is not None:
         if os.path.lexists(out) and not out.is_dir():
             raise KvmlabError(f"-o {out}: not a directory")
         out.mkdir(parents=True, exist_ok=True)
-    return report(store, config, say, target)
+    return report(store, config, say, target, records)
 
 
 def traced_runs(store: Store, config: Config, say: Say) -> list:

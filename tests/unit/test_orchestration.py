@@ -234,7 +234,7 @@ def test_shards_merge_into_the_one_piece_verdicts_and_figures(tmp_path):
     for k in (1, 2):
         _qualify(tmp_path / f"shard{k}", Script(), plan.shard_config(record, k, 2))
     merge.merge(merge.read_shards([tmp_path / "shard1", tmp_path / "shard2"]), tmp_path / "merged",
-                lambda store: None)
+                lambda store, records: None)
     merged = Store.read(tmp_path / "merged")
     one = analysis.analyse(whole.config, whole.records())
     two = analysis.analyse(merged.config, merged.records())

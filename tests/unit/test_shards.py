@@ -131,7 +131,8 @@ def test_a_plan_edited_by_hand_or_foreign_is_refused(tmp_path, planned):
 
 def test_merged_shards_analyse_as_one_qualification(tmp_path, planned):
     shards = [_shard(tmp_path, planned, k) for k in (1, 2)]
-    merge.merge(merge.read_shards([s.directory for s in shards]), tmp_path / "merged", lambda store: None)
+    merge.merge(merge.read_shards([s.directory for s in shards]), tmp_path / "merged",
+                lambda store, records: None)
     merged = Store.read(tmp_path / "merged")
     whole = analysis.analyse(CONFIG, _records(None))
     together = analysis.analyse(merged.config, merged.records())
