@@ -9,6 +9,7 @@ template (``template``) is settled and launched the same way, without the initra
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,9 @@ class Booted:
     machine: qemu.Machine
     process: subprocess.Popen
     started: float
+    control: socket.socket
+    """Listening on ``machine.control_socket``, where QEMU connects the control port as it
+    starts (``qemu.command``); the guest accepts it."""
 
 
 def traced(argv: list[str], out: str | None = None) -> list[str]:
@@ -160,11 +164,18 @@ def launch(machine: qemu.Machine, keep: bool) -> Booted:
     argv = qemu.command(machine)
     run_dir = machine.run_dir
     (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(str(machine.control_socket))
+    control.listen(1)
     started = time.monotonic()
-    process = lifecycle.start_qemu(argv, run_dir, keep)
+    try:
+        process = lifecycle.start_qemu(argv, run_dir, keep)
+    except BaseException:
+        control.close()
+        raise
     runs.record(run_dir, qemu_pid=process.pid, qmp=str(machine.qmp_socket),
                 debug_qmp=str(machine.debug_socket), state="running")
-    return Booted(run_dir, machine, process, started)
+    return Booted(run_dir, machine, process, started, control)
 
 
 def require_kvm(kernel: Kernel) -> None:

@@ -20,7 +20,10 @@ from kvmlab.vm.emulator import ICOUNT_MIN_VERSION, Emulator
 
 ICOUNT, WALL = "icount", "wall"
 CLOCKS = (ICOUNT, WALL)
-ICOUNT_ARGS = ("-icount", "shift=0,sleep=off")
+#: ``-seed``: RDRAND and RDSEED give the guest the same numbers in every QEMU, so a
+#: restored guest's randomness (its slab freelists, say) repeats too: without it, one of
+#: four restores ran memslot_perf 1.4 % apart (docs/benchmarks.md, determinism).
+ICOUNT_ARGS = ("-icount", "shift=0,sleep=off", "-seed", "1")
 #: Under icount the guest itself is the remaining source of run-to-run differences: fix
 #: what the kernel and Python randomise per boot (layout of the kernel, its stacks, the
 #: page allocator's free lists, userspace mappings, str hashing).

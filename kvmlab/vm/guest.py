@@ -37,12 +37,11 @@ from kvmlab_guest import protocol
 from kvmlab import cache
 from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
-from kvmlab.vm import boot, clock, console, lifecycle, qmp, runs, template, vmcore
+from kvmlab.vm import boot, console, lifecycle, qmp, runs, template, vmcore
 
 BOOT_TIMEOUT_S = 180.0
 CONNECT_TIMEOUT_S = 10.0
 AGENT = ["python3", "-m", "kvmlab_guest.agent"]
-SETTLE_S = 0.25
 
 
 class GuestDown(KvmlabError):
@@ -88,8 +87,7 @@ class Guest:
         self._splats_seen = 0
         self._dump: vmcore.Dump | None = None
         self._held = False
-        """A restored guest stays paused until its first message is sent (``_settle``)."""
-        self._restored_at = 0.0
+        """A restored guest stays paused until its first message is sent (``_send``)."""
         self._vm_made_template = False
         self._ended_with: int | None = None
         """QEMU's exit status as ``_shut`` found it, before ending it (None: still running)."""
@@ -184,7 +182,7 @@ class Guest:
         self._follow(self._vm)
         template.incoming(machine.qmp_socket, self.process, found)
         try:
-            self._socket = self._connect(machine.control_socket)
+            self._socket = self._accept()
         except GuestDown as down:
             if self._killed():
                 raise
@@ -193,7 +191,6 @@ class Guest:
         self.status.ready_at = self.status.last_beat = 0.0
         self.template = found
         self._held = True
-        self._restored_at = time.monotonic()
         runs.record(run_dir, state="running", restore_s=round(time.monotonic() - self._vm.started, 3))
 
     def _killed(self) -> bool:
@@ -208,7 +205,7 @@ class Guest:
 
     def _await_agent(self) -> None:
         """Wait for the agent's greeting; ``GuestDown`` if it never comes."""
-        self._socket = self._connect(self.machine.control_socket)
+        self._socket = self._accept()
         self._receive(time.monotonic() + BOOT_TIMEOUT_S)
 
     def _abandon(self, state: str) -> None:
@@ -219,6 +216,8 @@ class Guest:
     def _forget(self) -> None:
         if self._socket is not None:
             self._socket.close()
+        if self._vm is not None:
+            self._vm.control.close()
         self._socket, self.process, self._vm, self._pending = None, None, None, b""
 
     # -- requests ---------------------------------------------------------------------
@@ -362,6 +361,8 @@ class Guest:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        if self._vm is not None:
+            self._vm.control.close()
         if self.process is not None:
             self._ended_with = self.process.poll()
             lifecycle.kill(self.process)
@@ -383,18 +384,18 @@ class Guest:
     def _say(self, text: str) -> None:
         print(f"kvmlab: {text}", file=self.log, flush=True)
 
-    def _connect(self, path: Path) -> socket.socket:
+    def _accept(self) -> socket.socket:
+        """The control port's connection, which QEMU makes as it starts; ``GuestDown`` if
+        QEMU ends or does not connect within ``CONNECT_TIMEOUT_S``."""
+        listener = self._vm.control
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while True:
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                client.connect(str(path))
-                return client
-            except OSError:
-                client.close()
+        try:
+            while not select.select([listener], [], [], 0.05)[0]:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self._fail()
-                time.sleep(0.02)
+            return listener.accept()[0]
+        finally:
+            listener.close()
 
     def _monitor(self, command: str) -> None:
         """A QMP command; a monitor that does not answer is a guest that went away."""
@@ -403,29 +404,17 @@ class Guest:
         except KvmlabError:
             self._fail()
 
-    def _settle(self) -> None:
-        """Under icount, give QEMU ``SETTLE_S`` after a restore before the guest runs.
-
-        A restored guest repeats its template's run to the instruction only if it resumes
-        with its first command already waiting, and with QEMU done with whatever it still
-        does for a moment after ``migrate-incoming`` reports completion: resumed 0–30 ms
-        after the restore, one restore in two to six ran memslot_perf one or two 4 ms ticks
-        off (1–2 % apart); resumed after 100 ms or more, every one ran it alike
-        (docs/benchmarks.md). On the wall clock nothing repeats anyway: no wait."""
-        if self.settings.clock.name == clock.ICOUNT:
-            time.sleep(max(0.0, self._restored_at + SETTLE_S - time.monotonic()))
-
     def _send(self, message: dict) -> None:
         """Send to the agent; a connection the guest's end dropped is a guest that went away.
 
-        A restored guest held paused gets what the socket takes without it reading (all
-        of a command, unless it carries files: ``kvmlab run --add`` of a 1.5 MB binary
-        filled the buffers), then runs and reads the rest."""
+        A restored guest held paused resumes with its first command already waiting in the
+        socket (all of it, unless it carries files: ``kvmlab run --add`` of a 1.5 MB binary
+        filled the buffers), so that under icount it reads it at the same instruction in
+        every restore, and then reads the rest."""
         data = (json.dumps(message) + "\n").encode()
         sent = 0
         try:
             if self._held:
-                self._settle()
                 sent = self._send_without_blocking(data)
                 self._held = False
                 self._monitor("cont")

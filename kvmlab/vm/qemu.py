@@ -2,10 +2,10 @@
 
 Fixed parts of the contract with the guest (``kvmlab_guest.protocol``): the serial
 console goes to ``console.log``; four virtio-serial output ports, each written by QEMU
-to a file in the run directory, and the control port on a UNIX socket for the guest
-agent; ``-device vmcoreinfo`` and a QMP socket so that drgn can
-attach; ``oops=panic`` so that an Oops does not leave a half-dead guest; a pvpanic
-device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels
+to a file in the run directory, and the control port for the guest agent, which QEMU
+connects as it starts to a UNIX socket kvmlab listens on; ``-device vmcoreinfo`` and
+a QMP socket so that drgn can attach; ``oops=panic`` so that an Oops does not leave a
+half-dead guest; a pvpanic device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels
 without its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU
 instead of rebooting.
 
@@ -101,8 +101,13 @@ def command(machine: Machine) -> list[str]:
             "-chardev", f"file,id={chardev},path={run / filename}",
             "-device", f"virtserialport,bus=vser.0,chardev={chardev},name={port}",
         ]
+    # QEMU connects the control port itself, so that the port is open from the moment its
+    # device exists. A port the host opens later costs the guest an event at a moment host
+    # timing picks, in a boot and in a restore alike (where QEMU passes it on only once the
+    # guest runs again): restores of one template then ran memslot_perf a 4 ms tick apart
+    # about one time in eight (docs/benchmarks.md, determinism).
     argv += [
-        "-chardev", f"socket,id=control,path={machine.control_socket},server=on,wait=off",
+        "-chardev", f"socket,id=control,path={machine.control_socket},server=off",
         "-device", f"virtserialport,bus=vser.0,chardev=control,name={protocol.PORT_CONTROL}",
     ]
     if machine.incoming:

@@ -35,7 +35,9 @@ from kvmlab import cache
 from kvmlab.errors import KvmlabError
 from kvmlab.vm import boot, layer, qmp
 
-FORMAT = 1
+FORMAT = 2
+"""2: QEMU connects the control port as it starts (``qemu.command``), and the guest's
+random numbers come from ``-seed`` under icount (``clock.ICOUNT_ARGS``)."""
 RECORD = "template.json"
 RAM = "ram"
 STATE = "state"
@@ -140,11 +142,16 @@ def discard(directory: Path) -> None:
 SUPERSEDED_IDLE_S = 3600.0
 
 
+def _lasting(key: dict) -> dict:
+    """``key`` without what a newer kvmlab changes: the guest code and the template format."""
+    return {name: value for name, value in key.items() if name not in ("guest_code", "format")}
+
+
 def superseded(key: dict, idle_s: float = SUPERSEDED_IDLE_S) -> list[Path]:
     """The templates that ``key``'s replaces: the same role and inputs but for the guest
-    code, unused for ``idle_s``. Every change to kselftest_py or the agent makes new
-    templates; without this a day of work on them left 49 GB of old ones (about 0.4 GB
-    each) until ``kvmlab gc``'s 14 days."""
+    code or the template format, unused for ``idle_s``. Every change to kselftest_py or
+    the agent makes new templates; without this a day of work on them left 49 GB of old
+    ones (about 0.4 GB each) until ``kvmlab gc``'s 14 days."""
     found = []
     now = time.time()
     for directory in area().glob(f"{key['release']}-*"):
@@ -153,10 +160,7 @@ def superseded(key: dict, idle_s: float = SUPERSEDED_IDLE_S) -> list[Path]:
             other = record["inputs"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not isinstance(other, dict) or other == key or other.get("guest_code") == key["guest_code"]:
-            continue
-        if {k: v for k, v in other.items() if k != "guest_code"} != {k: v for k, v in key.items()
-                                                                       if k != "guest_code"}:
+        if not isinstance(other, dict) or other == key or _lasting(other) != _lasting(key):
             continue
         try:
             last_used = max(path.stat().st_mtime for path in (directory / USED, directory / RECORD)

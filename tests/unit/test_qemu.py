@@ -27,6 +27,7 @@ def test_command_runs_the_chosen_emulator_with_its_firmware_and_clock(tmp_path):
     assert option_values(wall, "-bios") == [str(tmp_path / "share" / "qboot.rom")]
     icount = command(machine(tmp_path, "icount"))
     assert option_values(icount, "-icount") == ["shift=0,sleep=off"]
+    assert option_values(icount, "-seed") == ["1"] and "-seed" not in wall
 
 
 def option_values(argv: list[str], option: str) -> list[str]:
@@ -44,6 +45,14 @@ def test_command_carries_the_guest_contract(tmp_path):
     assert "-no-reboot" in argv
     (append,) = option_values(argv, "-append")
     assert {"panic=-1", "oops=panic", f"rdinit={protocol.INIT}", "nokaslr"} <= set(append.split())
+
+
+def test_qemu_connects_the_control_port_to_kvmlab(tmp_path):
+    """The control port is open from the moment its device exists: QEMU is the client."""
+    argv = command(machine(tmp_path))
+    (control,) = [chardev for chardev in option_values(argv, "-chardev") if chardev.startswith("socket,")]
+    assert control == f"socket,id=control,path={tmp_path / 'control.sock'},server=off"
+    assert f"chardev=control,name={protocol.PORT_CONTROL}" in " ".join(option_values(argv, "-device"))
 
 
 def test_every_port_is_a_named_virtserialport_writing_a_file(tmp_path):

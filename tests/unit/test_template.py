@@ -169,19 +169,20 @@ def test_a_restore_waits_for_qmp_to_listen_not_for_its_socket_file(tmp_path):
 
 
 def test_a_template_of_older_guest_code_goes_when_its_replacement_is_saved(tmp_path, monkeypatch):
-    """The same role and inputs but for the guest code, unused for an hour: superseded.
-    Another role, other inputs, or one used a minute ago: kept."""
+    """The same role and inputs but for the guest code or the template format, unused for
+    an hour: superseded. Another role, other inputs, or one used a minute ago: kept."""
     monkeypatch.setenv("KVMLAB_CACHE", str(tmp_path / "cache"))
     new = template.inputs(settings(tmp_path), "qualify-base-round0")
     old = saved({**new, "guest_code": "0" * 16})
+    old_format = saved({**new, "format": template.FORMAT - 1})
     recent = saved({**new, "guest_code": "1" * 16})
     other_role = saved({**template.inputs(settings(tmp_path), "qualify-base-round1"), "guest_code": "0" * 16})
     other_inputs = saved({**template.inputs(settings(tmp_path, cpus=2), "qualify-base-round0"),
                           "guest_code": "0" * 16})
     current = saved(new)
     hour_ago = time.time() - 2 * 3600
-    for directory in (old, other_role, other_inputs, current):
+    for directory in (old, old_format, other_role, other_inputs, current):
         os.utime(directory / template.RECORD, (hour_ago, hour_ago))
     (recent / template.USED).touch()
     os.utime(recent / template.RECORD, (hour_ago, hour_ago))
-    assert template.superseded(new) == [old]
+    assert sorted(template.superseded(new)) == sorted([old, old_format])
