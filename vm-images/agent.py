@@ -6,7 +6,9 @@ whole matrix inside it). Runs on the image's python3 with the standard library o
 
 The host talks to it over the virtio-serial port ``protocol.PORT_CONTROL`` in JSON lines:
 
-- the agent says ``{"event": "agent-ready"}`` once, when it has the port;
+- the agent says ``{"event": "agent-ready"}`` once, when it has the port; its first
+  request may come through the mailbox instead (``mailbox``: how a restored guest
+  takes it at the same instruction every time);
 - a request ``{"id": N, "argv": [...], "timeout_s": S, "files": [PATH, ...]}`` runs
   argv with the job's environment and answers ``{"id": N, "code": C, "stdout": ...,
   "stderr": ..., "elapsed_s": ..., "files": {PATH: BASE64 or null}}``: the tails of the
@@ -26,12 +28,13 @@ import compileall
 import io
 import json
 import os
+import select
 import subprocess
 import sys
 import tarfile
 import time
 
-from kvmlab_guest import ports, protocol
+from kvmlab_guest import mailbox, ports, protocol
 
 STREAM_TAIL = 64 * 1024
 #: Unpack as tar(1) would, where this Python knows how (3.11.4 and later, and backports).
@@ -49,8 +52,21 @@ def send(port: int, message: dict) -> None:
         data = data[os.write(port, data) :]
 
 
-def requests(port: int):
-    """Each request line from the host, until it quits or hangs up."""
+def first_from_mailbox(port: int, box) -> dict | None:
+    """The first request, if it comes through the mailbox; None once the port has data."""
+    while not select.select([port], [], [], mailbox.LOOK_S)[0]:
+        line = mailbox.take(box)
+        if line is not None:
+            return json.loads(line)
+    return None
+
+
+def requests(port: int, box=None):
+    """Each request line from the host, the first perhaps from the mailbox ``box``, until
+    the host quits or hangs up."""
+    first = first_from_mailbox(port, box) if box is not None else None
+    if first is not None:
+        yield first
     pending = b""
     while True:
         chunk = os.read(port, 65536)
@@ -131,8 +147,9 @@ def main() -> int:
     # a template keeps the bytecode for every guest restored from it.
     compileall.compile_dir(protocol.GUEST_CODE, quiet=1)
     port = open_port(protocol.PORT_CONTROL)
+    box = mailbox.open_mailbox()
     send(port, {"event": protocol.EVENT_AGENT_READY, "release": os.uname().release})
-    for request in requests(port):
+    for request in requests(port, box):
         if request.get("quit"):
             break
         send(port, run(request))

@@ -43,6 +43,10 @@ OUTPUT_PORTS = (PORT_STATUS, PORT_STDOUT, PORT_STDERR, PORT_RESULTS)
 """Guest → host streams, each written by QEMU to a file in the run directory."""
 PORT_CONTROL = "kvmlab.control"
 """Host ↔ guest requests and answers for the agent (a UNIX socket on the host)."""
+MAILBOX_VENDOR, MAILBOX_DEVICE = 0x1AF4, 0x1110
+"""The first request's mailbox (``mailbox``): QEMU's ivshmem-plain PCI device, whose
+memory is ``MAILBOX_BYTES`` of a file the host writes."""
+MAILBOX_BYTES = 4 << 20
 
 EVENT_READY = "ready"
 EVENT_HEARTBEAT = "heartbeat"

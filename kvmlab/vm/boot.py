@@ -164,6 +164,8 @@ def launch(machine: qemu.Machine, keep: bool) -> Booted:
     argv = qemu.command(machine)
     run_dir = machine.run_dir
     (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+    with open(machine.mailbox, "wb") as mailbox:
+        mailbox.truncate(protocol.MAILBOX_BYTES)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.bind(str(machine.control_socket))
     control.listen(1)

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvmlab_guest import protocol
+from kvmlab_guest import mailbox, protocol
 
 from kvmlab import cache
 from kvmlab.errors import KvmlabError
@@ -369,7 +369,7 @@ class Guest:
             if state != "finished":
                 runs.record(self.run_dir, state=state)
             self.process = None
-        for leftover in ("initrd.cpio", "layer.cpio"):
+        for leftover in ("initrd.cpio", "layer.cpio", "mailbox"):
             (self.run_dir / leftover).unlink(missing_ok=True)
 
     @property
@@ -407,20 +407,32 @@ class Guest:
     def _send(self, message: dict) -> None:
         """Send to the agent; a connection the guest's end dropped is a guest that went away.
 
-        A restored guest held paused resumes with its first command already waiting in the
-        socket (all of it, unless it carries files: ``kvmlab run --add`` of a 1.5 MB binary
-        filled the buffers), so that under icount it reads it at the same instruction in
-        every restore, and then reads the rest."""
+        A restored guest held paused finds its first message in its mailbox when it runs,
+        at the same instruction in every restore (``kvmlab_guest.mailbox``); one too big
+        for the mailbox waits in the socket instead, as much as it takes without the guest
+        reading."""
         data = (json.dumps(message) + "\n").encode()
         sent = 0
         try:
             if self._held:
-                sent = self._send_without_blocking(data)
+                sent = self._post(data) or self._send_without_blocking(data)
                 self._held = False
                 self._monitor("cont")
             self._socket.sendall(data[sent:])
         except OSError:
             self._fail()
+
+    def _post(self, data: bytes) -> int:
+        """Write ``data`` into the paused guest's mailbox; how much that was (0: too big)."""
+        line = data.rstrip(b"\n")
+        if mailbox.HEADER + len(line) > protocol.MAILBOX_BYTES:
+            return 0
+        with open(self.machine.mailbox, "r+b") as box:
+            box.seek(mailbox.HEADER)
+            box.write(line)
+            box.seek(0)
+            box.write(len(line).to_bytes(mailbox.HEADER, "little"))
+        return len(data)
 
     def _send_without_blocking(self, data: bytes) -> int:
         """As much of ``data`` as the socket's buffers take now; how much that was."""

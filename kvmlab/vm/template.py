@@ -36,7 +36,8 @@ from kvmlab.errors import KvmlabError
 from kvmlab.vm import boot, layer, qmp
 
 FORMAT = 2
-"""2: QEMU connects the control port as it starts (``qemu.command``), and the guest's
+"""2: QEMU connects the control port as it starts and handles the guest's kicks as it
+makes them, the guest has a mailbox for its first request (``qemu.command``), and its
 random numbers come from ``-seed`` under icount (``clock.ICOUNT_ARGS``)."""
 RECORD = "template.json"
 RAM = "ram"

@@ -1,0 +1,52 @@
+"""The first request's mailbox: memory the host writes while the guest is paused.
+
+A restored guest repeats its template's run to the instruction only if its first request
+reaches it at the same instruction in every restore. A virtio-serial port cannot give
+that: QEMU takes nothing from the host's end of a port while the guest is paused, and
+passes on what waits there once the guest runs, at a moment host timing picks (one
+restore in ten then took its request a context switch later; docs/benchmarks.md,
+determinism). So the host writes the first request into a shared-memory PCI device
+(QEMU's ``ivshmem-plain``, ``protocol.MAILBOX_*``) while the guest is paused, and the
+agent, until its first request, looks into the mailbox every ``LOOK_S`` of guest time
+and listens on the port in between: in a restore, its first look finds the request.
+
+Layout: a little-endian 8-byte length, then that many bytes, one request line (JSON).
+A length of 0, or one larger than the device, is an empty mailbox.
+"""
+
+import glob
+import mmap
+import os
+
+from kvmlab_guest import protocol
+
+LOOK_S = 0.005
+HEADER = 8
+
+
+def open_mailbox() -> mmap.mmap | None:
+    """The mailbox device's memory, read-only; None where there is none."""
+    for device in glob.glob("/sys/bus/pci/devices/*"):
+        try:
+            with open(f"{device}/vendor") as vendor, open(f"{device}/device") as model:
+                ids = (int(vendor.read(), 16), int(model.read(), 16))
+            if ids != (protocol.MAILBOX_VENDOR, protocol.MAILBOX_DEVICE):
+                continue
+            fd = os.open(f"{device}/resource2", os.O_RDONLY)
+        except (OSError, ValueError):
+            continue
+        try:
+            return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+    return None
+
+
+def take(box: mmap.mmap) -> bytes | None:
+    """The request line in ``box``, if the host has written one."""
+    length = int.from_bytes(box[:HEADER], "little")
+    if not 0 < length <= len(box) - HEADER:
+        return None
+    return box[HEADER : HEADER + length]
