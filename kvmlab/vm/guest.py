@@ -415,24 +415,12 @@ class Guest:
         sent = 0
         try:
             if self._held:
-                sent = self._post(data) or self._send_without_blocking(data)
+                sent = post(self.machine.mailbox, data) or self._send_without_blocking(data)
                 self._held = False
                 self._monitor("cont")
             self._socket.sendall(data[sent:])
         except OSError:
             self._fail()
-
-    def _post(self, data: bytes) -> int:
-        """Write ``data`` into the paused guest's mailbox; how much that was (0: too big)."""
-        line = data.rstrip(b"\n")
-        if mailbox.HEADER + len(line) > protocol.MAILBOX_BYTES:
-            return 0
-        with open(self.machine.mailbox, "r+b") as box:
-            box.seek(mailbox.HEADER)
-            box.write(line)
-            box.seek(0)
-            box.write(len(line).to_bytes(mailbox.HEADER, "little"))
-        return len(data)
 
     def _send_without_blocking(self, data: bytes) -> int:
         """As much of ``data`` as the socket's buffers take now; how much that was."""
@@ -467,6 +455,20 @@ class Guest:
             self._liveness.run_check(self.watch)
         line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
+
+
+def post(box: Path, data: bytes) -> int:
+    """Write the message ``data`` into the mailbox file ``box`` of a paused guest (layout in
+    ``kvmlab_guest.mailbox``); how much of ``data`` that was (0: too big for it)."""
+    line = data.rstrip(b"\n")
+    if mailbox.HEADER + len(line) > protocol.MAILBOX_BYTES:
+        return 0
+    with open(box, "r+b") as handle:
+        handle.seek(mailbox.HEADER)
+        handle.write(line)
+        handle.seek(0)
+        handle.write(len(line).to_bytes(mailbox.HEADER, "little"))
+    return len(data)
 
 
 def _tar(paths: list[Path]) -> bytes:

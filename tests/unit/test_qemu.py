@@ -55,6 +55,18 @@ def test_qemu_connects_the_control_port_to_kvmlab(tmp_path):
     assert f"chardev=control,name={protocol.PORT_CONTROL}" in " ".join(option_values(argv, "-device"))
 
 
+def test_kicks_are_handled_as_made_and_the_mailbox_is_shared_only_while_a_template_boots(tmp_path):
+    """ioeventfd=off: the guest's virtio kicks are not left to QEMU's main loop. The mailbox
+    is shared (and so left out of the saved state) where the guest's RAM is."""
+    argv = command(machine(tmp_path))
+    assert "virtio-serial-pci,id=vser,ioeventfd=off" in option_values(argv, "-device")
+    assert "ivshmem-plain,memdev=mailbox,master=on" in option_values(argv, "-device")
+    for shared, share in ((True, "share=on"), (False, "share=off")):
+        objects = option_values(command(replace(machine(tmp_path), ram_shared=shared)), "-object")
+        (box,) = [spec for spec in objects if spec.startswith("memory-backend-file,id=mailbox,")]
+        assert box.endswith(share) and f"mem-path={tmp_path / 'mailbox'}" in box
+
+
 def test_every_port_is_a_named_virtserialport_writing_a_file(tmp_path):
     argv = command(machine(tmp_path))
     devices = " ".join(option_values(argv, "-device"))
