@@ -3,11 +3,12 @@
 Fixed parts of the contract with the guest (``kvmlab_guest.protocol``): the serial
 console goes to ``console.log``; four virtio-serial output ports, each written by QEMU
 to a file in the run directory, and the control port for the guest agent, which QEMU
-connects as it starts to a UNIX socket kvmlab listens on; ``-device vmcoreinfo`` and
-a QMP socket so that drgn can attach; ``oops=panic`` so that an Oops does not leave a
-half-dead guest; a pvpanic device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels
-without its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU
-instead of rebooting.
+connects as it starts to a UNIX socket kvmlab listens on; the first request's mailbox
+(``kvmlab_guest.mailbox``); ``-device vmcoreinfo`` and a QMP socket so that drgn can
+attach; ``oops=panic`` so that an Oops does not leave a half-dead guest; a pvpanic
+device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels without
+its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU instead
+of rebooting.
 
 A guest whose memory is to be saved as a template (``template``) or restored from one
 keeps its RAM in a file (``memory-backend-file``): shared while the template boots, so
