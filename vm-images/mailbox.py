@@ -44,6 +44,20 @@ def open_mailbox() -> mmap.mmap | None:
     return None
 
 
+def post(path, data: bytes) -> int:
+    """The host's end: write the message ``data`` into the mailbox file at ``path`` of a
+    paused guest; how much of ``data`` that was (0: too big for the mailbox)."""
+    line = data.rstrip(b"\n")
+    if HEADER + len(line) > protocol.MAILBOX_BYTES:
+        return 0
+    with open(path, "r+b") as handle:
+        handle.seek(HEADER)
+        handle.write(line)
+        handle.seek(0)
+        handle.write(len(line).to_bytes(HEADER, "little"))
+    return len(data)
+
+
 def take(box: mmap.mmap) -> bytes | None:
     """The request line in ``box``, if the host has written one."""
     length = int.from_bytes(box[:HEADER], "little")

@@ -415,7 +415,7 @@ class Guest:
         sent = 0
         try:
             if self._held:
-                sent = post(self.machine.mailbox, data) or self._send_without_blocking(data)
+                sent = mailbox.post(self.machine.mailbox, data) or self._send_without_blocking(data)
                 self._held = False
                 self._monitor("cont")
             self._socket.sendall(data[sent:])
@@ -455,20 +455,6 @@ class Guest:
             self._liveness.run_check(self.watch)
         line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
-
-
-def post(box: Path, data: bytes) -> int:
-    """Write the message ``data`` into the mailbox file ``box`` of a paused guest (layout in
-    ``kvmlab_guest.mailbox``); how much of ``data`` that was (0: too big for it)."""
-    line = data.rstrip(b"\n")
-    if mailbox.HEADER + len(line) > protocol.MAILBOX_BYTES:
-        return 0
-    with open(box, "r+b") as handle:
-        handle.seek(mailbox.HEADER)
-        handle.write(line)
-        handle.seek(0)
-        handle.write(len(line).to_bytes(mailbox.HEADER, "little"))
-    return len(data)
 
 
 def _tar(paths: list[Path]) -> bytes:

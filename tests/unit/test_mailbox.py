@@ -9,8 +9,6 @@ import os
 import pytest
 from kvmlab_guest import agent, mailbox, protocol
 
-from kvmlab.vm import guest
-
 
 @pytest.fixture
 def box(tmp_path):
@@ -38,13 +36,13 @@ def test_what_the_host_posts_is_what_the_agent_takes(box):
     assert mailbox.take(mapped) is None  # an empty mailbox
     message = {"id": 1, "argv": ["uname", "-r"], "files": [], "timeout_s": 600.0}
     data = (json.dumps(message) + "\n").encode()
-    assert guest.post(path, data) == len(data)
+    assert mailbox.post(path, data) == len(data)
     assert json.loads(mailbox.take(mapped)) == message
 
 
 def test_a_message_too_big_for_the_mailbox_is_not_posted(box):
     path, mapped = box
-    assert guest.post(path, b"x" * protocol.MAILBOX_BYTES + b"\n") == 0
+    assert mailbox.post(path, b"x" * protocol.MAILBOX_BYTES + b"\n") == 0
     assert mailbox.take(mapped) is None
 
 
@@ -58,7 +56,7 @@ def test_a_length_beyond_the_mailbox_reads_as_empty(box):
 def test_the_first_request_comes_from_the_mailbox_then_the_rest_from_the_port(box, port):
     path, mapped = box
     read, write = port
-    guest.post(path, b'{"id": 1, "argv": ["true"]}\n')
+    mailbox.post(path, b'{"id": 1, "argv": ["true"]}\n')
     taken = agent.requests(read, mapped)
     assert next(taken)["id"] == 1
     os.write(write, b'{"id": 2, "argv": ["false"]}\n')
