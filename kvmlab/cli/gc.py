@@ -5,6 +5,7 @@ import math
 import sys
 from collections import Counter
 
+from kvmlab import cache
 from kvmlab.errors import EXIT_USAGE, KvmlabError, shown
 from kvmlab.vm import gc, template
 
@@ -66,7 +67,7 @@ def _list_dry_run(survey: gc.Survey) -> int:
     """Say what would go, and which damaged directories stay; returns the bytes that would go."""
     total = 0
     for run in survey.removable:
-        usage = gc.disk_usage(run.path)
+        usage = cache.disk_usage(run.path)
         total += usage
         print(f"would remove {run.path.name} ({size(usage)}, {run.info.get('state', '?')})")
     for run, reason in survey.kept:
@@ -105,7 +106,7 @@ def _gc_templates(args: argparse.Namespace) -> None:
     survey = gc.survey_templates(_older_than_s(args.templates_older_than, "--templates-older-than"))
     doomed = [stored for stored, _ in survey.removable]
     going = sum(stored.disk_bytes for stored in doomed)
-    going += sum(gc.disk_usage(path) for path in survey.leftovers)
+    going += sum(cache.disk_usage(path) for path in survey.leftovers)
     staying = sum(stored.disk_bytes for stored in survey.kept)
     verb = "would remove" if args.dry_run else "removed"
     for stored, why in survey.removable:

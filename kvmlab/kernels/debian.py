@@ -2,7 +2,7 @@
 
 Debian kernels land in the cache keyed by the package's sha256, with vmlinuz, config,
 System.map and the module tree; ``debuginfo`` adds the -dbg package's vmlinux and
-DWARF modules under ``debug/``.
+the DWARF of the KVM modules under ``debug/``.
 """
 
 import json
@@ -14,6 +14,8 @@ from kvmlab import apt, cache
 from kvmlab.errors import KvmlabError, UnknownSpec
 from kvmlab.kernels.model import KVM_MODULE, Kernel, depmod
 
+#: The module directory whose DWARF a kernel's debug info keeps.
+KVM_DIR = Path(KVM_MODULE).parent
 #: What a cache entry's kernel.json must name.
 ENTRY_KEYS = ("release", "package", "version")
 
@@ -111,11 +113,20 @@ def _unpack_debuginfo(image: apt.Package, entry: Path) -> None:
                               "and /usr/lib/debug/lib/modules/<release>)")
         vmlinux.rename(scratch / "vmlinux")
         _unmerge_usr(debug, Path("lib", "modules"))
-        modules = debug / "lib" / "modules" / release
-        if modules.is_dir():
-            modules.rename(scratch / "modules")
+        _keep_kvm_modules(debug / "lib" / "modules" / release, scratch / "modules")
         shutil.rmtree(scratch / "deb")
         shutil.rmtree(unpacked)
+
+
+def _keep_kvm_modules(modules: Path, kept: Path) -> None:
+    """Move the KVM modules' DWARF from an unpacked -dbg's ``modules`` tree to ``kept``.
+    drgn needs vmlinux and kvm.ko only (``inspect.attach``); the package's other 1.1 GB
+    of module DWARF made each cached kernel 1.8 GB, and a cold ``make test``, which
+    fetches six, ran a CI machine's disk full."""
+    kvm = modules / KVM_DIR
+    if kvm.is_dir():
+        (kept / KVM_DIR).parent.mkdir(parents=True)
+        kvm.rename(kept / KVM_DIR)
 
 
 def _debug_vmlinux(debug: Path, release: str) -> Path | None:

@@ -131,7 +131,7 @@ def remove(doomed: list[Run]) -> Removal:
     """Remove the run directories a survey found removable, measuring what each frees first."""
     removal = Removal()
     for run in doomed:
-        size = disk_usage(run.path)
+        size = cache.disk_usage(run.path)
         try:
             shutil.rmtree(run.path)
         except FileNotFoundError:
@@ -142,21 +142,6 @@ def remove(doomed: list[Run]) -> Removal:
         removal.removed.append(run)
         removal.freed += size
     return removal
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes ``path`` and everything under it take on disk (allocated blocks; links not followed)."""
-    total = _allocated(path)
-    for root, dirs, files in os.walk(path):
-        total += sum(_allocated(Path(root, name)) for name in dirs + files)
-    return total
-
-
-def _allocated(path: Path) -> int:
-    try:
-        return path.lstat().st_blocks * 512
-    except OSError:
-        return 0
 
 
 # -- reading the run directories --------------------------------------------------------
@@ -211,33 +196,11 @@ TEMPLATE_IDLE_DAYS = 14.0
 
 @dataclass
 class TemplateSurvey:
-    kept: list[StoredTemplate] = field(default_factory=list)
-    removable: list[tuple[StoredTemplate, str]] = field(default_factory=list)
+    kept: list[template.Stored] = field(default_factory=list)
+    removable: list[tuple[template.Stored, str]] = field(default_factory=list)
     """Each with why it may go."""
     leftovers: list[Path] = field(default_factory=list)
     """What a kvmlab killed while saving a template left (``template.leftovers``)."""
-
-
-@dataclass(frozen=True)
-class StoredTemplate:
-    directory: Path
-    last_used: float
-    disk_bytes: int
-
-
-def scan_templates() -> list[StoredTemplate]:
-    """Every template directory in the cache, least recently used first."""
-    found = []
-    for entry in os.scandir(template.area()):
-        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
-            continue  # a template being made, or a lock
-        directory = Path(entry.path)
-        try:
-            used = (directory / template.USED).stat().st_mtime
-        except OSError:
-            used = entry.stat(follow_symlinks=False).st_mtime
-        found.append(StoredTemplate(directory, used, disk_usage(directory)))
-    return sorted(found, key=lambda stored: stored.last_used)
 
 
 def survey_templates(idle_s: float) -> TemplateSurvey:
@@ -245,7 +208,7 @@ def survey_templates(idle_s: float) -> TemplateSurvey:
     (their key names the kernel file as it was), or without a readable record."""
     now = time.time()
     result = TemplateSurvey()
-    for stored in scan_templates():
+    for stored in template.stored():
         why = template.unusable(stored.directory)
         if why is None and now - stored.last_used > idle_s:
             why = f"unused for {(now - stored.last_used) / 86400:.0f} days"
@@ -257,7 +220,7 @@ def survey_templates(idle_s: float) -> TemplateSurvey:
     return result
 
 
-def remove_templates(doomed: list[StoredTemplate], leftovers: list[Path] = ()) -> int:
+def remove_templates(doomed: list[template.Stored], leftovers: list[Path] = ()) -> int:
     """Remove the templates a survey found and the leftovers; returns the bytes freed. A guest
     restored from a template keeps its memory mapped: the file goes when that guest ends."""
     freed = 0
@@ -265,7 +228,7 @@ def remove_templates(doomed: list[StoredTemplate], leftovers: list[Path] = ()) -
         template.discard(stored.directory)
         freed += stored.disk_bytes
     for path in leftovers:
-        freed += disk_usage(path)
+        freed += cache.disk_usage(path)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -136,6 +136,7 @@ class Guest:
         """The role's template: loaded, or made now with one boot (None: it could not be saved,
         and this guest, already booted, goes on as a fresh boot)."""
         key = template.inputs(self.settings, self.role, self.options.files)
+        budget = template.budget_bytes()
         directory = template.directory_for(key)
         with cache.locked(directory.with_name(f".{directory.name}.lock")):
             found, problem = template.load(directory, key)
@@ -144,9 +145,9 @@ class Guest:
                 template.discard(directory)
             if found is not None:
                 return found
-            return self._make_template(directory, key)
+            return self._make_template(directory, key, budget)
 
-    def _make_template(self, directory: Path, key: dict) -> template.Template | None:
+    def _make_template(self, directory: Path, key: dict, budget: int) -> template.Template | None:
         ram = template.live_ram(directory, self.settings.memory_mb)
         self._say(f"making template {directory.name} (one boot, then every guest of it restores)")
         try:
@@ -165,6 +166,10 @@ class Guest:
         for old in template.superseded(key):
             self._say(f"removing template {old.name}: {made.name} replaces it (newer guest code)")
             template.discard(old)
+        for old in template.over_budget(made.directory, budget):
+            self._say(f"removing template {old.directory.name}, the least recently used: templates over "
+                      f"{budget / 2**30:g} GiB (${template.BUDGET_ENV})")
+            template.discard(old.directory)
         self._vm_made_template = True  # its boot said what the guest runs under
         self._forget()
         return made

@@ -131,6 +131,7 @@ def load(directory: Path, key: dict) -> tuple[Template | None, str | None]:
             return None, f"is damaged ({path.name} is missing)"
         if found != size:
             return None, f"is damaged ({path.name} holds {found} bytes, {size} expected)"
+    (directory / USED).touch()  # before its guest maps the memory: ``over_budget`` spares it
     return template, None
 
 
@@ -171,6 +172,73 @@ def superseded(key: dict, idle_s: float = SUPERSEDED_IDLE_S) -> list[Path]:
         if now - last_used >= idle_s:
             found.append(directory)
     return found
+
+
+# -- what the templates take on disk ------------------------------------------------------
+BUDGET_ENV = "KVMLAB_TEMPLATES_GIB"
+BUDGET_GIB = 8.0
+"""What the templates may take on disk together (about 20 of a 4 GiB guest) before the
+least recently used go as a new one is saved. Unbounded, one ``make test`` left ~55
+templates (~0.4 GB each) and ran a CI machine's disk full."""
+IN_USE_S = 300.0
+"""A template loaded this recently is never removed for room: its guest may be about to
+map its memory (a guest that has mapped it keeps it, as a removed file, until it ends)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A template directory as the cache holds it, for pruning."""
+
+    directory: Path
+    last_used: float
+    disk_bytes: int
+
+
+def stored() -> list[Stored]:
+    """Every template directory in the cache, least recently used first."""
+    found = []
+    for entry in os.scandir(area()):
+        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+            continue  # a template being made, or a lock
+        directory = Path(entry.path)
+        try:
+            used = (directory / USED).stat().st_mtime
+        except OSError:
+            used = entry.stat(follow_symlinks=False).st_mtime
+        found.append(Stored(directory, used, cache.disk_usage(directory)))
+    return sorted(found, key=lambda one: one.last_used)
+
+
+def budget_bytes() -> int:
+    """The templates' budget: ``$KVMLAB_TEMPLATES_GIB`` GiB (0: keep only the newest), else
+    ``BUDGET_GIB``."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return int(BUDGET_GIB * 2**30)
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not 0 <= gib < 2**20:
+        raise KvmlabError(f"{BUDGET_ENV}={raw!r} is not a size in GiB (a number from 0)")
+    return int(gib * 2**30)
+
+
+def over_budget(made: Path, budget: int) -> list[Stored]:
+    """The templates to remove, least recently used first, until all of them take at most
+    ``budget`` bytes; never ``made`` nor one loaded within ``IN_USE_S``, so the
+    templates may stay over budget while those alone exceed it."""
+    now = time.time()
+    everything = stored()
+    total = sum(one.disk_bytes for one in everything)
+    doomed = []
+    for one in everything:
+        if total <= budget:
+            break
+        if one.directory != made and now - one.last_used >= IN_USE_S:
+            doomed.append(one)
+            total -= one.disk_bytes
+    return doomed
 
 
 def live_ram(directory: Path, memory_mb: int) -> Path:
@@ -222,7 +290,6 @@ def incoming(socket: Path, process: subprocess.Popen, template: Template) -> Non
         _wait_migration(socket, process)
     except KvmlabError as err:
         raise RestoreFailed(f"restoring template {template.name} failed: {err}") from None
-    (template.directory / USED).touch()
 
 
 def _wait_migration(socket: Path, process: subprocess.Popen) -> None:

@@ -149,3 +149,26 @@ def test_a_pinned_package_gone_from_debian_is_found_in_the_cache(tmp_path, monke
     (entry / "debug").mkdir()
     assert _cached_entry(name, debuginfo=True) == entry
     assert _cached_entry("linux-image-7.2.12+deb14-cloud-amd64", debuginfo=False) is None
+
+
+def test_debug_info_keeps_only_the_kvm_modules(tmp_path):
+    """drgn reads vmlinux and kvm.ko; the rest of a -dbg package's module DWARF (1.1 GB)
+    is left behind, and the KVM directory keeps all its modules."""
+    from kvmlab.kernels.debian import _keep_kvm_modules
+    modules = tmp_path / "unpacked" / "lib" / "modules" / "6.1.0-50-cloud-amd64"
+    for name in ("kernel/arch/x86/kvm/kvm.ko", "kernel/arch/x86/kvm/kvm-amd.ko",
+                 "kernel/fs/btrfs/btrfs.ko", "vdso/vdso64.so"):
+        (modules / name).parent.mkdir(parents=True, exist_ok=True)
+        (modules / name).write_text(name)
+    kept = tmp_path / "modules"
+    _keep_kvm_modules(modules, kept)
+    assert sorted(str(path.relative_to(kept)) for path in kept.rglob("*") if path.is_file()) == [
+        "kernel/arch/x86/kvm/kvm-amd.ko", "kernel/arch/x86/kvm/kvm.ko"]
+    assert (kept / "kernel/arch/x86/kvm/kvm.ko").read_text() == "kernel/arch/x86/kvm/kvm.ko"
+
+
+def test_debug_info_without_kvm_modules_keeps_nothing(tmp_path):
+    from kvmlab.kernels.debian import _keep_kvm_modules
+    (tmp_path / "unpacked" / "kernel" / "fs").mkdir(parents=True)
+    _keep_kvm_modules(tmp_path / "unpacked", tmp_path / "modules")
+    assert not (tmp_path / "modules").exists()

@@ -104,7 +104,7 @@ def reasons(plan: gc.Survey) -> dict[str, str | None]:
 def test_gc_keeps_the_newest_and_removes_the_rest(private_cache):
     now = time.time()
     paths = [finished(now - age * DAY, payload=64 << 10) for age in (5, 4, 3, 2, 1)]
-    freeing = sum(gc.disk_usage(path) for path in paths[:3])
+    freeing = sum(cache.disk_usage(path) for path in paths[:3])
     done = kvmlab("gc", "--keep", "2")
     assert done.returncode == 0, done.stderr
     assert [path.exists() for path in paths] == [False, False, False, True, True]
@@ -189,7 +189,7 @@ def test_older_than_keeps_what_changed_recently():
 def test_dry_run_removes_nothing_and_lists_what_would_go():
     now = time.time()
     paths = [finished(now - age * DAY, payload=16 << 10) for age in (4, 3, 2, 1)]
-    freeing = sum(gc.disk_usage(path) for path in paths[:3])
+    freeing = sum(cache.disk_usage(path) for path in paths[:3])
     done = kvmlab("gc", "--keep", "1", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert all(path.exists() for path in paths)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.errors import KvmlabError
 from kvmlab.kernels.model import Kernel
 from kvmlab.vm import boot, image, template
 from kvmlab.vm.accel import Accel
@@ -186,3 +187,56 @@ def test_a_template_of_older_guest_code_goes_when_its_replacement_is_saved(tmp_p
     (recent / template.USED).touch()
     os.utime(recent / template.RECORD, (hour_ago, hour_ago))
     assert sorted(template.superseded(new)) == sorted([old, old_format])
+
+
+def stored_template(name: str, disk_bytes: int, used_s_ago: float) -> Path:
+    """A template directory whose memory takes ``disk_bytes`` on disk, last loaded ``used_s_ago``."""
+    directory = template.area() / name
+    directory.mkdir()
+    (directory / template.RAM).write_bytes(os.urandom(disk_bytes))
+    (directory / template.USED).touch()
+    when = time.time() - used_s_ago
+    os.utime(directory / template.USED, (when, when))
+    return directory
+
+
+def test_templates_over_budget_go_least_recently_used_first(tmp_path):
+    """Four templates of 1 MiB, budget 2.5 MiB: the two used longest ago go, oldest first;
+    the one just made and one loaded within IN_USE_S stay even when that leaves more."""
+    mib = 2**20
+    oldest = stored_template("oldest", mib, 3 * 3600)
+    old = stored_template("old", mib, 2 * 3600)
+    recent = stored_template("recent", mib, 3600)
+    made = stored_template("made", mib, 0)
+    doomed = [one.directory for one in template.over_budget(made, int(2.5 * mib))]
+    assert doomed == [oldest, old]
+    assert template.over_budget(made, 4 * mib + 64 * 1024) == []
+
+    loading = stored_template("loading", mib, template.IN_USE_S / 2)
+    doomed = [one.directory for one in template.over_budget(made, 0)]
+    assert doomed == [oldest, old, recent] and loading not in doomed and made not in doomed
+
+
+def test_loading_a_template_marks_it_used(tmp_path):
+    """``over_budget`` spares a template a guest is about to map: ``load`` marks it."""
+    key = template.inputs(settings(tmp_path), "run")
+    directory = saved(key)
+    week_ago = time.time() - 7 * 86400
+    (directory / template.USED).touch()
+    os.utime(directory / template.USED, (week_ago, week_ago))
+    found, problem = template.load(directory, key)
+    assert problem is None and found is not None
+    assert time.time() - (directory / template.USED).stat().st_mtime < 60
+
+
+@pytest.mark.parametrize("raw, expected", [("", 8 * 2**30), ("0", 0), ("1.5", 3 * 2**29), (" 2 ", 2**31)])
+def test_the_templates_budget_comes_from_the_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv(template.BUDGET_ENV, raw)
+    assert template.budget_bytes() == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "nan", "inf", "1e9"])
+def test_a_budget_that_is_no_size_is_refused_in_one_line(monkeypatch, raw):
+    monkeypatch.setenv(template.BUDGET_ENV, raw)
+    with pytest.raises(KvmlabError, match=rf"^KVMLAB_TEMPLATES_GIB='{raw}' is not a size in GiB"):
+        template.budget_bytes()
