@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kvmlab import kernels
 from kvmlab.cli.gc import size
-from kvmlab.vm import gc, template
+from kvmlab.vm import template
 from kvmlab.vm.boot import RunOptions
 from kvmlab.vm.guest import Guest
 
@@ -107,7 +107,7 @@ def determinism(kernel, restores: int, boots: int, quiet) -> dict:
 def footprint() -> list[dict]:
     return [{"template": stored.directory.name, "disk_bytes": stored.disk_bytes,
              "state_bytes": (stored.directory / template.STATE).stat().st_size}
-            for stored in gc.scan_templates() if (stored.directory / template.STATE).exists()]
+            for stored in template.stored() if (stored.directory / template.STATE).exists()]
 
 
 def main() -> int:

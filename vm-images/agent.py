@@ -34,7 +34,7 @@ import sys
 import tarfile
 import time
 
-from kvmlab_guest import mailbox, ports, protocol
+from kvmlab_guest import hold, mailbox, ports, protocol
 
 STREAM_TAIL = 64 * 1024
 #: Unpack as tar(1) would, where this Python knows how (3.11.4 and later, and backports).
@@ -148,7 +148,11 @@ def main() -> int:
     compileall.compile_dir(protocol.GUEST_CODE, quiet=1)
     port = open_port(protocol.PORT_CONTROL)
     box = mailbox.open_mailbox()
-    send(port, {"event": protocol.EVENT_AGENT_READY, "release": os.uname().release})
+    register = hold.holder() if box is not None else None
+    send(port, {"event": protocol.EVENT_AGENT_READY, "release": os.uname().release,
+                "held": register is not None})
+    if register is not None:
+        hold.hold(register)  # its first request is in the mailbox when the host continues it
     for request in requests(port, box):
         if request.get("quit"):
             break

@@ -14,11 +14,9 @@ Layout: a little-endian 8-byte length, then that many bytes, one request line (J
 A length of 0, or one larger than the device, is an empty mailbox.
 """
 
-import glob
 import mmap
-import os
 
-from kvmlab_guest import protocol
+from kvmlab_guest import pci, protocol
 
 LOOK_S = 0.005
 HEADER = 8
@@ -26,22 +24,8 @@ HEADER = 8
 
 def open_mailbox() -> mmap.mmap | None:
     """The mailbox device's memory, read-only; None where there is none."""
-    for device in glob.glob("/sys/bus/pci/devices/*"):
-        try:
-            with open(f"{device}/vendor") as vendor, open(f"{device}/device") as model:
-                ids = (int(vendor.read(), 16), int(model.read(), 16))
-            if ids != (protocol.MAILBOX_VENDOR, protocol.MAILBOX_DEVICE):
-                continue
-            fd = os.open(f"{device}/resource2", os.O_RDONLY)
-        except (OSError, ValueError):
-            continue
-        try:
-            return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-    return None
+    path = pci.find(protocol.MAILBOX_VENDOR, protocol.MAILBOX_DEVICE)
+    return None if path is None else pci.map_bar(path, 2)
 
 
 def post(path, data: bytes) -> int:

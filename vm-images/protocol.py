@@ -47,6 +47,10 @@ MAILBOX_VENDOR, MAILBOX_DEVICE = 0x1AF4, 0x1110
 """The first request's mailbox (``mailbox``): QEMU's ivshmem-plain PCI device, whose
 memory is ``MAILBOX_BYTES`` of a file the host writes."""
 MAILBOX_BYTES = 4 << 20
+HOLD_VENDOR, HOLD_DEVICE = 0x1B36, 0x0011
+"""The device the agent pauses its VM with (``hold``): QEMU's pvpanic-pci."""
+HOLD_EVENT = 1
+"""pvpanic's "panicked": QEMU, with ``-action panic=pause``, pauses the guest there."""
 
 EVENT_READY = "ready"
 EVENT_HEARTBEAT = "heartbeat"

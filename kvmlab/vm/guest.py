@@ -40,6 +40,9 @@ from kvmlab.kernels.model import Kernel
 from kvmlab.vm import boot, console, lifecycle, qmp, runs, template, vmcore
 
 BOOT_TIMEOUT_S = 180.0
+HOLD_WAIT_S = 10.0
+HELD_STATUS = "guest-panicked"
+"""QEMU's status for a guest paused by its pvpanic device (``kvmlab_guest.hold``)."""
 CONNECT_TIMEOUT_S = 10.0
 AGENT = ["python3", "-m", "kvmlab_guest.agent"]
 
@@ -87,7 +90,8 @@ class Guest:
         self._splats_seen = 0
         self._dump: vmcore.Dump | None = None
         self._held = False
-        """A restored guest stays paused until its first message is sent (``_send``)."""
+        """A restored guest, or a booted one whose agent paused it, stays paused until its
+        first message is sent (``_send``)."""
         self._vm_made_template = False
         self._ended_with: int | None = None
         """QEMU's exit status as ``_shut`` found it, before ending it (None: still running)."""
@@ -209,9 +213,32 @@ class Guest:
                                             self.options.stall_s, vm.started)
 
     def _await_agent(self) -> None:
-        """Wait for the agent's greeting; ``GuestDown`` if it never comes."""
+        """Wait for the agent's greeting; ``GuestDown`` if it never comes. An agent that
+        pauses its VM after it (``kvmlab_guest.hold``) is held, as a restored guest is:
+        saved as a template there, or given its first request through the mailbox."""
         self._socket = self._accept()
-        self._receive(time.monotonic() + BOOT_TIMEOUT_S)
+        greeting = self._receive(time.monotonic() + BOOT_TIMEOUT_S)
+        if greeting.get("held") is True:
+            self._await_hold()
+            self._held = True
+
+    def _await_hold(self) -> None:
+        """Wait for QEMU to pause the guest at the agent's hold (status ``guest-panicked``:
+        the agent wrote to the pvpanic device; no console panic line came with it)."""
+        deadline = time.monotonic() + HOLD_WAIT_S
+        while True:
+            try:
+                status = qmp.execute(self.machine.qmp_socket, "query-status").get("status")
+            except KvmlabError:
+                self._fail()
+            if status == HELD_STATUS:
+                return
+            if time.monotonic() > deadline:
+                problem = f"the agent said it paused the guest; QEMU says {status} after {HOLD_WAIT_S:g} s"
+                self._say(problem)
+                runs.record(self.run_dir, message=problem)
+                self._fail()
+            time.sleep(0.01)
 
     def _abandon(self, state: str) -> None:
         """End a QEMU that will not be used, leaving its run directory to say why."""

@@ -4,7 +4,8 @@ Fixed parts of the contract with the guest (``kvmlab_guest.protocol``): the seri
 console goes to ``console.log``; four virtio-serial output ports, each written by QEMU
 to a file in the run directory, and the control port for the guest agent, which QEMU
 connects as it starts to a UNIX socket kvmlab listens on; the first request's mailbox
-(``kvmlab_guest.mailbox``); ``-device vmcoreinfo`` and a QMP socket so that drgn can
+(``kvmlab_guest.mailbox``) and the device the agent pauses its VM with
+(``kvmlab_guest.hold``); ``-device vmcoreinfo`` and a QMP socket so that drgn can
 attach; ``oops=panic`` so that an Oops does not leave a half-dead guest; a pvpanic
 device that pauses a panicked guest for its vmcore (``vmcore``), and for kernels without
 its driver ``panic=-1`` with ``-no-reboot``, so that a crashed kernel ends QEMU instead
@@ -125,6 +126,10 @@ def command(machine: Machine) -> list[str]:
         "-object", f"memory-backend-file,id=mailbox,size={protocol.MAILBOX_BYTES},"
                    f"mem-path={machine.mailbox},share={'on' if machine.ram_shared else 'off'}",
         "-device", "ivshmem-plain,memdev=mailbox,master=on",
+        # The agent pauses its VM through this one once it is ready (``kvmlab_guest.hold``),
+        # where the host's ``stop`` came at a moment host timing picked; ``-action
+        # panic=pause`` (``vmcore``) pauses it. No guest driver binds it: kvmlab loads none.
+        "-device", "pvpanic-pci,id=hold",
     ]
     if machine.incoming:
         argv += ["-incoming", "defer"]

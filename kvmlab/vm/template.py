@@ -35,10 +35,12 @@ from kvmlab import cache
 from kvmlab.errors import KvmlabError
 from kvmlab.vm import boot, layer, qmp
 
-FORMAT = 2
+FORMAT = 3
 """2: QEMU connects the control port as it starts and handles the guest's kicks as it
 makes them, the guest has a mailbox for its first request (``qemu.command``), and its
-random numbers come from ``-seed`` under icount (``clock.ICOUNT_ARGS``)."""
+random numbers come from ``-seed`` under icount (``clock.ICOUNT_ARGS``). 3: the guest is
+saved where its agent paused it (``kvmlab_guest.hold``), not where the host's ``stop``
+found it."""
 RECORD = "template.json"
 RAM = "ram"
 STATE = "state"

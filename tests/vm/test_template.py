@@ -128,6 +128,30 @@ def test_fresh_boot_boots(tmp_path):
     assert "template" not in record and record["argv"][:1] == ["sh"]
 
 
+@pytest.mark.parametrize("spec", ["debian:bullseye", "debian:bookworm"])
+def test_a_booted_agent_pauses_its_vm_where_it_is_ready(spec):
+    """The agent of a booted guest pauses its VM itself once ready (``kvmlab_guest.hold``):
+    QEMU holds it as ``guest-panicked`` with no panic on the console, its first request
+    comes through the mailbox, and the guest is judged by its work, not as a panic."""
+    from kvmlab import kernels
+    from kvmlab.vm import qmp
+    from kvmlab.vm.boot import RunOptions
+    from kvmlab.vm.guest import Guest
+
+    guest = Guest(kernels.fetch(spec), RunOptions(argv=[], clock="icount", cpus=1, fresh_boot=True),
+                  open(os.devnull, "w"), role=None)
+    guest.start()
+    try:
+        assert qmp.execute(guest.machine.qmp_socket, "query-status")["status"] == "guest-panicked"
+        reply = guest.request(["sh", "-c", "cat /proc/uptime; echo $((6 * 7))"])
+        assert reply.code == 0 and reply.stdout.splitlines()[-1] == "42", reply
+        assert qmp.execute(guest.machine.qmp_socket, "query-status")["status"] == "running"
+        assert "Kernel panic" not in guest.machine.console_log.read_text(errors="replace")
+    finally:
+        result = guest.close()
+    assert result.outcome == "ok", result.message
+
+
 def test_a_restored_run_records_its_template(tmp_path):
     done = kvmlab("run", "debian:bookworm", "--env", "ANSWER=42", "--out", str(tmp_path), "--", "sh", "-c",
                   'echo "$ANSWER" > "$KVMLAB_RESULTS/answer"; echo out; echo err >&2; exit 3')
