@@ -73,9 +73,11 @@ def kvmlab_run(*extra: str) -> float:
     return time.monotonic() - started
 
 
-def in_restore(kernel, role: str, argv: list[str], quiet, files: tuple[str, ...] = ()):
-    """``argv``'s reply in a guest restored from ``role``'s template, under icount."""
-    guest = Guest(kernel, RunOptions(argv=[], clock="icount", cpus=1), quiet, role=role)
+def in_restore(kernel, role: str | None, argv: list[str], quiet, files: tuple[str, ...] = ()):
+    """``argv``'s reply in a guest restored from ``role``'s template, under icount (no
+    role: in a fresh boot)."""
+    options = RunOptions(argv=[], clock="icount", cpus=1, fresh_boot=role is None)
+    guest = Guest(kernel, options, quiet, role=role)
     guest.start()
     try:
         return guest.request(argv, files=files)
@@ -94,14 +96,25 @@ def determinism(kernel, restores: int, boots: int, quiet) -> dict:
     same = [cell_ns(kernel, "bench-determinism-0", quiet) for _ in range(restores)]
     views = [in_restore(kernel, "bench-determinism-0", FIRST_VIEW, quiet).stdout for _ in range(restores)]
     others = [cell_ns(kernel, f"bench-determinism-{number}", quiet) for number in range(boots)]
+    booted = [in_restore(kernel, None, FIRST_VIEW, quiet).stdout for _ in range(boots)]
     iteration = [ns for ns, _ in others]
     return {
         "same_template": same,
         "distinct_results": len(set(same)),
         "distinct_first_views": len(set(views)),
+        "booted_first_views": booted,
+        "distinct_booted_first_views": len(set(booted)),
         "boots": others,
         "between_boots_cv": statistics.stdev(iteration) / statistics.mean(iteration) if boots > 1 else None,
     }
+
+
+def _count(label: str, view: str) -> int | None:
+    """The first number on ``view``'s line that starts with ``label``."""
+    for line in view.splitlines():
+        if line.strip().startswith(label):
+            return int(line.split()[1])
+    return None
 
 
 def footprint() -> list[dict]:
@@ -160,6 +173,10 @@ def main() -> int:
               f"{found['distinct_results']} different result(s), (ns/iteration, slot setup ns): {figures}")
         print(f"  their first command's view of uptime, interrupts and context switches: "
               f"{found['distinct_first_views']} different one(s) in {args.restores} restores")
+        booted = found["booted_first_views"]
+        print(f"  the same view in {args.boots} fresh boots: {found['distinct_booted_first_views']} different"
+              f" one(s); local timer interrupts {[_count('LOC:', view) for view in booted]}, "
+              f"context switches {[_count('ctxt', view) for view in booted]}")
         cv = found["between_boots_cv"]
         if cv is not None:
             print(f"  restores of {args.boots} templates from different boots: "
