@@ -73,9 +73,9 @@ def kvmlab_run(*extra: str) -> float:
     return time.monotonic() - started
 
 
-def in_restore(kernel, role: str | None, argv: list[str], quiet, files: tuple[str, ...] = ()):
-    """``argv``'s reply in a guest restored from ``role``'s template, under icount (no
-    role: in a fresh boot)."""
+def reply_in(kernel, role: str | None, argv: list[str], quiet, files: tuple[str, ...] = ()):
+    """``argv``'s reply in an icount guest: restored from ``role``'s template, or booted
+    afresh when ``role`` is None."""
     options = RunOptions(argv=[], clock="icount", cpus=1, fresh_boot=role is None)
     guest = Guest(kernel, options, quiet, role=role)
     guest.start()
@@ -87,16 +87,16 @@ def in_restore(kernel, role: str | None, argv: list[str], quiet, files: tuple[st
 
 def cell_ns(kernel, role: str, quiet) -> tuple[int, int]:
     """memslot_perf's move-active cell at 100 slots in a restored icount guest."""
-    reply = in_restore(kernel, role, CELL, quiet, files=("/tmp/cell.json",))
+    reply = reply_in(kernel, role, CELL, quiet, files=("/tmp/cell.json",))
     run = json.loads(reply.files["/tmp/cell.json"])["runs"][0]
     return run["iteration_ns"], run["slot_setup_ns"]
 
 
 def determinism(kernel, restores: int, boots: int, quiet) -> dict:
     same = [cell_ns(kernel, "bench-determinism-0", quiet) for _ in range(restores)]
-    views = [in_restore(kernel, "bench-determinism-0", FIRST_VIEW, quiet).stdout for _ in range(restores)]
+    views = [reply_in(kernel, "bench-determinism-0", FIRST_VIEW, quiet).stdout for _ in range(restores)]
     others = [cell_ns(kernel, f"bench-determinism-{number}", quiet) for number in range(boots)]
-    booted = [in_restore(kernel, None, FIRST_VIEW, quiet).stdout for _ in range(boots)]
+    booted = [reply_in(kernel, None, FIRST_VIEW, quiet).stdout for _ in range(boots)]
     iteration = [ns for ns, _ in others]
     return {
         "same_template": same,
