@@ -24,6 +24,7 @@ import errno
 import fcntl
 import mmap
 import os
+import signal
 import struct
 from collections import namedtuple
 
@@ -34,6 +35,7 @@ from kselftest_py.ioctls import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_ENABLE_CAP,
+    KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_MMIO,
     KVM_GET_API_VERSION,
@@ -59,7 +61,7 @@ from kselftest_py.ioctls import (
 
 __all__ = [
     "DirtyBitmap", "DirtyLogCall", "GuestMemory", "IoExit", "KvmError", "KvmSystem", "MemslotUpdate",
-    "MmioExit", "Vcpu", "Vm",
+    "MmioExit", "Vcpu", "Vm", "allow_vcpu_stops",
 ]
 
 KVM_DEVICE = "/dev/kvm"
@@ -69,6 +71,7 @@ KVM_DEVICE = "/dev/kvm"
 # starts after flags, cr8 and apic_base.
 _RUN_EXIT_REASON = struct.Struct("<I")
 _RUN_EXIT_REASON_OFFSET = 8
+_RUN_IMMEDIATE_EXIT_OFFSET = 1
 _RUN_EXIT_UNION_OFFSET = 32
 # union member io: u8 direction, u8 size, u16 port, u32 count, u64 data_offset
 _RUN_IO = struct.Struct("<BBHIQ")
@@ -446,6 +449,19 @@ _RUN_REASON_AND_MMIO = struct.Struct("<I20xQ8xIB")
 IoExit.__doc__ = """A KVM_EXIT_IO: ``data`` is the ``size * count`` bytes in kvm_run."""
 
 
+#: Sent to a vCPU's thread by :meth:`Vcpu.stop`.
+STOP_SIGNAL = signal.SIGUSR1
+
+
+def allow_vcpu_stops() -> None:
+    """Give STOP_SIGNAL a handler that does nothing (main thread only: Python sets
+    handlers there). Sent to a thread in KVM_RUN, the signal then makes the ioctl
+    return EINTR; left at its default it would end the process, and ignored it
+    would never arrive."""
+    if signal.getsignal(STOP_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(STOP_SIGNAL, lambda signum, frame: None)
+
+
 class Vcpu(_FdOwner):
     """A vCPU file descriptor with its mmapped ``struct kvm_run``.
 
@@ -458,18 +474,30 @@ class Vcpu(_FdOwner):
         self.fd = fd
         self.id = vcpu_id
         self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.stopped = False
+
+    def stop(self, thread_id: int) -> None:
+        """Make KVM_RUN in thread ``thread_id`` return KVM_EXIT_INTR, now and from now on,
+        even if the guest never exits by itself (a guest spinning on memory it will never
+        see change). KVM's documented way: ``immediate_exit`` catches a thread about to
+        enter KVM_RUN, the signal (see :func:`allow_vcpu_stops`) one already inside."""
+        self.stopped = True
+        self.kvm_run[_RUN_IMMEDIATE_EXIT_OFFSET] = 1
+        signal.pthread_kill(thread_id, STOP_SIGNAL)
 
     def run(self) -> int:
         """KVM_RUN until the guest exits to user space; returns ``exit_reason``.
 
         Retried on EINTR, as upstream's vcpu_run does: a signal that interrupts the
-        ioctl is not an exit of the guest.
+        ioctl is not an exit of the guest, unless :meth:`stop` sent it.
         """
         while True:
             try:
                 _ioctl(self.fd, KVM_RUN, 0, f"vcpu={self.id}")
             except KvmError as err:
                 if err.errno == errno.EINTR:
+                    if self.stopped:
+                        return KVM_EXIT_INTR
                     continue
                 raise
             return self.exit_reason
@@ -489,6 +517,8 @@ class Vcpu(_FdOwner):
                 ioctl(fd, KVM_RUN, 0)
             except OSError as err:
                 if err.errno == errno.EINTR:
+                    if self.stopped:
+                        return KVM_EXIT_INTR
                     continue
                 raise KvmError("KVM_RUN", f"vcpu={self.id}", err.errno) from err
             reason, phys_addr, length, is_write = unpack_from(kvm_run, _RUN_EXIT_REASON_OFFSET)

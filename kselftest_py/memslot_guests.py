@@ -31,16 +31,18 @@ VAL_2 = 0x99AABBCCDDEEFF00
 @dataclass(frozen=True)
 class GuestParams:
     """What a guest program needs to know about the test; ``val_1`` is what it writes
-    where upstream writes VAL_1 (tests of the -d verification change it)."""
+    where upstream writes VAL_1 (tests of the -d verification change it), and ``hang``
+    makes it spin for ever once started (tests of a guest that stops answering)."""
 
     map_size: int = 0
     unmap_size: int = 0
     test_size: int = 0
     move_size: int = 0
     val_1: int = VAL_1
+    hang: bool = False
 
 
-def _prologue(asm: Assembler) -> None:
+def _prologue(asm: Assembler, p: GuestParams) -> None:
     asm.mov_imm(R8, SYNC_GPA + START_FLAG)
     asm.mov_imm(R9, SYNC_GPA + EXIT_FLAG)
     asm.mov_imm(R10, SYNC_GPA + SYNC_FLAG)
@@ -51,6 +53,10 @@ def _prologue(asm: Assembler) -> None:
     asm.pause()
     asm.cmp_byte_imm(R8, 0)
     asm.jcc("e", "wait_for_start")
+    if p.hang:
+        asm.label("hang")
+        asm.pause()
+        asm.jmp("hang")
 
 
 def _perform_sync(asm: Assembler) -> None:
@@ -104,7 +110,7 @@ def _epilogue(asm: Assembler) -> bytes:
 def map_guest(p: GuestParams) -> bytes:
     """Write every page of one half of the map area, sync, then the other half."""
     asm = Assembler(CODE_GPA)
-    _prologue(asm)
+    _prologue(asm, p)
     half = TEST_GPA + p.map_size // 2
     asm.label("loop")
     _write_pages(asm, "first_half", TEST_GPA, half, p.val_1)
@@ -119,7 +125,7 @@ def unmap_guest(p: GuestParams) -> bytes:
     """Touch one page in each half of the unmap area per sync, so the host's time goes
     to unmapping, not to waiting for the guest."""
     asm = Assembler(CODE_GPA)
-    _prologue(asm)
+    _prologue(asm, p)
     asm.label("loop")
     for target, value in ((TEST_GPA, p.val_1), (TEST_GPA + p.unmap_size // 2, VAL_2)):
         asm.mov_imm(RAX, target)
@@ -136,7 +142,7 @@ def move_guest(p: GuestParams) -> bytes:
     asm = Assembler(CODE_GPA)
     asm.mov_imm(RAX, SYNC_GPA + MOVE_AREA_PTR)
     asm.load(R11, RAX)
-    _prologue(asm)
+    _prologue(asm, p)
     asm.label("loop")
     asm.cmp_byte_imm(R9, 0)
     asm.jcc("ne", "done")
@@ -153,7 +159,7 @@ def rw_guest(p: GuestParams) -> bytes:
     """Write VAL_1 to every page; after a sync check the host's VAL_2 at mid-page and
     clear it, aborting with the wrong value if it differs."""
     asm = Assembler(CODE_GPA)
-    _prologue(asm)
+    _prologue(asm, p)
     end = TEST_GPA + p.test_size
     asm.label("loop")
     _write_pages(asm, "write", TEST_GPA, end, p.val_1)

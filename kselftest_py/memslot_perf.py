@@ -226,6 +226,7 @@ def run_once(kvm: KvmSystem, test: Test, nslots: int, options: argparse.Namespac
     params = GuestParams(
         map_size=sizes.map_size, unmap_size=sizes.unmap_size, test_size=sizes.mem_size - PAGE_SIZE,
         move_size=sizes.move_size, val_1=VAL_1 ^ 0xFF if options.inject_wrong_value else VAL_1,
+        hang=options.inject_hang,
     )
     labels = {"test": test.name, "slots": nslots, "run": run}
     mark("begin", "setup", **labels)
@@ -336,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="give up (skip, with the rate reached) a run whose slot setup takes longer")
     parser.add_argument("--inject-wrong-value", action="store_true",
                         help="make the guest write a wrong value (proves that -d catches it)")
+    parser.add_argument("--inject-hang", action="store_true",
+                        help="make the guest spin once started (proves a guest that stops answering "
+                             "is stopped and located)")
     parser.add_argument("--device", default=KVM_DEVICE, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.slots <= 1 and options.slots != -1:

@@ -14,13 +14,16 @@ import struct
 import threading
 import time
 
-from kselftest_py.ioctls import KVM_EXIT_IO, KVM_EXIT_MMIO
-from kselftest_py.kvm import GuestMemory, KvmSystem
+from kselftest_py.ioctls import KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_MMIO, KvmRegs
+from kselftest_py.kvm import GuestMemory, KvmSystem, allow_vcpu_stops
 from kselftest_py.memslot_guests import EXIT_FLAG, MEM_GPA, MOVE_AREA_PTR, START_FLAG, SYNC_FLAG
 from kselftest_py.memslot_layout import PAGE_SIZE, SlotLayout
+from kselftest_py.x86_asm import Code
 from kselftest_py.x86_guest import UCALL_ABORT, UCALL_DONE, UCALL_SYNC, install_system, read_ucall, start_vcpu
 
 QWORD = struct.Struct("<Q")
+#: How long a stopped vCPU may take to leave KVM_RUN.
+STOP_WAIT_S = 5.0
 
 
 class GuestFailure(Exception):
@@ -42,9 +45,10 @@ class SetupOverBudget(Exception):
 class TestVm:
     """A VM with ``nslots`` test slots over ``npages`` pages at MEM_GPA."""
 
-    def __init__(self, kvm: KvmSystem, code: bytes, npages: int, nslots: int, sync_timeout_s: float,
+    def __init__(self, kvm: KvmSystem, code: Code, npages: int, nslots: int, sync_timeout_s: float,
                  setup_budget_s: float | None = None):
         self.layout = SlotLayout(MEM_GPA, npages, nslots)  # raises TooManySlots first
+        self.code = code
         self.sync_timeout_s = sync_timeout_s
         self.vm = kvm.create_vm()
         install_system(self.vm, code)
@@ -60,6 +64,7 @@ class TestVm:
         self.sync = self.slots[0].buffer
         self.mmio_window: tuple[int, int] | None = None
         self.failure: Exception | None = None
+        self.stopped_at: KvmRegs | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
 
@@ -87,9 +92,11 @@ class TestVm:
     # -- the vCPU thread ---------------------------------------------------------
     def launch(self) -> None:
         """Start the vCPU and wait for the guest's first sync (it is then spinning)."""
+        allow_vcpu_stops()
         self._thread.start()
         if not self._ready.wait(self.sync_timeout_s) or self.failure:
-            raise self.failure or GuestFailure(f"guest did not start within {self.sync_timeout_s} s")
+            raise self.failure or GuestFailure(
+                f"guest did not start within {self.sync_timeout_s} s; {self.stop_vcpu()}")
 
     def _vcpu_loop(self) -> None:
         try:
@@ -106,6 +113,9 @@ class TestVm:
 
     def _handle(self, reason: int) -> bool:
         """React to one exit; False once the guest is done."""
+        if reason == KVM_EXIT_INTR and self.vcpu.stopped:
+            self.stopped_at = self.vcpu.get_regs()
+            return False
         if reason == KVM_EXIT_IO:
             ucall = read_ucall(self.vcpu)
             if ucall is None:
@@ -151,7 +161,7 @@ class TestVm:
             if self.failure is not None:
                 raise self.failure
             if time.monotonic() > deadline:
-                raise GuestFailure(f"guest did not sync within {self.sync_timeout_s} s")
+                raise GuestFailure(f"guest did not sync within {self.sync_timeout_s} s; {self.stop_vcpu()}")
 
     def stop(self) -> None:
         """Tell the guest to exit and wait for its vCPU thread."""
@@ -159,13 +169,33 @@ class TestVm:
         if self._thread.is_alive():
             self._thread.join(self.sync_timeout_s)
             if self._thread.is_alive():
-                raise GuestFailure(f"guest did not exit within {self.sync_timeout_s} s")
+                raise GuestFailure(f"guest did not exit within {self.sync_timeout_s} s; {self.stop_vcpu()}")
         self.check()
 
+    def stop_vcpu(self) -> str:
+        """Take the vCPU out of a guest that did not do its part in time, and say where
+        that guest was. A guest waiting for a flag the host has raised, or stuck at one
+        page, points at KVM or the emulator; one still looping, at a too short timeout.
+        Stopped, it also no longer burns a CPU under the tests that follow it."""
+        if not self._thread.is_alive():
+            return "its vCPU thread had ended"
+        self.vcpu.stop(self._thread.ident)
+        self._thread.join(STOP_WAIT_S)
+        if self._thread.is_alive():
+            return f"its vCPU did not leave KVM_RUN within {STOP_WAIT_S:g} s of a stop"
+        regs = self.stopped_at
+        if regs is None:
+            return f"its vCPU thread ended on: {self.failure}"
+        return (f"its vCPU was stopped in {self.code.where(regs.rip)} (rip {regs.rip:#x}, rax {regs.rax:#x}, "
+                f"rcx {regs.rcx:#x}, rdx {regs.rdx:#x})")
+
     def close(self) -> None:
+        """End the guest, stopping a vCPU that does not exit when told, then free the VM."""
         if self._thread.is_alive():
             self.sync[EXIT_FLAG] = 1
             self._thread.join(self.sync_timeout_s)
+        if self._thread.is_alive():
+            self.stop_vcpu()
         self.vm.close()
 
     # -- guest memory, by guest physical address ----------------------------------

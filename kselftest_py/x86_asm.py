@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 
 __all__ = [
-    "Assembler", "RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+    "Assembler", "Code", "RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
     "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15",
 ]
 
@@ -57,6 +57,25 @@ def _memory_base(base: int) -> int:
     return base
 
 
+class Code(bytes):
+    """Machine code that still knows its labels, so that a stopped guest's rip can be
+    named ("first_half+0x3") in a failure instead of left as a number to look up."""
+
+    origin: int
+    labels: dict[str, int]
+
+    def where(self, address: int) -> str:
+        """The nearest label at or before ``address``, with the distance past it."""
+        offset = address - self.origin
+        if not 0 <= offset < len(self):
+            return f"{address:#x}, outside the guest code"
+        before = [(at, name) for name, at in self.labels.items() if at <= offset]
+        if not before:
+            return f"code+{offset:#x}"
+        at, name = max(before)
+        return name if at == offset else f"{name}+{offset - at:#x}"
+
+
 class Assembler:
     """Collects instructions and labels, then resolves jumps in :meth:`assemble`."""
 
@@ -84,14 +103,16 @@ class Assembler:
         self._fixups.append((len(self._code), target))
         self.emit(b"\0\0\0\0")
 
-    def assemble(self) -> bytes:
+    def assemble(self) -> Code:
         """The machine code, with every jump and call pointed at its label."""
         code = bytearray(self._code)
         for offset, target in self._fixups:
             if target not in self._labels:
                 raise ValueError(f"undefined label {target!r}")
             struct.pack_into("<i", code, offset, self._labels[target] - (offset + 4))
-        return bytes(code)
+        program = Code(code)
+        program.origin, program.labels = self.origin, dict(self._labels)
+        return program
 
     # -- data movement ---------------------------------------------------------
     def mov_imm(self, reg: int, value: int) -> None:

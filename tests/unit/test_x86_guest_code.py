@@ -87,6 +87,35 @@ def test_jumps_and_calls_resolve_forward_and_backward():
     assert asm.address("bottom") == 0x1010
 
 
+def test_assembled_code_names_an_address_by_its_label():
+    asm = Assembler(0x1000)
+    asm.hlt()                 # 0x1000, before any label
+    asm.label("loop")         # 0x1001
+    asm.pause()               # 0x1001, 2 bytes
+    asm.jmp("loop")           # 0x1003
+    asm.label("done")         # 0x1008
+    asm.hlt()
+    code = asm.assemble()
+    assert isinstance(code, bytes) and len(code) == 9
+    assert code.where(0x1000) == "code+0x0"
+    assert code.where(0x1001) == "loop"
+    assert code.where(0x1003) == "loop+0x2"
+    assert code.where(0x1008) == "done"
+    assert code.where(0x1009) == "0x1009, outside the guest code"
+    assert code.where(0xFFF) == "0xfff, outside the guest code"
+
+
+@needs_objdump
+def test_an_injected_hang_spins_right_after_the_start():
+    normal = guests.map_guest(guests.GuestParams(map_size=1 << 20))
+    hung = guests.map_guest(guests.GuestParams(map_size=1 << 20, hang=True))
+    assert "hang" not in normal.labels
+    at = hung.labels["hang"]
+    assert hung.labels["wait_for_start"] < at < hung.labels["loop"]
+    text = disassemble(hung[at:at + 7], CODE_GPA + at)
+    assert text == ["pause", f"jmp {CODE_GPA + at:#x}"]
+
+
 def test_bad_uses_are_refused():
     asm = Assembler()
     with pytest.raises(ValueError, match="memory base"):
