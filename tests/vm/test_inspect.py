@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import kvmlab, kvmlab_retrying
+from conftest import emulator_failed, kvmlab, kvmlab_retrying
 
 from drgn_scripts.memslot_model import VmMemslots
 
@@ -49,16 +49,6 @@ def test_dump_equals_created_layout(spec, tmp_path, no_leaked_qemu):
     assert f"address space 0: {KERNEL_LIMITS[spec]} slots" in table.stdout
     layout = "tree layout" if spec == "debian:bookworm" else "array layout"
     assert layout in table.stdout
-
-
-#: How the L2 side of nested TCG fails (docs/known-problems.md): a hang, or a vCPU that
-#: triple-faults. Neither is what this test is about, and neither is an invariant.
-EMULATOR_FAILURES = ("unexpected exit KVM_EXIT_SHUTDOWN",)
-
-
-def emulator_failed(done) -> bool:
-    return done.returncode == 124 or (
-        done.returncode == 1 and any(failure in done.stdout for failure in EMULATOR_FAILURES))
 
 
 def stress_with_checks(spec: str):

@@ -15,11 +15,11 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import kvmlab, kvmlab_retrying
+from conftest import emulator_failed, kvmlab, kvmlab_retrying
 
 from drgn_scripts.memslot_model import VmMemslots
 from kvmlab import apt
-from vm.test_inspect import KERNEL_LIMITS, emulator_failed
+from vm.test_inspect import KERNEL_LIMITS
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaked_qemu")]
 
@@ -52,7 +52,7 @@ JOB = " && ".join([
 
 
 def _stopped_if_emulator_failed(done) -> bool:
-    """Retry only what nested TCG failed (test_inspect.emulator_failed), with the kept VM
+    """Retry only what nested TCG failed (conftest.emulator_failed), with the kept VM
     of the failed attempt stopped first."""
     if not emulator_failed(done):
         return False
