@@ -480,7 +480,8 @@ class Vcpu(_FdOwner):
         """Make KVM_RUN in thread ``thread_id`` return KVM_EXIT_INTR, now and from now on,
         even if the guest never exits by itself (a guest spinning on memory it will never
         see change). KVM's documented way: ``immediate_exit`` catches a thread about to
-        enter KVM_RUN, the signal (see :func:`allow_vcpu_stops`) one already inside."""
+        enter KVM_RUN, the signal (see :func:`allow_vcpu_stops`) one already inside.
+        The thread must not have ended: a signal to an ended thread's id is undefined."""
         self.stopped = True
         self.kvm_run[_RUN_IMMEDIATE_EXIT_OFFSET] = 1
         signal.pthread_kill(thread_id, STOP_SIGNAL)

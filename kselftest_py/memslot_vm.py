@@ -67,6 +67,10 @@ class TestVm:
         self.stopped_at: KvmRegs | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
+        # A signal may only go to a thread that has not ended: the thread says it is
+        # ending, and stop_vcpu signals it, each under this lock.
+        self._ending = threading.Lock()
+        self._ended = False
 
     def _add_slots(self, budget_s: float | None) -> int:
         """Add every test slot, returning the time it took in ns (upstream's slot setup).
@@ -105,6 +109,8 @@ class TestVm:
         except Exception as err:  # reported to the main thread, which raises it
             self.failure = err
         finally:
+            with self._ending:
+                self._ended = True
             self._ready.set()
 
     def _run(self) -> int:
@@ -177,9 +183,10 @@ class TestVm:
         that guest was. A guest waiting for a flag the host has raised, or stuck at one
         page, points at KVM or the emulator; one still looping, at a too short timeout.
         Stopped, it also no longer burns a CPU under the tests that follow it."""
-        if not self._thread.is_alive():
-            return "its vCPU thread had ended"
-        self.vcpu.stop(self._thread.ident)
+        with self._ending:
+            if self._ended or not self._thread.is_alive():
+                return "its vCPU thread had ended"
+            self.vcpu.stop(self._thread.ident)
         self._thread.join(STOP_WAIT_S)
         if self._thread.is_alive():
             return f"its vCPU did not leave KVM_RUN within {STOP_WAIT_S:g} s of a stop"
