@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 
 import pytest
 from conftest import kvmlab
@@ -150,6 +151,32 @@ def test_a_booted_agent_pauses_its_vm_where_it_is_ready(spec):
     finally:
         result = guest.close()
     assert result.outcome == "ok", result.message
+
+
+def test_a_hold_that_qemu_never_makes_is_one_line_and_no_template(tmp_path):
+    """A QEMU that does nothing on the agent's hold (kvmlab's own QEMU, told ``panic=none``
+    by a wrapper given as $KVMLAB_QEMU) leaves the guest running: kvmlab says so in one
+    line after HOLD_WAIT_S, ends the VM as lost, and saves no template of it."""
+    from kvmlab.vm import emulator
+    from kvmlab.vm.guest import HOLD_WAIT_S
+
+    pinned = emulator.fetch()
+    wrapper = tmp_path / "qemu-no-hold"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "args = ['panic=none' if a == 'panic=pause' else a for a in sys.argv[1:]]\n"
+        f"extra = [] if '--version' in args else ['-L', {pinned.data_dir!r}]\n"
+        f"lib = {pinned.library_path!r}\n"
+        "os.environ.update({'LD_LIBRARY_PATH': lib} if lib else {})\n"
+        f"os.execv({pinned.binary!r}, [{pinned.binary!r}, *extra, *args])\n")
+    wrapper.chmod(0o755)
+    done = kvmlab("run", "debian:bookworm", "--", "uname", "-r", env={"KVMLAB_QEMU": str(wrapper)})
+    assert done.returncode == 126, done.stderr
+    said = f"kvmlab: the agent said it paused the guest; QEMU says running after {HOLD_WAIT_S:g} s"
+    assert said in done.stderr.splitlines(), done.stderr
+    made = re.search(r"making template (\S+) ", done.stderr).group(1)
+    assert not (template.area() / made).exists()
 
 
 def test_a_restored_run_records_its_template(tmp_path):
