@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kselftest_py.memslot_layout import PAGE_SIZE
-from kselftest_py.x86_asm import R8, R9, R10, R11, R14, RAX, RBX, RCX, RDX, Assembler
+from kselftest_py.x86_asm import R8, R9, R10, R11, R14, RAX, RBX, RCX, RDX, Assembler, Code
 from kselftest_py.x86_guest import CODE_GPA, UCALL_ABORT, UCALL_DONE, UCALL_SYNC, emit_ucall
 
 MEM_GPA = 0x10000000
@@ -99,7 +99,7 @@ def _write_pages(asm: Assembler, name: str, start: int, end: int, value: int) ->
     emit_page_loop(asm, name, RAX, RCX, RDX)
 
 
-def _epilogue(asm: Assembler) -> bytes:
+def _epilogue(asm: Assembler) -> Code:
     asm.label("done")
     emit_ucall(asm, UCALL_DONE)
     asm.hlt()
@@ -107,7 +107,7 @@ def _epilogue(asm: Assembler) -> bytes:
     return asm.assemble()
 
 
-def map_guest(p: GuestParams) -> bytes:
+def map_guest(p: GuestParams) -> Code:
     """Write every page of one half of the map area, sync, then the other half."""
     asm = Assembler(CODE_GPA)
     _prologue(asm, p)
@@ -121,7 +121,7 @@ def map_guest(p: GuestParams) -> bytes:
     return _epilogue(asm)
 
 
-def unmap_guest(p: GuestParams) -> bytes:
+def unmap_guest(p: GuestParams) -> Code:
     """Touch one page in each half of the unmap area per sync, so the host's time goes
     to unmapping, not to waiting for the guest."""
     asm = Assembler(CODE_GPA)
@@ -136,7 +136,7 @@ def unmap_guest(p: GuestParams) -> bytes:
     return _epilogue(asm)
 
 
-def move_guest(p: GuestParams) -> bytes:
+def move_guest(p: GuestParams) -> Code:
     """Keep writing the move area (whose address the host left in the sync area) until
     told to exit; no syncs, as MMIO exits would dominate the measurement."""
     asm = Assembler(CODE_GPA)
@@ -155,7 +155,7 @@ def move_guest(p: GuestParams) -> bytes:
     return _epilogue(asm)
 
 
-def rw_guest(p: GuestParams) -> bytes:
+def rw_guest(p: GuestParams) -> Code:
     """Write VAL_1 to every page; after a sync check the host's VAL_2 at mid-page and
     clear it, aborting with the wrong value if it differs."""
     asm = Assembler(CODE_GPA)

@@ -41,7 +41,14 @@ PERF_TESTS = ["map", "unmap", "unmap chunked", "move active area", "move inactiv
 #: memslot_stress runs before memslot_perf: under icount its 6 s are enough lookups to
 #: fill the 128 MiB trace buffer (sid's 7.2 lost 358659 events on one CPU), and the
 #: buffer keeps the newest events, which must be memslot_perf's.
+#: A guest that stops answering at a sync is stopped and located on every kernel: its run
+#: must fail (exit 1), and its lines stay out of stdout, where they would read as the
+#: emulator's. (Not one that does not exit when told: under icount that froze the L1
+#: kernel, docs/known-problems.md; test_memslot_perf covers it under the wall clock.)
+HANG = ("{ python3 -m kselftest_py.memslot_perf -s 10 -f 2 -e 2 -l 0.2 --sync-timeout 3 --inject-hang "
+        '--json "$KVMLAB_RESULTS/hang.json" > /dev/null; [ $? -eq 1 ]; }')
 JOB = " && ".join([
+    HANG,
     'python3 -m kselftest_py.smoke --json "$KVMLAB_RESULTS/smoke.json"',
     'python3 -m kselftest_py.dirty_log_perf -x 4 -b 4M -i 2 --json "$KVMLAB_RESULTS/dirty.json"',
     'python3 -m kselftest_py.memslot_stress -v 1 -b 4 -s 40 -t 6 --json "$KVMLAB_RESULTS/stress.json"',
@@ -100,6 +107,9 @@ def test_listed_kernel_runs_every_test_in_one_guest(suite, tmp_path):
     assert dirty["runs"][0]["populate_ns"] > 0 and dirty["runs"][0]["clear_dirty_log_ns"] > 0
     stress = json.loads((out / "stress.json").read_text())
     assert stress["exit_code"] == 0 and stress["modifications"] > 0 and stress["pages_checked"] > 0
+    hang = json.loads((out / "hang.json").read_text())
+    assert [t["test"] for t in hang["tests"]] == ["unmap chunked"]
+    assert all("; its vCPU was stopped in hang" in t["reason"] for t in hang["tests"]), hang["tests"]
 
     # drgn checked the memslots while they churned, and found them sound
     summary = re.search(r"invariant checks: (\d+) ran, (\d+) saw a VM \(up to (\d+) slots\)", done.stderr)
