@@ -99,7 +99,8 @@ def test_wrong_guest_value_fails_verification(tmp_path):
     assert checked["tests"][0]["result"] == "fail"
 
 
-def test_a_guest_that_stops_answering_is_stopped_and_located(tmp_path):
+@pytest.mark.parametrize("spec", ["debian:bullseye", "debian:bookworm"])
+def test_a_guest_that_stops_answering_is_stopped_and_located(spec, tmp_path):
     """A guest spinning once started: a test waiting at a sync, and one waiting for the
     guest to exit, each fail in one line naming where the vCPU was when it was stopped
     (its registers can only be read once it has left KVM_RUN), and a good run in the same
@@ -107,8 +108,7 @@ def test_a_guest_that_stops_answering_is_stopped_and_located(tmp_path):
     hang = "-s 10 -l 1 -f 2 -e 3 --sync-timeout 3 --inject-hang --json /results/hang.json"
     good = "-s 10 -l 1 -f 0 -e 0 --json /results/good.json"
     script = f"python3 -m kselftest_py.memslot_perf {hang}; python3 -m kselftest_py.memslot_perf {good}"
-    done = kvmlab_retrying("run", "debian:bookworm", "--out", str(tmp_path), "--", "sh", "-c", script,
-                           retry_if=_stalled)
+    done = kvmlab_retrying("run", spec, "--out", str(tmp_path), "--", "sh", "-c", script, retry_if=_stalled)
     hung = json.loads((tmp_path / "hang.json").read_text())
     reasons = {t["test"]: t.get("reason", "") for t in hung["tests"]}
     assert [t["result"] for t in hung["tests"]] == ["fail", "fail"], done.stdout
